@@ -1,0 +1,1 @@
+"""`edgekit inspect` (owned by the bundle work)."""

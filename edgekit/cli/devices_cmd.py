@@ -1,0 +1,1 @@
+"""`edgekit devices` and `edgekit plan` (owned by the profiles/plan work)."""

@@ -1,0 +1,1 @@
+"""Host-side exporters (needs `edgekit[export]`): importable as edgekit.export."""

@@ -1,0 +1,1 @@
+"""Device-side runner (no torch, no transformers): importable as edgekit.runtimes."""
