@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+from typer.exceptions import Abort, Exit, TyperException
 
 from edgekit.errors import EdgekitError
 
@@ -23,39 +23,57 @@ app = typer.Typer(
 )
 
 
-@app.callback()
-def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-    version: bool = typer.Option(False, "--version", help="Print the edgekit version and exit.", is_eager=True),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from edgekit import __version__
 
         typer.echo(f"edgekit {__version__}")
         raise typer.Exit(0)
 
 
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", help="Print the edgekit version and exit.", is_eager=True,
+                                 callback=_print_version),
+) -> None:
+    """Options that apply to every command."""
+
+
 # Command modules register themselves on `app`; imported here so `edgekit --help` lists them.
 from edgekit.cli import checkpoint_cmd, devices_cmd, bundle_cmd, export_cmd, runtime_cmd  # noqa: E402,F401
+
+
+def _quiet_third_party() -> None:
+    """Keep stderr for our own messages: libraries' import chatter hides the one error line."""
+    import logging
+    import os
+
+    for name in ("torchao", "torch.utils._pytree", "transformers", "onnxscript", "onnx_ir", "coremltools"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # edgekit never downloads at run time
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if not debug:
+        _quiet_third_party()
+    if not argv:
+        argv = ["--help"]
     try:
         app(args=argv, prog_name="edgekit", standalone_mode=False)
     except EdgekitError as exc:
         if debug:
             raise
         _fail(str(exc), exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        _fail("aborted", 130)
-    except KeyboardInterrupt:
+    except TyperException as exc:  # usage errors: bad option, missing argument, bad value
+        _fail(f"{exc.format_message()} (see `edgekit --help`)", 2)
+    except (Abort, KeyboardInterrupt):
         _fail("interrupted", 130)
     except Exception as exc:  # a bug, not a user mistake: still one line without --debug
         if debug:

@@ -1,0 +1,434 @@
+"""Write and read bundles: a directory `NAME.edgekit/` with manifest.json and its files.
+
+    NAME.edgekit/
+      manifest.json                     written last; sha256 + size of every other file
+      model.pte | decoder.onnx + decoder.onnx.data + ... | *.mlpackage/...
+      tokenizer.json  tokenizer_config.json  chat_template.jinja
+
+Writing is atomic: files go to `.NAME.edgekit.tmp-XXXX/` beside the target (same
+filesystem), and one rename publishes the finished bundle, so an interrupted export
+never leaves a directory that looks like a bundle. Reading is torch-free; its default
+checks sizes only (a stat per file), because hashing a multi-GB bundle takes seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, get_args
+
+from edgekit.errors import BundleError, ExportError, InputError
+from edgekit.manifest import (
+    MANIFEST_FILE, VERIFICATION_PASSED, FileEntry, Key, Manifest, check_relative_path,
+)
+
+VerifyLevel = Literal["full", "sizes", "none"]
+VERIFY_LEVELS: tuple[str, ...] = get_args(VerifyLevel)
+
+_CHUNK = 1 << 20  # 1 MiB reads: large enough for full disk speed, small enough to stream
+_PROGRESS_MIN_BYTES = 256 << 20  # below this hashing takes well under a second: no bar
+_TEMP_MARK = ".tmp-"
+_OLD_MARK = ".old-"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: Manifest
+
+    def file(self, name: str) -> Path:
+        """Path of a file (or a directory of files, e.g. an .mlpackage) the manifest lists."""
+        if not _listed(name, {f.path for f in self.manifest.files}):
+            raise BundleError(f"bundle {self.path.name} has no file {name!r}")
+        return self.path / name
+
+
+def _listed(name: str, names: set[str]) -> bool:
+    # A Core ML .mlpackage is a directory: a method names it, the file list names its files.
+    return name in names or any(n.startswith(name.rstrip("/") + "/") for n in names)
+
+
+# --- writing -----------------------------------------------------------------------------
+
+
+class BundleWriter:
+    """Collects a bundle's files in a temporary directory and publishes it in one rename.
+
+        with BundleWriter(out_dir / "gemma4-e2b-pi5.edgekit") as w:
+            torch.onnx.save(..., w.path_for("decoder.onnx"))
+            w.add_file(checkpoint / "tokenizer.json", "tokenizer.json")
+            bundle = w.finalize(manifest)     # files, sizes and hashes are filled in here
+
+    Leaving the block without finalize(), or by any exception (KeyboardInterrupt too),
+    removes the temporary directory and leaves no target behind.
+    """
+
+    def __init__(self, target_dir: Path | str, *, overwrite: bool = False) -> None:
+        self.target = Path(target_dir).absolute()
+        self.overwrite = overwrite
+        self._tmp: Path | None = None
+        self._bundle: Bundle | None = None
+
+    def __enter__(self) -> BundleWriter:
+        # Fail before an expensive export, not after it (checked again at the rename).
+        _check_target(self.target, overwrite=self.overwrite)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = _make_sibling_dir(self.target, _TEMP_MARK)
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        full = _disk_full_error(exc)
+        if full is not None:
+            name = _name_in(full.filename, tmp) if full.filename else "the bundle"
+            raise ExportError(_disk_full_message(name, self.target.parent)) from exc
+
+    @property
+    def temp_dir(self) -> Path:
+        if self._tmp is None:
+            raise RuntimeError("BundleWriter is used outside its `with` block or after finalize()")
+        return self._tmp
+
+    def path_for(self, name: str) -> Path:
+        """Where to write bundle file `name` (a relative path); its parent directories exist."""
+        path = self.temp_dir / check_relative_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def add_file(self, src: Path | str, name: str) -> Path:
+        """Copy `src` into the bundle as `name`."""
+        src = Path(src)
+        if not src.is_file():
+            raise ExportError(f"cannot add {name} to the bundle: {src} is not a file")
+        dst = self.path_for(name)
+        try:
+            shutil.copyfile(src, dst)
+        except OSError as exc:
+            exc.filename = exc.filename or str(dst)  # the disk-full message names the file
+            raise
+        return dst
+
+    def write_text(self, name: str, text: str) -> Path:
+        dst = self.path_for(name)
+        try:
+            dst.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            exc.filename = exc.filename or str(dst)
+            raise
+        return dst
+
+    def finalize(self, manifest: Manifest) -> Bundle:
+        """Hash every file, write manifest.json last, fsync, and rename into place."""
+        tmp = self.temp_dir
+        names = _listing(tmp)
+        _check_references(manifest, set(names), where="the bundle being written")
+        entries = _hash_files(tmp, names)
+        final = dataclasses.replace(manifest, files=tuple(entries))
+        _write_manifest(tmp / MANIFEST_FILE, final)
+        _fsync_tree(tmp, names)
+        self._install(tmp)
+        self._tmp = None
+        self._bundle = Bundle(self.target, final)
+        return self._bundle
+
+    def _install(self, tmp: Path) -> None:
+        target = self.target
+        if not (target.exists() or target.is_symlink()):
+            os.rename(tmp, target)
+            _fsync_dir(target.parent)
+            return
+        _check_target(target, overwrite=self.overwrite)
+        # Rename aside, rename in, then delete: the old bundle is gone only once the new one is in place.
+        old = target.parent / f".{target.name}{_OLD_MARK}{secrets.token_hex(4)}"
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        _fsync_dir(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _make_sibling_dir(target: Path, mark: str) -> Path:
+    """`.NAME<mark>XXXXXXXX` beside target; os.mkdir, not mkdtemp, so the published bundle
+    gets the usual umask permissions rather than mkdtemp's owner-only 0700."""
+    while True:
+        path = target.parent / f".{target.name}{mark}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _check_target(target: Path, *, overwrite: bool) -> None:
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not overwrite:
+        raise BundleError(f"{target} already exists (use --overwrite / overwrite=True to replace it)")
+    if target.is_symlink() or not target.is_dir():
+        raise BundleError(f"refusing to overwrite {target}: it is not a bundle directory")
+    # overwrite=True must not wipe a directory the user cares about (say, --out ~/models).
+    if not (target / MANIFEST_FILE).is_file() and any(target.iterdir()):
+        raise BundleError(f"refusing to overwrite {target}: it is not an edgekit bundle (no {MANIFEST_FILE})")
+
+
+def _listing(root: Path) -> list[str]:
+    """Relative "/" paths of every file under root, sorted; the manifest itself excluded."""
+    names = []
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            path = Path(dirpath) / f
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink() or not path.is_file():
+                # Bundles are copied to phones and app assets, where links do not survive.
+                raise BundleError(f"bundle file {rel} is a link or special file; write a regular file")
+            if rel != MANIFEST_FILE:
+                names.append(rel)
+    return sorted(names)
+
+
+def _write_manifest(path: Path, manifest: Manifest) -> None:
+    text = json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)
+        raise
+
+
+def _fsync_tree(root: Path, names: list[str]) -> None:
+    """Flush file data and directory entries, so a power cut after the rename keeps the files."""
+    for name in names:
+        fd = os.open(root / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for dirpath, _dirs, _files in os.walk(root):
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":  # Windows cannot open a directory for fsync
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- disk full ---------------------------------------------------------------------------
+
+
+def _disk_full_error(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC OSError in exc's chain (exporters may wrap it), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _name_in(filename: Any, tmp: Path | None) -> str:
+    path = Path(os.fsdecode(filename))
+    if tmp is not None:
+        try:
+            return path.relative_to(tmp).as_posix()
+        except ValueError:
+            pass
+    return path.name
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.absolute()
+    while not os.path.ismount(path) and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _disk_full_message(name: str, directory: Path) -> str:
+    free = shutil.disk_usage(directory).free  # measured after cleanup: what a retry would have
+    return (f"disk full while writing {name} ({format_bytes(free)} free on {_mount_point(directory)}); "
+            "temporary files removed")
+
+
+def format_bytes(n: int | float) -> str:
+    """Decimal units, as disk tools and phones show sizes."""
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1000
+        if abs(n) < 1000 or unit == "GB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+# --- hashing -----------------------------------------------------------------------------
+
+
+def file_sha256(path: Path, advance: Callable[[float], None] | None = None) -> str:
+    """sha256 of a file, read in 1 MiB chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            digest.update(view[:n])
+            if advance is not None:
+                advance(n / (1 << 20))
+    return digest.hexdigest()
+
+
+def _hash_files(root: Path, names: list[str]) -> list[FileEntry]:
+    sizes = {name: (root / name).stat().st_size for name in names}
+    with _hash_progress(sum(sizes.values()), "Hashing bundle files (MiB)") as advance:
+        return [FileEntry(path=name, size=sizes[name], sha256=file_sha256(root / name, advance)) for name in names]
+
+
+def _hash_progress(total_bytes: int, description: str):
+    from contextlib import nullcontext
+
+    if total_bytes < _PROGRESS_MIN_BYTES:
+        return nullcontext(None)
+    from edgekit.progress import progress_bar  # rich: only when a bar is worth showing
+
+    return progress_bar(description, total_bytes / (1 << 20))
+
+
+# --- reading -----------------------------------------------------------------------------
+
+
+def _is_temp_name(name: str) -> bool:
+    return name.startswith(".") and (_TEMP_MARK in name or _OLD_MARK in name)
+
+
+def load_bundle(path: Path | str, *, verify: VerifyLevel = "sizes") -> Bundle:
+    """Read and check a bundle. verify: "full" hashes every file, "sizes" stats them, "none" neither."""
+    if verify not in VERIFY_LEVELS:
+        raise InputError(f"verify must be one of {', '.join(VERIFY_LEVELS)}, got {verify!r}")
+    root = Path(path)
+    if root.name == MANIFEST_FILE and root.is_file():
+        root = root.parent  # `edgekit inspect x.edgekit/manifest.json` means the bundle
+    if _is_temp_name(root.name):
+        raise BundleError(f"{root} is an unfinished bundle left by an interrupted export; delete it and export again")
+    if not root.exists():
+        raise BundleError(f"bundle not found: {root}")
+    if not root.is_dir():
+        raise BundleError(f"{root} is not a bundle directory (expected NAME.edgekit/ with {MANIFEST_FILE})")
+    manifest_path = root / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise BundleError(f"{root} is not an edgekit bundle: it has no {MANIFEST_FILE}")
+    try:
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"bundle manifest {manifest_path} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {manifest_path}: {exc.strerror}") from None
+    bundle = Bundle(root, Manifest.from_dict(data))
+    _check_references(bundle.manifest, {f.path for f in bundle.manifest.files}, where="manifest.json's file list")
+    if verify != "none":
+        verify_files(bundle, full=verify == "full")
+    return bundle
+
+
+def _check_references(manifest: Manifest, names: set[str], *, where: str) -> None:
+    """Every file a method or the chat template names must be in the bundle."""
+    wanted = [(f"method {m.name}", m.file) for m in manifest.methods]
+    if manifest.chat_template:
+        wanted.append(("the chat template", manifest.chat_template))
+    for what, name in wanted:
+        if not _listed(name, names):
+            raise BundleError(f"{what} is in {name}, which is not in {where}")
+
+
+def verify_files(bundle: Bundle, *, full: bool = True) -> None:
+    """Check every listed file exists with its size; with full=True, its sha256 as well."""
+    entries = bundle.manifest.files
+    for entry in entries:  # all sizes first: a truncated copy is reported without hashing
+        path = bundle.path / entry.path
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise BundleError(f"bundle file {entry.path} is missing from {bundle.path}") from None
+        if size != entry.size:
+            raise BundleError(f"bundle file {entry.path} is truncated or changed: {size} bytes != manifest {entry.size}")
+    if not full:
+        return
+    with _hash_progress(sum(e.size for e in entries), "Verifying bundle (MiB)") as advance:
+        for entry in entries:
+            actual = file_sha256(bundle.path / entry.path, advance)
+            if actual != entry.sha256:
+                raise BundleError(f"bundle file {entry.path} is corrupt: sha256 {actual} != manifest {entry.sha256}")
+
+
+def verification_status(manifest: Manifest) -> str:
+    """"passed", "failed", "recorded" (a report without a verdict) or "not verified"."""
+    report = manifest.verification
+    if report is None:
+        return "not verified"
+    passed = report.get(VERIFICATION_PASSED)
+    return "recorded" if not isinstance(passed, bool) else ("passed" if passed else "failed")
+
+
+def inspect_bundle(path: Path | str, *, verify: VerifyLevel = "sizes") -> dict[str, Any]:
+    """A JSON-ready summary for `edgekit inspect`."""
+    bundle = load_bundle(path, verify=verify)
+    m = bundle.manifest
+    data = m.to_dict()
+    return {
+        "path": str(bundle.path),
+        **{k: data[k] for k in (Key.SCHEMA_VERSION, Key.EDGEKIT_VERSION, Key.CREATED_AT, Key.MODEL, Key.DEVICE,
+                                Key.FORMAT, Key.BACKEND, Key.EXECUTION_PROVIDERS, Key.QUANT_RECIPES,
+                                Key.MAX_CONTEXT, Key.METHODS)},
+        "files": [{"path": f.path, "size": f.size} for f in m.files],
+        "total_size": m.total_size,
+        "files_checked": verify,
+        "verification": verification_status(m),
+    }
+
+
+def update_manifest(bundle_path: Path | str, **changes: Any) -> Manifest:
+    """Replace manifest fields (e.g. verification=report) in place, atomically.
+
+    `files` and `schema_version` cannot change: they describe what the writer wrote.
+    """
+    fixed = {Key.FILES, Key.SCHEMA_VERSION}
+    known = {f.name for f in dataclasses.fields(Manifest)}
+    bad = sorted(set(changes) - (known - fixed))
+    if bad:
+        raise InputError(f"cannot update manifest field {bad[0]!r} (changeable: {', '.join(sorted(known - fixed))})")
+    bundle = load_bundle(bundle_path, verify="none")
+    updated = dataclasses.replace(bundle.manifest, **changes)
+    try:
+        Manifest.from_dict(json.loads(json.dumps(updated.to_dict())))  # what a reader will see must load
+    except TypeError as exc:
+        raise InputError(f"manifest update is not JSON-serializable: {exc}") from None
+    target = bundle.path / MANIFEST_FILE
+    tmp = bundle.path / (MANIFEST_FILE + ".tmp")
+    try:
+        _write_manifest(tmp, updated)
+        os.replace(tmp, target)
+        _fsync_dir(bundle.path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if _disk_full_error(exc) is not None:
+            raise ExportError(_disk_full_message(MANIFEST_FILE, bundle.path)) from exc
+        raise
+    return updated

@@ -1,0 +1,365 @@
+"""CPU unit tests: the bundle format (manifest, atomic writer, loader, `edgekit inspect`).
+
+No model, no torch: bundles here hold a few small fake files. Fast (a few seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from tests.conftest import assert_clean_failure, run_cli
+from edgekit import bundle as bundle_mod
+from edgekit.bundle import BundleWriter, inspect_bundle, load_bundle, update_manifest, verify_files
+from edgekit.errors import BundleError, ExportError, InputError
+from edgekit.manifest import (
+    MANIFEST_FILE, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, SCHEMA_VERSION, AudioKey, AudioPreprocessing, FileKey,
+    ImageKey, ImagePreprocessing, Key, Manifest, MethodKey, MethodSpec, ModelInfo, ModelKey, SpecialTokens, TensorKey,
+    TensorSpec, TokenKey, all_keys,
+)
+from edgekit.special_tokens import layout_for
+
+SCHEMA = json.loads((Path(bundle_mod.__file__).parent / "manifest.schema.json").read_text())
+
+
+def make_manifest(**overrides) -> Manifest:
+    hidden = 64
+    methods = [
+        MethodSpec(METHOD_TOKEN_EMBEDDING, "embedding.onnx",
+                   inputs=[TensorSpec("input_ids", "int64", (1, "seq_len"))],
+                   outputs=[TensorSpec("embeds", "float32", (1, "seq_len", hidden))]),
+        MethodSpec(METHOD_TEXT_DECODER, "decoder.onnx",
+                   inputs=[TensorSpec("inputs_embeds", "float32", (1, "seq_len", hidden)),
+                           TensorSpec("cache_position", "int64", ("seq_len",))],
+                   outputs=[TensorSpec("logits", "float32", (1, "seq_len", 512))],
+                   extra={"kv_layers": 2}),
+    ]
+    fields = dict(
+        model=ModelInfo(name="tiny-e2b", source_config_sha256="ab" * 32, size="custom", num_layers=2,
+                        hidden_size=hidden, vocab_size=512),
+        device="pi5", format="onnx", backend="cpu", execution_providers=["CPUExecutionProvider"],
+        quant_recipes={METHOD_TEXT_DECODER: "int4-w", METHOD_TOKEN_EMBEDDING: "emb-int8"},
+        methods=methods, max_context=256, special_tokens=SpecialTokens.from_layout(layout_for(512)),
+        audio_preprocessing=AudioPreprocessing(sampling_rate=16000, feature_size=128, frame_length=320,
+                                               hop_length=160, fft_length=512),
+        image_preprocessing=ImagePreprocessing(patch_size=16, pooling_kernel_size=3, max_soft_tokens=280),
+        extra={"opset": 21, "ir_version": 10},
+    )
+    return Manifest(**{**fields, **overrides})
+
+
+def write_bundle(target: Path, *, overwrite: bool = False, payload: bytes = b"decoder-weights" * 100) -> Path:
+    src = target.parent / "src-tokenizer.json"
+    src.write_text('{"model": {}}')
+    with BundleWriter(target, overwrite=overwrite) as w:
+        w.path_for("decoder.onnx").write_bytes(b"graph")
+        w.path_for("decoder.onnx.data").write_bytes(payload)
+        w.path_for("embedding.onnx").write_bytes(b"emb")
+        w.add_file(src, "tokenizer.json")
+        w.write_text("chat_template.jinja", "{{ messages }}")
+        w.finalize(make_manifest())
+    src.unlink()
+    return target
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+# --- manifest ----------------------------------------------------------------------------
+
+
+def test_manifest_round_trip_and_key_constants():
+    m = make_manifest()
+    data = json.loads(json.dumps(m.to_dict()))
+    assert Manifest.from_dict(data) == m
+    # Key constants and dataclass fields are the same names, so attribute and JSON key agree.
+    pairs = [(Key, Manifest), (ModelKey, ModelInfo), (MethodKey, MethodSpec), (TensorKey, TensorSpec),
+             (FileKey, bundle_mod.FileEntry), (TokenKey, SpecialTokens), (AudioKey, AudioPreprocessing),
+             (ImageKey, ImagePreprocessing)]
+    for keys, cls in pairs:
+        assert set(all_keys(keys)) == {f.name for f in dataclasses.fields(cls)}, cls
+    assert list(data) == all_keys(Key)
+    assert m.method(METHOD_TEXT_DECODER).inputs[1].is_dynamic
+    assert m.special_tokens.eos_ids == (1, 6)  # <eos>, <turn|> in the packed 512 layout
+
+
+def test_schema_agrees_with_dataclasses():
+    assert set(SCHEMA["properties"]) == set(all_keys(Key)) == set(SCHEMA["required"])
+    assert SCHEMA["properties"][Key.SCHEMA_VERSION]["const"] == SCHEMA_VERSION
+    for keys, name in [(ModelKey, "model"), (MethodKey, "method"), (TensorKey, "tensor"), (FileKey, "file"),
+                       (TokenKey, "special_tokens"), (AudioKey, "audio_preprocessing"),
+                       (ImageKey, "image_preprocessing")]:
+        assert set(SCHEMA["$defs"][name]["properties"]) == set(all_keys(keys)), name
+
+
+def test_written_manifest_validates_against_schema(tmp_path):
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    data = json.loads((target / MANIFEST_FILE).read_text())
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    jsonschema.validate(data, SCHEMA, cls=jsonschema.Draft202012Validator)
+    # A text-only manifest (no towers, no template) is valid too.
+    text_only = make_manifest(audio_preprocessing=None, image_preprocessing=None, chat_template=None).to_dict()
+    jsonschema.validate(text_only, SCHEMA, cls=jsonschema.Draft202012Validator)
+    for bad in ({**data, Key.FORMAT: "tflite"}, {**data, Key.FILES: [{"path": "../x", "size": 1, "sha256": "0" * 64}]}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, SCHEMA, cls=jsonschema.Draft202012Validator)
+
+
+def test_from_dict_errors_name_the_key():
+    data = make_manifest().to_dict()
+    with pytest.raises(BundleError, match="schema 2 is newer than this edgekit understands \\(1\\); upgrade edgekit"):
+        Manifest.from_dict({**data, Key.SCHEMA_VERSION: 2})
+    del data[Key.MODEL][ModelKey.VOCAB_SIZE]
+    with pytest.raises(BundleError, match="missing key 'model.vocab_size'"):
+        Manifest.from_dict(data)
+    data = make_manifest().to_dict()
+    data[Key.METHODS][1][MethodKey.INPUTS][0][TensorKey.DTYPE] = "torch.float32"
+    with pytest.raises(BundleError, match=r"methods\[1\].inputs\[0\].dtype"):
+        Manifest.from_dict(data)
+    data = make_manifest().to_dict()
+    data[Key.MAX_CONTEXT] = "256"
+    with pytest.raises(BundleError, match="'max_context' must be int"):
+        Manifest.from_dict(data)
+    with pytest.raises(BundleError, match="not a plain relative path"):
+        Manifest.from_dict({**make_manifest().to_dict(),
+                            Key.FILES: [{"path": "/etc/passwd", "size": 1, "sha256": "0" * 64}]})
+    # Unknown keys are ignored: an additive change does not break older readers.
+    assert Manifest.from_dict({**make_manifest().to_dict(), "future_key": 1}).device == "pi5"
+
+
+# --- atomic writing ----------------------------------------------------------------------
+
+
+def test_write_success(tmp_path):
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    b = load_bundle(target, verify="full")
+    assert [f.path for f in b.manifest.files] == ["chat_template.jinja", "decoder.onnx", "decoder.onnx.data",
+                                                  "embedding.onnx", "tokenizer.json"]
+    assert b.file("decoder.onnx.data").read_bytes() == b"decoder-weights" * 100
+    assert b.manifest.total_size == sum(f.size for f in b.manifest.files)
+    assert leftovers(tmp_path) == []
+    (tmp_path / "plain").mkdir()  # permissions as any new directory, not mkdtemp's 0700
+    assert target.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    with pytest.raises(BundleError, match="no file 'model.pte'"):
+        b.file("model.pte")
+
+
+def test_directory_method_file(tmp_path):
+    # A Core ML .mlpackage is a directory: the method names it, the file list names its files.
+    methods = [MethodSpec(METHOD_TEXT_DECODER, "decoder.mlpackage", inputs=[], outputs=[])]
+    with BundleWriter(tmp_path / "tiny.edgekit") as w:
+        w.path_for("decoder.mlpackage/Data/weights/weight.bin").write_bytes(b"w" * 10)
+        w.path_for("decoder.mlpackage/Manifest.json").write_text("{}")
+        b = w.finalize(make_manifest(format="coreml", backend="coreml", methods=methods, chat_template=None))
+    assert load_bundle(b.path, verify="full").file("decoder.mlpackage").is_dir()
+    assert [f.path for f in b.manifest.files] == ["decoder.mlpackage/Data/weights/weight.bin",
+                                                  "decoder.mlpackage/Manifest.json"]
+
+
+@pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt])
+def test_exception_mid_write_leaves_nothing(tmp_path, exc_type):
+    target = tmp_path / "tiny.edgekit"
+    with pytest.raises(exc_type):
+        with BundleWriter(target) as w:
+            w.path_for("decoder.onnx").write_bytes(b"partial")
+            assert w.temp_dir.parent == tmp_path and w.temp_dir.name.startswith(".tiny.edgekit.tmp-")
+            raise exc_type("boom")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_finalize_never_called_leaves_nothing(tmp_path):
+    with BundleWriter(tmp_path / "tiny.edgekit") as w:
+        w.path_for("sub/dir/decoder.onnx").write_bytes(b"x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_finalize_checks_method_files(tmp_path):
+    with pytest.raises(BundleError, match="method text_decoder is in decoder.onnx"):
+        with BundleWriter(tmp_path / "tiny.edgekit") as w:
+            w.path_for("embedding.onnx").write_bytes(b"x")
+            w.write_text("chat_template.jinja", "")
+            w.finalize(make_manifest())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite(tmp_path):
+    target = write_bundle(tmp_path / "tiny.edgekit", payload=b"old")
+    with pytest.raises(BundleError, match="already exists"):
+        write_bundle(target)
+    write_bundle(target, overwrite=True, payload=b"new!")
+    assert load_bundle(target, verify="full").file("decoder.onnx.data").read_bytes() == b"new!"
+    assert leftovers(tmp_path) == []
+    # overwrite=True never wipes a directory that is not a bundle.
+    precious = tmp_path / "models"
+    (precious / "keep.txt").parent.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    with pytest.raises(BundleError, match="not an edgekit bundle"):
+        write_bundle(precious, overwrite=True)
+    assert (precious / "keep.txt").read_text() == "mine"
+
+
+def test_disk_full_in_exporter_write(tmp_path, monkeypatch):
+    def full_write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ExportError, match=r"disk full while writing decoder.onnx.data \(.* free on /.*\); "
+                                          r"temporary files removed"):
+        with BundleWriter(tmp_path / "tiny.edgekit") as w:
+            w.path_for("decoder.onnx").write_bytes(b"graph")
+            path = w.path_for("decoder.onnx.data")
+            monkeypatch.setattr(Path, "write_bytes", full_write)
+            try:
+                path.write_bytes(b"weights")
+            except OSError as exc:  # as a library would report it: errno plus the file name
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_in_add_file(tmp_path, monkeypatch):
+    src = tmp_path / "tokenizer-src.json"
+    src.write_text("{}")
+
+    def full_copy(a, b, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bundle_mod.shutil, "copyfile", full_copy)
+    with pytest.raises(ExportError, match="disk full while writing tokenizer.json"):
+        with BundleWriter(tmp_path / "tiny.edgekit") as w:
+            w.add_file(src, "tokenizer.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer-src.json"]
+
+
+def test_progress_bar_for_big_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(bundle_mod, "_PROGRESS_MIN_BYTES", 0)
+    monkeypatch.setenv("EDGEKIT_PROGRESS", "1")
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    load_bundle(target, verify="full")
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def test_load_missing_and_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="bundle not found"):
+        load_bundle(tmp_path / "nope.edgekit")
+    with pytest.raises(BundleError, match="has no manifest.json"):
+        load_bundle(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(BundleError, match="is not a bundle directory"):
+        load_bundle(tmp_path / "file.txt")
+    with pytest.raises(InputError):
+        load_bundle(tmp_path, verify="quick")  # type: ignore[arg-type]
+
+
+def test_load_via_manifest_path(tmp_path):
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    assert load_bundle(target / MANIFEST_FILE).path == target
+
+
+def test_tampered_byte_fails_full_verify_only(tmp_path):
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    data = bytearray((target / "decoder.onnx.data").read_bytes())
+    data[10] ^= 0xFF
+    (target / "decoder.onnx.data").write_bytes(bytes(data))
+    load_bundle(target, verify="sizes")  # the lazy check does not read contents
+    with pytest.raises(BundleError, match=r"bundle file decoder.onnx.data is corrupt: sha256 [0-9a-f]{64} "
+                                          r"!= manifest [0-9a-f]{64}"):
+        load_bundle(target, verify="full")
+    with pytest.raises(BundleError, match="corrupt"):
+        verify_files(load_bundle(target, verify="none"), full=True)
+
+
+def test_truncated_and_missing_files(tmp_path):
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    with open(target / "decoder.onnx.data", "r+b") as fh:
+        fh.truncate(7)
+    with pytest.raises(BundleError, match="decoder.onnx.data is truncated or changed: 7 bytes != manifest 1500"):
+        load_bundle(target)
+    assert load_bundle(target, verify="none").manifest.device == "pi5"
+    other = write_bundle(tmp_path / "other.edgekit")
+    (other / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="bundle file tokenizer.json is missing"):
+        load_bundle(other)
+
+
+def test_bad_manifests(tmp_path):
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    manifest = target / MANIFEST_FILE
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, Key.SCHEMA_VERSION: 2}))
+    with pytest.raises(BundleError, match="bundle manifest schema 2 is newer than this edgekit understands"):
+        load_bundle(target)
+    manifest.write_text('{"schema_version": 1,')
+    with pytest.raises(BundleError, match="is not valid JSON"):
+        load_bundle(target)
+    manifest.write_text("[]")
+    with pytest.raises(BundleError, match="must be an object"):
+        load_bundle(target)
+
+
+def test_leftover_temp_dir_is_not_a_bundle(tmp_path, monkeypatch):
+    # A process killed between writing manifest.json and the rename leaves this behind.
+    monkeypatch.setattr(bundle_mod.BundleWriter, "_install", lambda self, tmp: shutil.copytree(tmp, tmp_path / "kept"))
+    write_bundle(tmp_path / "tiny.edgekit")
+    leftover = tmp_path / ".tiny.edgekit.tmp-abc123"
+    (tmp_path / "kept").rename(leftover)
+    with pytest.raises(BundleError, match="unfinished bundle left by an interrupted export"):
+        load_bundle(leftover)
+
+
+# --- update_manifest and inspect ---------------------------------------------------------
+
+
+def test_update_manifest(tmp_path):
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    report = {"passed": True, "max_abs_error": {"text_decoder": 1.5e-5}}
+    updated = update_manifest(target, verification=report)
+    b = load_bundle(target, verify="full")  # file hashes are untouched
+    assert b.manifest == updated and b.manifest.verification == report
+    assert inspect_bundle(target)["verification"] == "passed"
+    assert not (target / (MANIFEST_FILE + ".tmp")).exists()
+    with pytest.raises(InputError, match="cannot update manifest field 'files'"):
+        update_manifest(target, files=())
+    with pytest.raises(InputError, match="not JSON-serializable"):
+        update_manifest(target, verification={"x": object()})
+    assert load_bundle(target).manifest.verification == report
+
+
+def test_inspect_summary(tmp_path):
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    s = inspect_bundle(target, verify="full")
+    assert s["model"]["name"] == "tiny-e2b" and s["format"] == "onnx" and s["device"] == "pi5"
+    assert s["methods"][1]["inputs"][0]["shape"] == [1, "seq_len", 64]
+    assert s["total_size"] == sum(f["size"] for f in s["files"])
+    assert s["files_checked"] == "full" and s["verification"] == "not verified"
+
+
+def test_cli_inspect(tmp_path):
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    result = run_cli("inspect", str(target), "--json", "--verify", "full", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert Manifest.from_dict(json.loads(result.stdout)) == load_bundle(target).manifest
+    result = run_cli("inspect", str(target), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "tiny-e2b" in result.stdout and "decoder.onnx.data" in result.stdout
+    assert_clean_failure(run_cli("inspect", str(tmp_path / "missing.edgekit"), "--json", timeout=60), code=6,
+                         contains="bundle not found")
+
+
+def test_bundle_reading_is_torch_free():
+    code = ("import sys, edgekit.bundle, edgekit.manifest; "
+            "bad = [m for m in ('torch', 'transformers', 'jsonschema') if m in sys.modules]; "
+            "assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(Path(bundle_mod.__file__).parent.parent)})
+    assert result.returncode == 0, result.stderr
