@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   venv + install + tiny random-weight checkpoint + plan/export for a Pi 5 + a prompt
+#   make test   venv + install + the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   ?= out
+
+.PHONY: setup test demo clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned to 2.13.0: pip takes the CPU build; a bare `torch` pulls a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[export,audio,dev]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/edgekit make-checkpoint tiny-e2b $(DEMO)/tiny-e2b --overwrite
+	$(BIN)/edgekit plan $(DEMO)/tiny-e2b --device pi5-8gb
+	$(BIN)/edgekit export $(DEMO)/tiny-e2b --device pi5-8gb --output $(DEMO)/tiny-e2b-pi5.edgekit
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -1,0 +1,190 @@
+"""Load and validate a Gemma 4 checkpoint directory (a downloaded one or one we wrote).
+
+Validation reads only config.json and the safetensors headers, so a broken checkpoint
+is reported in one line before anything big is read: missing files, a model that is
+not Gemma 4, truncated or corrupt shards, tensors whose shapes disagree with the config.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import CheckpointError
+
+SUPPORTED_MODEL_TYPES = ("gemma4",)
+TOKENIZER_FILES = ("tokenizer.json",)
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# transformers drops these from real checkpoints on load (shared-KV layers own no K/V):
+# see Gemma4TextModel._keys_to_ignore_on_load_unexpected.
+# The tied lm_head may be stored too.
+_IGNORED_UNEXPECTED = re.compile(r"(.*layers\.\d+\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\..*|lm_head\.weight)")
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype, shape)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json of a checkpoint directory, checked to be a Gemma 4 multimodal config."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a directory")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no config.json")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path} must hold a JSON object")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{path} is a {model_type!r} checkpoint, not Gemma 4 (model_type must be one of {SUPPORTED_MODEL_TYPES})"
+        )
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        raise CheckpointError(f"{cfg_path} has no text_config")
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if not isinstance(text.get(key), int):
+            raise CheckpointError(f"{cfg_path}: text_config.{key} is missing or not an integer")
+    return config
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """Parse a .safetensors header without torch, and check the file is complete."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw_len = fh.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(f"weights file {path.name} is truncated (no header)")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > min(size - 8, 100 * 1024**2):
+                raise CheckpointError(f"weights file {path.name} is corrupt (header length {header_len})")
+            header = json.loads(fh.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"weights file {path.name} is corrupt (unreadable header)") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read weights file {path}: {exc.strerror}") from None
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            tensors[name] = (meta["dtype"], tuple(int(d) for d in meta["shape"]))
+            end = max(end, int(meta["data_offsets"][1]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise CheckpointError(f"weights file {path.name} is corrupt (bad entry for {name})") from None
+    if size < 8 + header_len + end:
+        raise CheckpointError(
+            f"weights file {path.name} is truncated: {size} bytes, header promises {8 + header_len + end}"
+        )
+    return SafetensorsHeader(path=path, tensors=tensors)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from its index when it is sharded."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index} is corrupt (no weight_map)") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is missing weight shard {missing[0]} (listed in {INDEX_FILE})")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    raise CheckpointError(f"checkpoint {path} has no weights ({SINGLE_FILE} or {INDEX_FILE})")
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint directory. Heavy objects are built on first use."""
+
+    path: Path
+    config: dict[str, Any]
+    headers: list[SafetensorsHeader] = field(repr=False)
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        return self.config["text_config"]
+
+    @property
+    def has_audio(self) -> bool:
+        return self.config.get("audio_config") is not None
+
+    @property
+    def has_vision(self) -> bool:
+        return self.config.get("vision_config") is not None
+
+    @cached_property
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: shape for h in self.headers for name, (_, shape) in h.tensors.items()}
+
+    def reference_model(self, *, dtype: str = "float32"):
+        """The transformers eager model, the numerical reference for every parity check."""
+        from edgekit.errors import require
+
+        torch = require("torch", extra="export")
+        transformers = require("transformers", extra="export")
+        model = transformers.Gemma4ForConditionalGeneration.from_pretrained(
+            str(self.path), dtype=getattr(torch, dtype), local_files_only=True
+        )
+        return model.eval()
+
+
+def load(path: Path | str, *, check_shapes: bool = True) -> Checkpoint:
+    """Validate and open a checkpoint directory.
+
+    `check_shapes` compares every tensor with the shapes the config implies, which
+    builds the model on the meta device (needs torch + transformers, no weights read).
+    """
+    path = Path(path)
+    config = read_config(path)
+    files = weight_files(path)
+    headers = [read_safetensors_header(f) for f in files]
+    for name in TOKENIZER_FILES:
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} has no tokenizer ({name})")
+    checkpoint = Checkpoint(path=path, config=config, headers=headers)
+    if check_shapes:
+        _check_shapes(checkpoint)
+    return checkpoint
+
+
+def _check_shapes(checkpoint: Checkpoint) -> None:
+    from edgekit.checkpoint_writer import tensor_specs
+
+    try:
+        expected = {s.name: s.shape for s in tensor_specs(checkpoint.config)}
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{checkpoint.path}/config.json is not a valid Gemma 4 config: {exc}") from None
+    found = checkpoint.tensor_shapes
+    for name, shape in expected.items():
+        if name not in found:
+            raise CheckpointError(f"checkpoint {checkpoint.path} is missing tensor {name}")
+        if tuple(found[name]) != tuple(shape):
+            raise CheckpointError(
+                f"tensor {name} has shape {list(found[name])} but config.json implies {list(shape)}"
+            )
+    unexpected = [n for n in found if n not in expected and not _IGNORED_UNEXPECTED.match(n)]
+    if unexpected:
+        raise CheckpointError(f"checkpoint {checkpoint.path} has a tensor the config does not describe: {unexpected[0]}")
