@@ -6,6 +6,8 @@ prefill + token-by-token decode past the sliding window, and a left-padded batch
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -64,3 +66,31 @@ def test_left_padded_batch_matches_unpadded_rows(model):
         ref_long = model(input_ids=long).logits
     assert torch.allclose(out[0][0, -1], ref_short[0, -1], atol=2e-4)
     assert torch.allclose(out[0][1, -1], ref_long[0, -1], atol=2e-4)
+
+
+def test_soft_tokens_scattered_like_transformers(model, monkeypatch):
+    """Image and audio soft tokens placed by the embedding graph give transformers' logits."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from edgekit.export.components.token_embedding import MultimodalEmbedding
+
+    cfg = model.config
+    hidden = cfg.text_config.hidden_size
+    ids = torch.tensor([[2, 11, cfg.boi_token_id, *[cfg.image_token_id] * 4, cfg.eoi_token_id, 12,
+                         cfg.boa_token_id, *[cfg.audio_token_id] * 3, cfg.eoa_token_index, 13]])
+    torch.manual_seed(2)
+    image, audio = torch.randn(4, hidden), torch.randn(3, hidden)
+    decoder, embed = TextDecoder(model).eval(), MultimodalEmbedding(model).eval()
+    # The audio tower is tested on its own; here only the placement of its output matters.
+    monkeypatch.setattr(model.model, "get_audio_features", lambda *a, **k: SimpleNamespace(
+        pooler_output=audio[None], attention_mask=torch.ones(1, 3, dtype=torch.bool)))
+    with torch.no_grad():
+        reference = model(input_ids=ids, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[image])},
+                          input_features=torch.zeros(1, 12, 128), input_features_mask=torch.ones(1, 12, dtype=torch.bool)).logits
+        embeds, ple = embed(ids, image, audio)
+        n = ids.shape[1]
+        got = decoder(embeds, ple, torch.arange(n)[None], torch.ones(1, n, dtype=torch.long),
+                      *_empty_past(decoder, 1))[0]
+        no_features = embed(ids[:, :2], torch.zeros(0, hidden), torch.zeros(0, hidden))[0]
+    assert torch.allclose(got, reference, atol=2e-4), (got - reference).abs().max()
+    assert no_features.shape == (1, 2, hidden)

@@ -7,7 +7,7 @@ as inputs and returns it as outputs, so one graph serves prefill (S > 1) and dec
 (S == 1). Parity against Gemma4ForConditionalGeneration is tested in
 tests/test_text_decoder_parity.py.
 
-    inputs_embeds [B,S,H]  per_layer_inputs [B,S,L,P]  position_ids [B,S]  attention_mask [B,T]
+    inputs_embeds [B,S,H]  per_layer_inputs [B,S,L*P]  position_ids [B,S]  attention_mask [B,T]
         │                          │ (token-identity PLE rows, already scaled)
         ├── per_layer_model_projection ─┴─► per-layer stream [B,S,L,P]
         ▼
@@ -80,7 +80,8 @@ class TextDecoder(nn.Module):
         proj = text.per_layer_model_projection(inputs_embeds) * text.per_layer_model_projection_scale
         proj = proj.reshape(*inputs_embeds.shape[:-1], self.num_layers, self.ple_dim)
         proj = text.per_layer_projection_norm(proj)
-        return (proj + per_layer_inputs) * text.per_layer_input_scale
+        rows = per_layer_inputs.reshape(*per_layer_inputs.shape[:-1], self.num_layers, self.ple_dim)
+        return (proj + rows) * text.per_layer_input_scale
 
     def _masks(self, attention_mask: torch.Tensor, past_len: torch.Tensor | int, seq_len: int):
         """Additive masks [B,1,S,T] for global and sliding layers, over cache slots."""
@@ -136,7 +137,8 @@ class TextDecoder(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, per_layer_inputs: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor, *past_kv: torch.Tensor):
-        """past_kv: (k, v) for each cache-owning layer in order, each [B, kv_heads, P, head_dim].
+        """per_layer_inputs: the token-identity rows, flat [B,S,L*P] as onnxruntime-genai passes them;
+        past_kv: (k, v) for each cache-owning layer in order, each [B, kv_heads, P, head_dim].
 
         Returns (logits [B,S,V], present k/v for each cache-owning layer, [B, kv_heads, P+S, head_dim]).
         """

@@ -1,0 +1,1 @@
+"""ONNX graph passes, one per file (`<verb>_<noun>_pass.py`)."""
