@@ -86,8 +86,9 @@ class VisionEncoder(nn.Module):
         self.layers = bake_clipped_linears(tower.encoder.layers)
         self.embed_vision = lm.model.embed_vision
         self.standardize = bool(cfg.standardize)
-        if self.standardize:
-            self.std_bias, self.std_scale = tower.std_bias, tower.std_scale
+        if self.standardize:  # the tower's own buffers, shared
+            self.register_buffer("std_bias", tower.std_bias, persistent=False)
+            self.register_buffer("std_scale", tower.std_scale, persistent=False)
         self.kernel = cfg.pooling_kernel_size
         self.patch_dim = 3 * cfg.patch_size**2
         self.root_hidden = cfg.hidden_size**0.5
