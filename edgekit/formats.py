@@ -1,0 +1,105 @@
+"""Bundle formats: what each writes, which backends run it, which recipes it accepts.
+
+Recipes stay backend-agnostic (edgekit.recipes); this table is where a format says
+which of them its exporter and runtime can honour, so devices.yaml is checked against
+it on load and the CLI offers exactly these choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgekit.errors import InputError
+from edgekit.recipes import RECIPES, Registry
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A runtime backend of a format.
+
+    `execution_providers`: the ONNX Runtime EPs it may use, in priority order (the default
+    list when a profile of another format is exported to this one).
+    """
+
+    name: str
+    execution_providers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    description: str
+    extension: str
+    backends: tuple[Backend, ...]
+    recipes: tuple[str, ...]
+    default_recipe: str
+
+    def __post_init__(self) -> None:
+        # A typo here would surface only when a user picks the recipe: fail at import.
+        for name in (*self.recipes, self.default_recipe):
+            RECIPES.get(name)
+        if self.default_recipe not in self.recipes:
+            raise ValueError(f"format {self.name}: default recipe {self.default_recipe!r} is not in its recipes")
+
+    @property
+    def backend_names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.backends)
+
+    def backend(self, name: str) -> Backend:
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        raise InputError(f"format {self.name} has no backend {name!r}; choose one of: {', '.join(self.backend_names)}")
+
+    @property
+    def uses_execution_providers(self) -> bool:
+        return any(b.execution_providers for b in self.backends)
+
+    def supports(self, recipe: str) -> bool:
+        return recipe in self.recipes
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "extension": self.extension, "backends": list(self.backend_names),
+                "recipes": list(self.recipes), "default_recipe": self.default_recipe}
+
+
+_INT4 = ("int4", "int4-b64", "int4-b128")
+
+FORMATS: Registry[Format] = Registry("format", (
+    Format(
+        "onnx",
+        "ONNX graphs + external data, run by ONNX Runtime (Pi: CPU; Jetson: CUDA / TensorRT)",
+        ".onnx",
+        (
+            Backend("cpu", ("CPUExecutionProvider",)),
+            Backend("cuda", ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")),
+        ),
+        # MatMulNBits int4 (shared/EXPORT-NOTES.md: 4x faster than fp32 decode at E2B width).
+        ("fp32", "fp16", "int8", *_INT4),
+        "int4",
+    ),
+    Format(
+        "executorch",
+        "one multi-method .pte for the ExecuTorch runtime (Android AAR, C++, Python with torch)",
+        ".pte",
+        (Backend("xnnpack"),),
+        # No weight-only linear recipes: IntxWeightOnlyConfig gives wrong outputs on XNNPACK
+        # and no smaller file (shared/EXPORT-NOTES.md).
+        ("fp32", "fp16", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4"),
+        "8da4w-emb4",
+    ),
+    Format(
+        "coreml",
+        "stateful .mlpackage(s) for Core ML (iOS 18 / macOS 15 states hold the KV cache)",
+        ".mlpackage",
+        (Backend("coreml"),),
+        # linear_quantize_weights int8 per channel and int4 per block work (shared/EXPORT-NOTES.md).
+        ("fp32", "fp16", "int8", *_INT4),
+        "int4",
+    ),
+))
+
+
+def get_format(name: str) -> Format:
+    """Look a format up by name; unknown names list the known ones (InputError)."""
+    return FORMATS.get(name)

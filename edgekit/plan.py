@@ -1,0 +1,337 @@
+"""ExportPlan: what a bundle for one device will hold and whether it fits, from config.json alone.
+
+Nothing here reads weights or imports torch: the plan comes from parameter counts
+(edgekit.param_count), the recipe's bits per weight (edgekit.recipes) and the device
+profile. `edgekit plan` prints it; `edgekit export` checks it before any work.
+
+    memory needed = resident weights + KV cache + peak activations
+    resident      = every stored weight except the per-layer embedding table, which is
+                    memory-mapped: each token reads one row (~9 K values) per lookup, so
+                    only touched pages become resident; it is reported as `mapped`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from edgekit.errors import CheckpointError, DoesNotFitError, InputError
+from edgekit.formats import Format, get_format
+from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_VISION_ENCODER
+from edgekit.model import read_config
+from edgekit.param_count import PER_LAYER_EMBEDDING, ComponentParams, count_parameters, text_layers
+from edgekit.profiles import MODALITIES, DeviceProfile
+from edgekit.recipes import Recipe, get_recipe
+
+GB = 1e9
+# Prefill runs in chunks of at most this many tokens (the E2B/E4B sliding window); the
+# exporters must keep to it for the activation estimate to hold.
+PREFILL_CHUNK = 512
+# Audio: 40 ms per soft token, at most 30 s (DESIGN.md); the feature extractor hops 10 ms.
+MAX_AUDIO_TOKENS = 750
+MEL_FRAMES_PER_TOKEN = 4
+MEL_BINS = 128
+ACTIVATION_BYTES = 4  # CPU kernels compute in fp32 whatever the weight storage
+_MODALITY_COMPONENT = {"audio": METHOD_AUDIO_ENCODER, "vision": METHOD_VISION_ENCODER}
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    name: str
+    parameters: int
+    stored_parameters: int  # + the tied lm_head, which the decoder stores again once quantized
+    size_bytes: int
+    memory_mapped: bool
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.size_bytes / self.stored_parameters if self.stored_parameters else 0.0
+
+
+@dataclass(frozen=True)
+class KVCache:
+    context_length: int
+    sliding_window: int
+    sliding_layers: int  # cache-owning sliding layers
+    global_layers: int  # cache-owning full-attention layers
+    shared_layers: int  # reuse an earlier layer's K/V: no cache of their own
+    dtype_bits: int
+    bytes_per_token: int  # all cache-owning layers, while the context is within the window
+    bytes_per_token_past_window: int  # global layers only: sliding layers stop growing
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    resident_weights_bytes: int
+    mapped_weights_bytes: int
+    kv_cache_bytes: int
+    activations_bytes: int
+    budget_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.resident_weights_bytes + self.kv_cache_bytes + self.activations_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    checkpoint: Path
+    model: str  # e2b | e4b | custom
+    profile: DeviceProfile
+    format: Format
+    backend: str
+    execution_providers: tuple[str, ...]
+    recipe: Recipe
+    context_length: int
+    modalities: tuple[str, ...]
+    vision_token_budget: int
+    components: tuple[ComponentPlan, ...]
+    checkpoint_parameters: int
+    kv_cache: KVCache
+    memory: MemoryEstimate
+    notes: tuple[str, ...] = ()
+
+    @property
+    def device(self) -> str:
+        return self.profile.name
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.fits
+
+    @property
+    def bundle_size_bytes(self) -> int:
+        return sum(c.size_bytes for c in self.components)
+
+    def check_fits(self, *, force: bool = False) -> None:
+        """Raise DoesNotFitError unless the estimate is within the budget or `force` is set."""
+        if self.fits or force:
+            return
+        raise DoesNotFitError(
+            f"{self.recipe.name} {self.format.name} bundle needs {self.memory.total_bytes / GB:.2f} GB but "
+            f"{self.device} allows {self.memory.budget_bytes / GB:.2f} GB; use a smaller recipe/context or --force"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.memory
+        return {
+            "checkpoint": str(self.checkpoint),
+            "model": self.model,
+            "device": self.device,
+            "recommended_model": self.profile.model,
+            "format": self.format.name,
+            "extension": self.format.extension,
+            "backend": self.backend,
+            "execution_providers": list(self.execution_providers),
+            "recipe": self.recipe.name,
+            "context_length": self.context_length,
+            "modalities": list(self.modalities),
+            "vision_token_budget": self.vision_token_budget,
+            "checkpoint_parameters": self.checkpoint_parameters,
+            "bundle_parameters": sum(c.parameters for c in self.components),
+            "components": [{**dataclasses.asdict(c), "bits_per_weight": round(c.bits_per_weight, 3)}
+                           for c in self.components],
+            "bundle_size_bytes": self.bundle_size_bytes,
+            "kv_cache": dataclasses.asdict(self.kv_cache),
+            "memory": {**dataclasses.asdict(m), "total_bytes": m.total_bytes},
+            "fits": self.fits,
+            "notes": list(self.notes),
+        }
+
+
+# --- building a plan ---------------------------------------------------------------------
+
+
+def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | None = None,
+              recipe_name: str | None = None, modalities: str | None = None,
+              context: int | None = None) -> ExportPlan:
+    """Plan a bundle of `checkpoint` for `profile`; overrides default to the profile's choices."""
+    checkpoint = Path(checkpoint)
+    try:
+        config = read_config(checkpoint)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {checkpoint / 'config.json'}: {exc.strerror or exc}") from None
+    text = config["text_config"]
+    notes: list[str] = []
+    fmt, backend, providers = _resolve_format(profile, format_name)
+    recipe = _resolve_recipe(profile, fmt, recipe_name)
+    if fmt.name != profile.format:
+        notes.append(f"format {fmt.name} instead of {profile.name}'s {profile.format}: backend {backend}"
+                     + ("" if recipe_name or recipe.name == profile.recipe else f", its default recipe {recipe.name}"))
+    mods = _resolve_modalities(profile, config, modalities, notes)
+    context_length = _resolve_context(profile, text, context)
+
+    counts = count_parameters(config)
+    wanted = {c for m, c in _MODALITY_COMPONENT.items() if m in mods}
+    included = [p for name, p in counts.items() if name not in _MODALITY_COMPONENT.values() or name in wanted]
+    tied_lm_head = text["vocab_size"] * text["hidden_size"] if counts[METHOD_TEXT_DECODER].lm_head == 0 else 0
+    components = tuple(_component_plan(p, recipe, tied_lm_head=tied_lm_head) for p in included)
+    kv = kv_cache(text, context_length=context_length, dtype_bits=recipe.kv_cache_bits)
+    activations = _activations(config, mods, context_length, profile.vision_token_budget)
+    memory = MemoryEstimate(
+        resident_weights_bytes=sum(c.size_bytes for c in components if not c.memory_mapped),
+        mapped_weights_bytes=sum(c.size_bytes for c in components if c.memory_mapped),
+        kv_cache_bytes=kv.total_bytes,
+        activations_bytes=activations,
+        budget_bytes=profile.memory_budget_bytes,
+    )
+    model = _model_size(text)
+    if model != "custom" and model != profile.model:
+        notes.append(f"{profile.name} recommends {profile.model}; this checkpoint is {model}")
+    return ExportPlan(
+        checkpoint=checkpoint, model=model, profile=profile, format=fmt, backend=backend,
+        execution_providers=providers, recipe=recipe, context_length=context_length, modalities=mods,
+        vision_token_budget=profile.vision_token_budget, components=components,
+        checkpoint_parameters=sum(p.total for p in counts.values()), kv_cache=kv, memory=memory, notes=tuple(notes),
+    )
+
+
+def _resolve_format(profile: DeviceProfile, format_name: str | None) -> tuple[Format, str, tuple[str, ...]]:
+    fmt = get_format(format_name or profile.format)
+    if fmt.name == profile.format:
+        return fmt, profile.backend, profile.execution_providers
+    backend = fmt.backends[0]  # another format than the profile's: its first (portable) backend
+    return fmt, backend.name, backend.execution_providers
+
+
+def _resolve_recipe(profile: DeviceProfile, fmt: Format, recipe_name: str | None) -> Recipe:
+    if recipe_name is None:
+        return get_recipe(profile.recipe if fmt.supports(profile.recipe) else fmt.default_recipe)
+    recipe = get_recipe(recipe_name)
+    if not fmt.supports(recipe.name):
+        raise InputError(f"recipe {recipe.name!r} is not supported by format {fmt.name!r}; "
+                         f"choose one of: {', '.join(fmt.recipes)}")
+    return recipe
+
+
+def _resolve_context(profile: DeviceProfile, text: Mapping[str, Any], context: int | None) -> int:
+    length = profile.max_context if context is None else context
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise InputError(f"context must be a positive integer, got {length!r}")
+    max_positions = text.get("max_position_embeddings", 131_072)
+    if length > max_positions:
+        raise InputError(f"context {length} exceeds the model's max_position_embeddings ({max_positions})")
+    return length
+
+
+def _resolve_modalities(profile: DeviceProfile, config: Mapping[str, Any], requested: str | None,
+                        notes: list[str]) -> tuple[str, ...]:
+    available = {"text", *(m for m in ("audio", "vision") if isinstance(config.get(f"{m}_config"), Mapping))}
+    if requested is None:
+        dropped = [m for m in profile.modalities if m not in available]
+        for m in dropped:
+            notes.append(f"{profile.name} enables {m} by default, but the checkpoint has no {m} tower")
+        return tuple(m for m in profile.modalities if m in available)
+    names = [m.strip() for m in requested.split(",") if m.strip()]
+    for m in names:
+        if m not in MODALITIES:
+            raise InputError(f"unknown modality {m!r}; choose from: {', '.join(MODALITIES)}")
+        if m not in available:
+            raise InputError(f"the checkpoint has no {m} tower ({m}_config is null); drop {m} from --modalities")
+    if "text" not in names:
+        raise InputError("modalities must include text (the decoder every bundle runs)")
+    return tuple(m for m in MODALITIES if m in names)
+
+
+def _component_plan(p: ComponentParams, recipe: Recipe, *, tied_lm_head: int) -> ComponentPlan:
+    bits = sum(n * recipe.bits_for(p.name, kind) for kind, n in p.by_kind().items())
+    stored = p.total
+    if p.name == METHOD_TEXT_DECODER and tied_lm_head:
+        # Quantized exports store the tied lm_head apart from the embedding table
+        # (shared/EXPORT-NOTES.md), and the ONNX decoder graph needs its own copy anyway.
+        bits += tied_lm_head * recipe.bits_for(p.name, "lm_head")
+        stored += tied_lm_head
+    return ComponentPlan(p.name, p.total, stored, int(round(bits / 8)), memory_mapped=p.name == PER_LAYER_EMBEDDING)
+
+
+def _model_size(text: Mapping[str, Any]) -> str:
+    shape = (text.get("hidden_size"), text.get("num_hidden_layers"))
+    return {(1536, 35): "e2b", (2560, 42): "e4b"}.get(shape, "custom")
+
+
+# --- KV cache and activations ------------------------------------------------------------
+
+
+def kv_cache(text: Mapping[str, Any], *, context_length: int, dtype_bits: int) -> KVCache:
+    """K and V of every cache-owning layer at `context_length` tokens.
+
+    Sliding layers keep at most `sliding_window` tokens; shared-KV layers read an earlier
+    layer's cache and add nothing. Global layers use global_head_dim.
+
+    Real E2B in fp16: 12 sliding layers x (1 KV head x 256 x 2 (K,V) x 2 bytes) = 12 KiB plus
+    3 global layers x (1 x 512 x 2 x 2) = 6 KiB: 18 KiB (18432 B) per token — the ~18 KB of
+    shared/EXPORT-NOTES.md, which counts all 15 cache-owning layers. That holds only up to
+    the 512-token window: past it the sliding caches stop growing and each further token
+    costs 6 KiB (global layers). At 4096 tokens: 12 x 1 KiB x 512 + 3 x 2 KiB x 4096 = 30 MiB,
+    not 4096 x 18 KiB = 72 MiB. E4B: 20 x 2 KiB + 4 x 4 KiB = 56 KiB per token within the window.
+    """
+    window = int(text.get("sliding_window", 512))
+    per_token = per_token_global = total = 0
+    counts = {"sliding": 0, "global": 0, "shared": 0}
+    for layer in text_layers(text):
+        if layer.shares_kv:
+            counts["shared"] += 1
+            continue
+        row = 2 * layer.num_kv_heads * layer.head_dim * dtype_bits // 8
+        per_token += row
+        if layer.kind == "sliding_attention":
+            counts["sliding"] += 1
+            total += row * min(context_length, window)
+        else:
+            counts["global"] += 1
+            per_token_global += row
+            total += row * context_length
+    return KVCache(context_length, window, counts["sliding"], counts["global"], counts["shared"], dtype_bits,
+                   per_token, per_token_global, total)
+
+
+def _activations(config: Mapping[str, Any], modalities: tuple[str, ...], context: int, vision_tokens: int) -> int:
+    """Peak working memory: the stages (audio, vision, decoder) run one after another."""
+    stages = [_decoder_activations(config["text_config"], context)]
+    if "vision" in modalities:
+        stages.append(_vision_activations(config["vision_config"], vision_tokens))
+    if "audio" in modalities:
+        stages.append(_audio_activations(config["audio_config"]))
+    return max(stages)
+
+
+def _decoder_activations(text: Mapping[str, Any], context: int) -> int:
+    layers = text_layers(text)
+    chunk, hidden, heads = min(context, PREFILL_CHUNK), text["hidden_size"], text["num_attention_heads"]
+    widest_mlp = max(layer.intermediate_size for layer in layers)
+    widest_q = heads * max(layer.head_dim for layer in layers)
+    ple = len(layers) * text.get("hidden_size_per_layer_input", 256)
+    values = (
+        chunk * hidden * 4  # residual, normed input, attention and MLP outputs
+        + chunk * widest_mlp * 3  # gate, up, their product
+        + chunk * widest_q * 3  # q, attention output, rotary temporaries
+        + heads * chunk * context  # scores of a global layer: the chunk against the whole cache
+        + chunk * ple * 2  # per-layer inputs: looked up and projected
+        + text["vocab_size"]  # logits of the last position only
+    )
+    return values * ACTIVATION_BYTES
+
+
+def _vision_activations(vision: Mapping[str, Any], soft_tokens: int) -> int:
+    # Each soft token pools a k x k block of 16 px patches (pooling_kernel_size 3: 9 patches).
+    patches = soft_tokens * vision.get("pooling_kernel_size", 3) ** 2
+    # Defaults as in param_count (transformers' Gemma4VisionConfig / Gemma4AudioConfig).
+    h, heads = vision.get("hidden_size", 768), vision.get("num_attention_heads", 12)
+    # Exported graphs materialise the attention matrix: it dominates at large budgets.
+    values = patches * (3 * vision.get("patch_size", 16) ** 2 + 4 * h + 2 * vision.get("intermediate_size", 3072))
+    return (values + heads * patches * patches) * ACTIVATION_BYTES
+
+
+def _audio_activations(audio: Mapping[str, Any]) -> int:
+    frames = MAX_AUDIO_TOKENS * MEL_FRAMES_PER_TOKEN
+    c0 = audio.get("subsampling_conv_channels", (128, 32))[0]
+    conv = c0 * (frames // 2) * (MEL_BINS // 2)  # first stride-2 conv output, the largest tensor
+    conformer = MAX_AUDIO_TOKENS * audio.get("hidden_size", 1024) * 8  # 4x feed-forward plus residual streams
+    return (frames * MEL_BINS + conv + conformer) * ACTIVATION_BYTES

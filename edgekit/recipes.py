@@ -1,0 +1,247 @@
+"""Quantization recipes: frozen data saying what to quantize and how, by name.
+
+A recipe is an ordered tuple of rules matched against a weight key
+`"<component>.<kind>"` (e.g. `"text_decoder.linear"`, `"per_layer_embedding.embedding"`);
+the first match wins and anything unmatched keeps the recipe's float dtype. A recipe
+says nothing about backends, packing or tensor subclasses: applying it is the
+exporters' job, and which formats accept which recipe lives in `edgekit.formats`.
+Modelled on pytorch/executorch extension/llm/export/quant/recipe.py (QuantRule,
+QuantRecipe: first match wins).
+
+Weight kinds (see `edgekit.param_count`): `embedding` (gathered tables), `linear`
+(matmul weights), `lm_head` (the output projection, stored in the decoder even when tied
+to the token embedding), `other` (norms, convolutions, biases, position tables: small,
+always left in float).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Callable, Generic, Iterable, Iterator, Literal, TypeVar
+
+from edgekit.errors import EdgekitError, InputError
+
+WeightKind = Literal["embedding", "linear", "lm_head", "other"]
+WEIGHT_KINDS: tuple[str, ...] = ("embedding", "linear", "lm_head", "other")
+
+# --- one lookup helper for every name registry (recipes, formats, device profiles) ------
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """An explicit, ordered table of named objects.
+
+    Duplicate names fail at construction and unknown names fail at lookup, each with
+    the caller's error type and the list of known names (a bare `dict[...]` inside
+    `try/except KeyError` hides both).
+    """
+
+    def __init__(self, kind: str, items: Iterable[T], *, error: type[EdgekitError] = InputError,
+                 key: Callable[[T], str] = lambda item: item.name, where: str = "") -> None:
+        self.kind = kind
+        self._error = error
+        self._where = where
+        self._items: dict[str, T] = {}
+        for item in items:
+            name = key(item)
+            if name in self._items:
+                raise error(f"{where}duplicate {kind} {name!r}")
+            self._items[name] = item
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise self._error(
+                f"{self._where}unknown {self.kind} {name!r}; choose one of: {', '.join(self._items)}"
+            ) from None
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# --- schemes: how one tensor is stored --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """Storage of one weight tensor. `group_size=None` on a quantized scheme: per channel."""
+
+    name: str
+    weight_bits: int
+    group_size: int | None = None
+    activations: Literal["float", "int8_dynamic"] = "float"
+    scale_bits: int = 16
+    zero_point_bits: int = 0  # 0: symmetric
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_bits < 16
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight, scale and zero-point overhead included.
+
+        Per-channel overhead is left out: one fp16 scale per row of >= 1024 weights
+        adds < 0.02 bits.
+        """
+        if not self.quantized or self.group_size is None:
+            return float(self.weight_bits)
+        return self.weight_bits + (self.scale_bits + self.zero_point_bits) / self.group_size
+
+
+FP32 = QuantScheme("fp32", 32)
+FP16 = QuantScheme("fp16", 16)
+
+
+def _w4a8(group: int) -> QuantScheme:
+    # torchao Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, PerGroup(g)): symmetric
+    # int4, one fp16 scale per group: 4 + 16/32 = 4.5 bits at group 32.
+    return QuantScheme(f"8da4w-g{group}", 4, group, activations="int8_dynamic")
+
+
+def _int4_blockwise(block: int) -> QuantScheme:
+    # ONNX Runtime MatMulNBits (DefaultWeightOnlyQuantConfig, is_symmetric=False): one fp16
+    # scale and one packed 4-bit zero point per block: 4 + 20/32 = 4.625 bits at block 32.
+    return QuantScheme(f"int4-b{block}", 4, block, zero_point_bits=4)
+
+
+W8A8 = QuantScheme("8da8w", 8, None, activations="int8_dynamic")  # per-channel int8
+INT8_WEIGHT_ONLY = QuantScheme("int8", 8, None)  # per-channel (per-row for tables)
+INT4_EMB_G32 = QuantScheme("int4-emb-g32", 4, 32)  # symmetric 4-bit rows, fp16 scale per 32
+
+
+# --- recipes ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`pattern` is an fnmatch glob over `"<component>.<kind>"`."""
+
+    pattern: str
+    scheme: QuantScheme
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    rules: tuple[Rule, ...]
+    float_dtype: Literal["fp32", "fp16"] = "fp16"  # unmatched weights and the KV cache
+    _float: QuantScheme = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_float", FP32 if self.float_dtype == "fp32" else FP16)
+
+    def scheme_for(self, component: str, kind: str) -> QuantScheme:
+        """The scheme of weights of `kind` in `component`: first matching rule wins."""
+        key = weight_key(component, kind)
+        for rule in self.rules:
+            if fnmatchcase(key, rule.pattern):
+                return rule.scheme
+        return self._float
+
+    def bits_for(self, component: str, kind: str) -> float:
+        return self.scheme_for(component, kind).bits_per_weight
+
+    @property
+    def kv_cache_bits(self) -> int:
+        # The KV cache is kept in the float dtype: fp16 for every quantized recipe.
+        return 32 if self.float_dtype == "fp32" else 16
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "float_dtype": self.float_dtype,
+            "rules": [{"pattern": r.pattern, "scheme": r.scheme.name,
+                       "bits_per_weight": r.scheme.bits_per_weight} for r in self.rules],
+        }
+
+
+def weight_key(component: str, kind: str) -> str:
+    """The name rules match: `"<component>.<kind>"`."""
+    return f"{component}.{kind}"
+
+
+def _w4a8_recipe(group: int) -> Recipe:
+    return Recipe(
+        f"8da4w-g{group}" if group != 32 else "8da4w",
+        f"decoder linears int4 (group {group}) with int8 dynamic activations; embeddings int8; "
+        "audio/vision linears 8da8w",
+        (
+            Rule("*_embedding.embedding", INT8_WEIGHT_ONLY),
+            Rule("text_decoder.linear", _w4a8(group)),
+            Rule("text_decoder.lm_head", _w4a8(group)),
+            Rule("*_encoder.linear", W8A8),
+        ),
+    )
+
+
+def _int4_recipe(block: int) -> Recipe:
+    return Recipe(
+        f"int4-b{block}" if block != 32 else "int4",
+        f"int4 block-wise weights (block {block}) for decoder linears, lm_head and embedding "
+        "tables; audio/vision linears int8 weight-only",
+        (
+            Rule("*_embedding.embedding", _int4_blockwise(block)),
+            Rule("text_decoder.linear", _int4_blockwise(block)),
+            Rule("text_decoder.lm_head", _int4_blockwise(block)),
+            # The towers are ~9% of E2B: int8 keeps their error small for ~0.2 GB.
+            Rule("*_encoder.linear", INT8_WEIGHT_ONLY),
+        ),
+    )
+
+
+RECIPES: Registry[Recipe] = Registry("quantization recipe", (
+    Recipe("fp32", "no quantization, fp32 weights and KV cache", (Rule("*", FP32),), float_dtype="fp32"),
+    Recipe("fp16", "no quantization, fp16 weights and KV cache", (Rule("*", FP16),)),
+    _w4a8_recipe(32),
+    _w4a8_recipe(64),
+    _w4a8_recipe(128),
+    Recipe(
+        "8da8w",
+        "int8 per-channel weights with int8 dynamic activations for all linears; embeddings int8",
+        (Rule("*_embedding.embedding", INT8_WEIGHT_ONLY), Rule("*.linear", W8A8), Rule("*.lm_head", W8A8)),
+    ),
+    # Android default. Embeddings dominate E2B (2.75 B of 5.1 B parameters), so int4 rows
+    # save ~1.4 GB over int8 (shared/EXPORT-NOTES.md: 973 MB -> 731 MB at 4 layers).
+    # Vision keeps 8-bit weights through 8da8w: weight-only linears give wrong outputs on
+    # XNNPACK (shared/EXPORT-NOTES.md).
+    Recipe(
+        "8da4w-emb4",
+        "decoder 8da4w (group 32), embeddings int4 weight-only (group 32), audio and vision 8da8w",
+        (
+            Rule("*_embedding.embedding", INT4_EMB_G32),
+            Rule("text_decoder.linear", _w4a8(32)),
+            Rule("text_decoder.lm_head", _w4a8(32)),
+            Rule("audio_encoder.linear", W8A8),
+            Rule("vision_encoder.linear", W8A8),
+        ),
+    ),
+    Recipe(
+        "int8",
+        "int8 per-channel weight-only for every linear and embedding table",
+        (Rule("*.embedding", INT8_WEIGHT_ONLY), Rule("*.linear", INT8_WEIGHT_ONLY),
+         Rule("*.lm_head", INT8_WEIGHT_ONLY)),
+    ),
+    _int4_recipe(32),
+    _int4_recipe(64),
+    _int4_recipe(128),
+))
+
+
+def get_recipe(name: str) -> Recipe:
+    """Look a recipe up by name; unknown names list the known ones (InputError)."""
+    return RECIPES.get(name)
