@@ -48,7 +48,9 @@ def _quiet_third_party() -> None:
     """Keep stderr for our own messages: libraries' import chatter hides the one error line."""
     import logging
     import os
+    import warnings
 
+    warnings.filterwarnings("ignore")  # deprecation chatter from torch/onnx; --debug shows it
     for name in ("torchao", "torch.utils._pytree", "transformers", "onnxscript", "onnx_ir", "coremltools"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -19,18 +20,36 @@ def export(
     modalities: str = typer.Option(None, "--modalities", help="Comma list of text,audio,vision."),
     output: Path = typer.Option(None, "--output", "-o", help="Bundle directory to write (NAME.edgekit)."),
     force: bool = typer.Option(False, "--force", help="Export even if the plan says it does not fit."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle."),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
-    """Trace, quantize and write a bundle for DEVICE."""
+    """Trace, quantize and write a bundle for DEVICE (checks the plan fits first)."""
+    import time
+
+    from edgekit.errors import require
+    from edgekit.model import load
     from edgekit.plan import make_plan
     from edgekit.profiles import load_profiles
 
     profile = load_profiles().get(device)
     plan = make_plan(checkpoint, profile=profile, format_name=format, recipe_name=quant, modalities=modalities)
     plan.check_fits(force=force)
-    raise NotAvailableError(
-        f"the {plan.format.name} exporter has not landed yet; `edgekit plan {checkpoint} --device {device}` "
-        "shows what it would write"
-    )
+    require("torch", extra="export")
+    from edgekit.export import exporter_for
+
+    export = exporter_for(plan.format.name)
+    target = output or Path(f"{checkpoint.resolve().name}-{device}.edgekit")
+    started = time.perf_counter()
+    bundle = export(load(checkpoint), plan=plan, output=target, overwrite=overwrite)
+    seconds = time.perf_counter() - started
+    size = bundle.manifest.total_size
+    summary = {"bundle": str(bundle.path), "format": plan.format.name, "recipe": plan.recipe.name,
+               "modalities": list(plan.modalities), "bytes": size, "seconds": round(seconds, 1)}
+    if json_output:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(f"wrote {bundle.path} ({plan.format.name}, {plan.recipe.name}, "
+                   f"{'+'.join(plan.modalities)}, {size / 1e6:.1f} MB) in {seconds:.0f} s")
 
 
 @app.command("verify")

@@ -136,7 +136,7 @@ class TextDecoder(nn.Module):
         return h * layer.layer_scalar
 
     def forward(self, inputs_embeds: torch.Tensor, per_layer_inputs: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor, *past_kv: torch.Tensor):
+                attention_mask: torch.Tensor, past_kv: tuple[torch.Tensor, ...]):
         """per_layer_inputs: the token-identity rows, flat [B,S,L*P] as onnxruntime-genai passes them;
         past_kv: (k, v) for each cache-owning layer in order, each [B, kv_heads, P, head_dim].
 

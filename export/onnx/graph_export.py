@@ -32,10 +32,15 @@ class GraphSpec:
     output_names: tuple[str, ...]
     # io name -> {axis: dim name}; axes not listed are static.
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    # torch.export dynamic_shapes when dims are related (audio frames = 4 x tokens);
+    # otherwise built from dynamic_axes with Dim.DYNAMIC.
+    dynamic_shapes: tuple[Any, ...] | None = None
 
 
 def _dynamic_shapes(spec: GraphSpec) -> tuple[Any, ...] | None:
     """torch.export wants the args' structure; names map flat inputs onto it."""
+    if spec.dynamic_shapes is not None:
+        return spec.dynamic_shapes
     if not spec.dynamic_axes:
         return None
     flat_names = iter(spec.input_names)

@@ -10,12 +10,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 
 from edgekit.errors import ExportError
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime's quantizers log through the root logger at INFO (one line per tensor)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def quantize_int4(model: onnx.ModelProto, *, block_size: int, ops: tuple[str, ...] = ("MatMul",)) -> onnx.ModelProto:
@@ -34,14 +48,14 @@ def quantize_table(model: onnx.ModelProto, *, bits: int, block_size: int) -> onn
 
 
 def _weight_only(model, *, bits, block_size, ops, config_cls, quantizer_cls) -> onnx.ModelProto:
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     config = config_cls(block_size=block_size, is_symmetric=True, accuracy_level=4, bits=bits,
                         op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))
     try:
-        quantizer = quantizer_cls(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4,
-                                  op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)),
-                                  algo_config=config)
-        quantizer.process()
+        with _quiet():
+            quantizer = quantizer_cls(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                      op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)),
+                                      algo_config=config)
+            quantizer.process()
     except Exception as exc:
         raise ExportError(f"int{bits} quantization failed: {exc}") from exc
     return quantizer.model.model
@@ -50,10 +64,10 @@ def _weight_only(model, *, bits, block_size, ops, config_cls, quantizer_cls) -> 
 def quantize_int8_dynamic(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+        with _quiet():
+                quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
     except Exception as exc:
         raise ExportError(f"int8 dynamic quantization failed: {exc}") from exc
 

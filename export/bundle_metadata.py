@@ -1,0 +1,117 @@
+"""What every bundle says about its model, whatever the format: read from the checkpoint.
+
+Token ids come from the checkpoint's own config and tokenizer (a real downloaded one
+has the released ids; ours has whatever layout it was written with), never re-typed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from edgekit.bundle import BundleWriter
+from edgekit.manifest import (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, AudioPreprocessing,
+                              ImagePreprocessing, ModelInfo, SpecialTokens)
+from edgekit.model import Checkpoint
+from edgekit.special_tokens import TOKEN_STRINGS
+
+# Files copied from the checkpoint into every bundle (the chat template may also live
+# inside tokenizer_config.json in older checkpoints).
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE)
+
+
+def model_info(checkpoint: Checkpoint, *, size: str) -> ModelInfo:
+    text = checkpoint.text_config
+    digest = hashlib.sha256((checkpoint.path / "config.json").read_bytes()).hexdigest()
+    return ModelInfo(name=checkpoint.path.name, source_config_sha256=digest, size=size,
+                     num_layers=text["num_hidden_layers"], hidden_size=text["hidden_size"],
+                     vocab_size=text["vocab_size"])
+
+
+def special_tokens(checkpoint: Checkpoint) -> SpecialTokens:
+    config, text = checkpoint.config, checkpoint.text_config
+    vocab = _tokenizer_vocab(checkpoint.path)
+    eos = _eos_ids(checkpoint)
+    turn_end = vocab.get(TOKEN_STRINGS["eot_token"])
+    if turn_end is not None and turn_end not in eos:
+        eos.append(turn_end)  # an answer ends with <turn|>
+    extra = {role: vocab[s] for role, s in TOKEN_STRINGS.items()
+             if s in vocab and role in ("soc_token", "eoc_token", "think_token", "mask_token", "unk_token")}
+    return SpecialTokens(
+        bos_id=text.get("bos_token_id", 2), eos_ids=tuple(eos), pad_id=text.get("pad_token_id", 0),
+        sot_id=vocab.get(TOKEN_STRINGS["sot_token"]), eot_id=turn_end,
+        image_token_id=config.get("image_token_id"), audio_token_id=config.get("audio_token_id"),
+        video_token_id=config.get("video_token_id"), boi_id=config.get("boi_token_id"),
+        eoi_id=config.get("eoi_token_id"), boa_id=config.get("boa_token_id"),
+        eoa_id=config.get("eoa_token_index", config.get("eoa_token_id")), extra=extra,
+    )
+
+
+def _eos_ids(checkpoint: Checkpoint) -> list[int]:
+    gen = checkpoint.path / "generation_config.json"
+    value = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    if value is None:
+        value = checkpoint.text_config.get("eos_token_id", 1)
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def _tokenizer_vocab(path: Path) -> dict[str, int]:
+    data = json.loads((path / TOKENIZER_FILE).read_text())
+    vocab = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    model_vocab = data.get("model", {}).get("vocab", {})
+    if isinstance(model_vocab, dict):
+        for s in TOKEN_STRINGS.values():
+            if s in model_vocab and s not in vocab:
+                vocab[s] = model_vocab[s]
+    return vocab
+
+
+def audio_preprocessing(checkpoint: Checkpoint) -> AudioPreprocessing:
+    fe = _processor_section(checkpoint.path, "feature_extractor")
+    rate = int(fe.get("sampling_rate", 16000))
+    frame = int(round(rate * fe.get("frame_length_ms", 20.0) / 1000))
+    hop = int(round(rate * fe.get("hop_length_ms", 10.0) / 1000))
+    return AudioPreprocessing(
+        sampling_rate=rate, feature_size=int(fe.get("feature_size", 128)), frame_length=frame, hop_length=hop,
+        fft_length=int(fe.get("fft_length", 1 << (frame - 1).bit_length())),
+        min_frequency=float(fe.get("min_frequency", 0.0)), max_frequency=float(fe.get("max_frequency", 8000.0)),
+        mel_floor=float(fe.get("mel_floor", 1e-3)), preemphasis=float(fe.get("preemphasis", 0.0)),
+        preemphasis_htk_flavor=bool(fe.get("preemphasis_htk_flavor", True)),
+        input_scale_factor=float(fe.get("input_scale_factor", 1.0)),
+        extra={k: fe[k] for k in ("frame_length_ms", "hop_length_ms", "fft_overdrive", "dither") if k in fe},
+    )
+
+
+def image_preprocessing(checkpoint: Checkpoint, *, max_soft_tokens: int) -> ImagePreprocessing:
+    ip = _processor_section(checkpoint.path, "image_processor")
+    vision = checkpoint.config.get("vision_config") or {}
+    return ImagePreprocessing(
+        patch_size=int(ip.get("patch_size", vision.get("patch_size", 16))),
+        pooling_kernel_size=int(ip.get("pooling_kernel_size", vision.get("pooling_kernel_size", 3))),
+        max_soft_tokens=max_soft_tokens, rescale_factor=float(ip.get("rescale_factor", 1 / 255)),
+    )
+
+
+def _processor_section(path: Path, key: str) -> dict:
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        f = path / name
+        if f.is_file():
+            data = json.loads(f.read_text())
+            if isinstance(data.get(key), dict):
+                return data[key]
+            if name == "preprocessor_config.json":
+                return data
+    return {}
+
+
+def copy_tokenizer_files(checkpoint: Checkpoint, writer: BundleWriter) -> None:
+    for name in TOKENIZER_FILES:
+        src = checkpoint.path / name
+        if src.is_file():
+            writer.add_file(src, name)
+    if not (checkpoint.path / CHAT_TEMPLATE_FILE).is_file():
+        # Older checkpoints keep the template inside tokenizer_config.json.
+        template = json.loads((checkpoint.path / TOKENIZER_CONFIG_FILE).read_text()).get("chat_template")
+        if isinstance(template, str):
+            writer.write_text(CHAT_TEMPLATE_FILE, template)

@@ -1,0 +1,233 @@
+"""ONNX bundle exporter: one graph per method, quantized by the plan's recipe.
+
+    checkpoint ─► transformers model (fp32) ─► components ─► torch.onnx (dynamo) ─► raw graphs
+        ─► fold transposed weights ─► quantize per component ─► bundle (+ genai_config.json)
+
+Raw graphs go to a scratch directory beside the bundle; only finished graphs enter the
+bundle's temporary directory, which BundleWriter renames into place at the very end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from edgekit import onnx_layout as L
+from edgekit.bundle import Bundle, BundleWriter
+from edgekit.errors import ExportError
+from edgekit.export import bundle_metadata
+from edgekit.export.components.audio_encoder import AudioEncoder
+from edgekit.export.components.text_decoder import TextDecoder
+from edgekit.export.components.token_embedding import MultimodalEmbedding
+from edgekit.export.components.vision_encoder import VisionEncoder
+from edgekit.export.onnx import genai_config
+from edgekit.export.onnx.graph_export import OPSET, GraphSpec, export_graph
+from edgekit.export.onnx.passes.fold_transposed_weights_pass import fold_transposed_weights
+from edgekit.export.onnx.quantize import quantize_int4, quantize_int8_dynamic, quantize_table, to_fp16
+from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING,
+                              METHOD_VISION_ENCODER, Manifest, MethodSpec, TensorSpec)
+from edgekit.model import Checkpoint
+from edgekit.progress import progress_bar
+
+# Which recipe key governs the big weights of each graph (edgekit.recipes weight keys).
+_GRAPH_WEIGHTS = {
+    METHOD_TOKEN_EMBEDDING: ("token_embedding", "embedding"),
+    METHOD_TEXT_DECODER: ("text_decoder", "linear"),
+    METHOD_VISION_ENCODER: ("vision_encoder", "linear"),
+    METHOD_AUDIO_ENCODER: ("audio_encoder", "linear"),
+}
+
+
+@dataclass(frozen=True)
+class BuiltGraph:
+    method: str
+    file: str
+    scheme: str
+    extra: dict
+
+
+# --- graph specs ---------------------------------------------------------------------------
+
+def _embedding_spec(lm) -> GraphSpec:
+    hidden = lm.config.text_config.hidden_size
+    return GraphSpec(
+        name=METHOD_TOKEN_EMBEDDING, module=MultimodalEmbedding(lm).eval(),
+        args=(torch.ones(1, 4, dtype=torch.int64), torch.zeros(2, hidden), torch.zeros(3, hidden)),
+        input_names=(L.INPUT_IDS, L.IMAGE_FEATURES, L.AUDIO_FEATURES),
+        output_names=(L.INPUTS_EMBEDS, L.PER_LAYER_INPUTS),
+        dynamic_axes={L.INPUT_IDS: {0: L.BATCH, 1: L.SEQUENCE}, L.IMAGE_FEATURES: {0: L.NUM_IMAGE_TOKENS},
+                      L.AUDIO_FEATURES: {0: L.NUM_AUDIO_TOKENS}, L.INPUTS_EMBEDS: {0: L.BATCH, 1: L.SEQUENCE},
+                      L.PER_LAYER_INPUTS: {0: L.BATCH, 1: L.SEQUENCE}},
+    )
+
+
+def _decoder_spec(lm) -> GraphSpec:
+    decoder = TextDecoder(lm).eval()
+    text = lm.config.text_config
+    batch, seq, past = 1, 4, 3
+    ple_width = text.num_hidden_layers * text.hidden_size_per_layer_input
+    args: list = [torch.randn(batch, seq, text.hidden_size), torch.randn(batch, seq, ple_width),
+                  torch.arange(past, past + seq)[None], torch.ones(batch, past + seq, dtype=torch.int64)]
+    names = [L.INPUTS_EMBEDS, L.PER_LAYER_INPUTS, L.POSITION_IDS, L.ATTENTION_MASK]
+    outputs = [L.LOGITS]
+    axes = {L.INPUTS_EMBEDS: {0: L.BATCH, 1: L.SEQUENCE}, L.PER_LAYER_INPUTS: {0: L.BATCH, 1: L.SEQUENCE},
+            L.POSITION_IDS: {0: L.BATCH, 1: L.SEQUENCE}, L.ATTENTION_MASK: {0: L.BATCH, 1: L.TOTAL_SEQUENCE},
+            L.LOGITS: {0: L.BATCH, 1: L.SEQUENCE}}
+    past_kv = []
+    layout = decoder.layout
+    for layer in layout.owners:
+        for past_name, present_name in ((L.PAST_KEY, L.PRESENT_KEY), (L.PAST_VALUE, L.PRESENT_VALUE)):
+            past_kv.append(torch.randn(batch, layout.kv_heads[layer], past, layout.head_dims[layer]))
+            names.append(past_name % layer)
+            outputs.append(present_name % layer)
+            axes[past_name % layer] = {0: L.BATCH, 2: L.PAST_SEQUENCE}
+            axes[present_name % layer] = {0: L.BATCH, 2: L.TOTAL_SEQUENCE}
+    return GraphSpec(name=METHOD_TEXT_DECODER, module=decoder, args=(*args, tuple(past_kv)),
+                     input_names=tuple(names), output_names=tuple(outputs), dynamic_axes=axes)
+
+
+def _vision_spec(lm, *, budget: int) -> GraphSpec:
+    encoder = VisionEncoder(lm, max_soft_tokens=budget).eval()
+    # Static shapes: one graph per soft-token budget (the profile's), padded patches.
+    return GraphSpec(name=METHOD_VISION_ENCODER, module=encoder, args=encoder.example_inputs(),
+                     input_names=(L.PIXEL_VALUES, L.PIXEL_POSITION_IDS),
+                     output_names=(L.IMAGE_FEATURES, L.IMAGE_FEATURES + "_mask"))
+
+
+def _audio_spec(lm) -> GraphSpec:
+    encoder = AudioEncoder(lm).eval()
+    return GraphSpec(name=METHOD_AUDIO_ENCODER, module=encoder, args=encoder.example_inputs(),
+                     input_names=(L.INPUT_FEATURES, L.INPUT_FEATURES_MASK),
+                     output_names=(L.AUDIO_FEATURES, L.AUDIO_FEATURES + "_mask"),
+                     dynamic_axes={L.INPUT_FEATURES: {1: L.NUM_FRAMES}, L.INPUT_FEATURES_MASK: {1: L.NUM_FRAMES},
+                                   L.AUDIO_FEATURES: {1: L.NUM_AUDIO_TOKENS},
+                                   L.AUDIO_FEATURES + "_mask": {1: L.NUM_AUDIO_TOKENS}},
+                     dynamic_shapes=encoder.dynamic_shapes())
+
+
+def check_modalities(checkpoint: Checkpoint, modalities: tuple[str, ...]) -> None:
+    """A modality the checkpoint has no tower for is a one-line error, before any slow work."""
+    for modality, present in (("vision", checkpoint.has_vision), ("audio", checkpoint.has_audio)):
+        if modality in modalities and not present:
+            others = ",".join(m for m in modalities if m != modality)
+            raise ExportError(f"{checkpoint.path} has no {modality} tower; export with --modalities {others}")
+
+
+def graph_specs(lm, plan) -> dict[str, GraphSpec]:
+    """The graphs a plan asks for, keyed by method name."""
+    specs = {METHOD_TOKEN_EMBEDDING: _embedding_spec(lm), METHOD_TEXT_DECODER: _decoder_spec(lm)}
+    if "vision" in plan.modalities:
+        specs[METHOD_VISION_ENCODER] = _vision_spec(lm, budget=plan.vision_token_budget)
+    if "audio" in plan.modalities:
+        specs[METHOD_AUDIO_ENCODER] = _audio_spec(lm)
+    return specs
+
+
+# --- quantization --------------------------------------------------------------------------
+
+def _finish_graph(raw: Path, out: Path, *, method: str, recipe) -> str:
+    """Fold, quantize by the recipe and save `raw` as `out` (+ out.data). Returns the scheme."""
+    component, kind = _GRAPH_WEIGHTS[method]
+    scheme = recipe.scheme_for(component, kind)
+    if method == METHOD_TEXT_DECODER and recipe.scheme_for(component, "lm_head") != scheme:
+        raise ExportError(f"recipe {recipe.name}: ONNX export needs the lm_head quantized like the decoder linears")
+    if scheme.quantized and scheme.weight_bits == 8:
+        quantize_int8_dynamic(raw, out)
+        return scheme.name
+    model = onnx.load(str(raw))
+    fold_transposed_weights(model)
+    if scheme.quantized and scheme.weight_bits == 4:
+        block = scheme.group_size or 32
+        model = (quantize_table(model, bits=4, block_size=block) if kind == "embedding"
+                 else quantize_int4(model, block_size=block))
+    elif not scheme.quantized and scheme.weight_bits == 16:
+        model = to_fp16(model)
+    _save(model, out)
+    return scheme.name
+
+
+def _save(model: onnx.ModelProto, out: Path) -> None:
+    data = out.with_name(out.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing .data file
+    onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=data.name, size_threshold=1024)
+
+
+# --- manifest ------------------------------------------------------------------------------
+
+_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64",
+           onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def _runner_hints(module) -> dict:
+    """Input constraints the runner must honour (audio: pad frames to a multiple, a minimum)."""
+    keys = ("frame_multiple", "min_frames", "max_soft_tokens")
+    return {k: int(getattr(module, k)) for k in keys if hasattr(module, k)}
+
+
+def _method_spec(method: str, path: Path, hints: dict) -> MethodSpec:
+    model = onnx.load(str(path), load_external_data=False)
+
+    def specs(values) -> tuple[TensorSpec, ...]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = tuple(d.dim_param or d.dim_value for d in t.shape.dim)
+            out.append(TensorSpec(v.name, _DTYPES.get(t.elem_type, "float32"), shape))
+        return tuple(out)
+
+    data = path.with_name(path.name + ".data")
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=OPSET)
+    return MethodSpec(name=method, file=path.name, inputs=specs(model.graph.input), outputs=specs(model.graph.output),
+                      extra={"data_file": data.name if data.exists() else None, "opset": opset,
+                             "ir_version": model.ir_version, **hints})
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+def export_onnx(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool = False) -> Bundle:
+    """Write an ONNX bundle for `plan` to `output` and return it (loaded, files checked)."""
+    check_modalities(checkpoint, plan.modalities)
+    lm = checkpoint.reference_model()
+    specs = graph_specs(lm, plan)
+    output = Path(output)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.raw-", dir=output.parent if output.parent.exists() else None))
+    try:
+        with BundleWriter(output, overwrite=overwrite) as writer:
+            built: list[BuiltGraph] = []
+            with progress_bar("Exporting ONNX graphs", total=2 * len(specs)) as advance:
+                for method, spec in specs.items():
+                    advance(0, description=f"Tracing {method}")
+                    raw = export_graph(spec, scratch / f"{method}.onnx")
+                    advance(1, description=f"Quantizing {method}")
+                    file = L.GRAPH_FILES[method]
+                    scheme = _finish_graph(raw, writer.path_for(file), method=method, recipe=plan.recipe)
+                    built.append(BuiltGraph(method, file, scheme, _runner_hints(spec.module)))
+                    advance(1)
+            bundle_metadata.copy_tokenizer_files(checkpoint, writer)
+            manifest = _manifest(checkpoint, plan, writer.temp_dir, built)
+            genai_config.write(writer, manifest=manifest, checkpoint=checkpoint, plan=plan)
+            return writer.finalize(manifest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _manifest(checkpoint: Checkpoint, plan, root: Path, built: list[BuiltGraph]) -> Manifest:
+    methods = tuple(_method_spec(g.method, root / g.file, g.extra) for g in built)
+    has_audio = any(g.method == METHOD_AUDIO_ENCODER for g in built)
+    has_vision = any(g.method == METHOD_VISION_ENCODER for g in built)
+    return Manifest(
+        model=bundle_metadata.model_info(checkpoint, size=plan.model), device=plan.device, format="onnx",
+        backend=plan.backend, execution_providers=plan.execution_providers,
+        quant_recipes={g.method: g.scheme for g in built} | {"recipe": plan.recipe.name},
+        methods=methods, max_context=plan.context_length, special_tokens=bundle_metadata.special_tokens(checkpoint),
+        audio_preprocessing=bundle_metadata.audio_preprocessing(checkpoint) if has_audio else None,
+        image_preprocessing=(bundle_metadata.image_preprocessing(checkpoint, max_soft_tokens=plan.vision_token_budget)
+                             if has_vision else None),
+        extra={"modalities": list(plan.modalities), "genai_config": L.GENAI_CONFIG_FILE},
+    )
