@@ -36,11 +36,11 @@ def test_prefill_then_decode_past_the_window_matches_transformers(model):
         reference = model(input_ids=ids).logits
         embeds, ple = embed(ids)
         out = decoder(embeds[:, :prefill], ple[:, :prefill], torch.arange(prefill)[None],
-                      torch.ones(1, prefill, dtype=torch.long), *_empty_past(decoder, 1))
+                      torch.ones(1, prefill, dtype=torch.long), tuple(_empty_past(decoder, 1)))
         logits, present = [out[0]], list(out[1:])
         for t in range(prefill, ids.shape[1]):
             out = decoder(embeds[:, t:t + 1], ple[:, t:t + 1], torch.tensor([[t]]),
-                          torch.ones(1, t + 1, dtype=torch.long), *present)
+                          torch.ones(1, t + 1, dtype=torch.long), tuple(present))
             logits.append(out[0])
             present = list(out[1:])
     got = torch.cat(logits, dim=1)
@@ -61,7 +61,7 @@ def test_left_padded_batch_matches_unpadded_rows(model):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         embeds, ple = embed(ids)
-        out = decoder(embeds, ple, positions, mask, *_empty_past(decoder, 2))
+        out = decoder(embeds, ple, positions, mask, tuple(_empty_past(decoder, 2)))
         ref_short = model(input_ids=short).logits
         ref_long = model(input_ids=long).logits
     assert torch.allclose(out[0][0, -1], ref_short[0, -1], atol=2e-4)
@@ -90,7 +90,7 @@ def test_soft_tokens_scattered_like_transformers(model, monkeypatch):
         embeds, ple = embed(ids, image, audio)
         n = ids.shape[1]
         got = decoder(embeds, ple, torch.arange(n)[None], torch.ones(1, n, dtype=torch.long),
-                      *_empty_past(decoder, 1))[0]
+                      tuple(_empty_past(decoder, 1)))[0]
         no_features = embed(ids[:, :2], torch.zeros(0, hidden), torch.zeros(0, hidden))[0]
     assert torch.allclose(got, reference, atol=2e-4), (got - reference).abs().max()
     assert no_features.shape == (1, 2, hidden)
