@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from edgekit.cli import app
-from edgekit.errors import NotAvailableError
 
 
 @app.command("export")
@@ -59,5 +58,32 @@ def verify(
     steps: int = typer.Option(64, "--steps", help="Greedy decode steps to compare."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Check a bundle's outputs against the transformers reference model."""
-    raise NotAvailableError("verify needs the exporters, which have not landed yet")
+    """Check a bundle's outputs against the transformers reference model (exit 8 if a bound is missed)."""
+    from edgekit.errors import require
+    from edgekit.model import load
+
+    require("torch", extra="export")
+    from edgekit.export.verify import check, verify_bundle
+
+    report = verify_bundle(bundle, load(reference), steps=steps)
+    if json_output:
+        typer.echo(json.dumps(report))
+    else:
+        _print_report(report)
+    check(report)
+
+
+def _print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"verify ({report['recipe']}, {report['steps']} greedy steps)")
+    for column in ("method", "max abs diff", "max rel diff", "cosine", "greedy agreement"):
+        table.add_column(column)
+    for name, m in report["methods"].items():
+        table.add_row(name, f"{m['max_abs_diff']:.2e}", f"{m['max_rel_diff']:.2e}" if "max_rel_diff" in m else "",
+                      f"{m.get('min_cosine', m.get('cosine')):.6f}",
+                      f"{m['token_agreement']:.0%}" if "token_agreement" in m else "")
+    Console().print(table)
+    verdict = "passed" if report["passed"] else "FAILED: " + "; ".join(report["failures"])
+    typer.echo(f"verification {verdict}")

@@ -1,7 +1,9 @@
-"""Device-side commands: run, chat, translate, bench (the runner lands with the exporters)."""
+"""Device-side commands: run, chat, translate, bench."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import typer
@@ -10,25 +12,119 @@ from edgekit.cli import app
 from edgekit.errors import NotAvailableError
 
 
-def _not_yet(what: str) -> NotAvailableError:
-    return NotAvailableError(f"`edgekit {what}` needs the runner, which has not landed yet")
+def _sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None):
+    from edgekit.runtimes.sampling import SamplingParams
+
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
+
+
+def _content(text: str, images: list[Path], audios: list[Path]):
+    if not images and not audios:
+        return text
+    parts = [{"type": "image", "image": str(p)} for p in images]
+    parts += [{"type": "audio", "audio": str(p)} for p in audios]
+    return [*parts, {"type": "text", "text": text}]
+
+
+def _print_stats(stats) -> None:
+    s = stats
+    typer.echo(f"[{s.prompt_tokens} prompt tokens ({s.prefilled_tokens} fed), {s.new_tokens} new | "
+               f"TTFT {s.time_to_first_token_s:.2f} s | prefill {s.prefill_tok_s:.1f} tok/s | "
+               f"decode {s.decode_tok_s:.1f} tok/s | peak RSS {s.peak_rss_mb:.0f} MB | {s.stop_reason}]", err=True)
+
+
+_MAX_NEW = typer.Option(256, "--max-new-tokens", help="Stop after this many new tokens.")
+_TEMP = typer.Option(0.0, "--temperature", help="0 = greedy.")
+_TOP_K = typer.Option(64, "--top-k", help="Sample among the k most likely tokens (0 = all).")
+_TOP_P = typer.Option(0.95, "--top-p", help="Nucleus sampling mass.")
+_SEED = typer.Option(None, "--seed", help="Random seed for sampling.")
+_THREADS = typer.Option(None, "--threads", help="CPU threads for the runtime.")
 
 
 @app.command("run")
 def run(
     bundle: Path = typer.Argument(..., help="Bundle directory (NAME.edgekit)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="User message."),
-    image: Path = typer.Option(None, "--image", help="Image file to show the model."),
-    audio: Path = typer.Option(None, "--audio", help="WAV file to play to the model."),
+    image: list[Path] = typer.Option([], "--image", help="Image file to show the model (repeatable)."),
+    audio: list[Path] = typer.Option([], "--audio", help="WAV file to play to the model (repeatable)."),
+    system: str = typer.Option(None, "--system", help="System prompt."),
+    think: bool = typer.Option(False, "--think", help="Let the model think before answering."),
+    max_new_tokens: int = _MAX_NEW, temperature: float = _TEMP, top_k: int = _TOP_K, top_p: float = _TOP_P,
+    seed: int = _SEED, threads: int = _THREADS,
+    stats: bool = typer.Option(False, "--stats", help="Print timings after the answer (stderr)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object with text and stats."),
 ) -> None:
-    """Generate an answer to one prompt, streaming tokens as they come."""
-    raise _not_yet("run")
+    """Answer one prompt, streaming tokens as they come."""
+    from edgekit.runtimes import load
+
+    engine = load(bundle, threads=threads)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": _content(prompt, image, audio)}]
+    pieces = []
+    for piece in engine.generate(messages, sampling=_sampling(max_new_tokens, temperature, top_k, top_p, seed),
+                                 enable_thinking=think):
+        pieces.append(piece)
+        if not json_output:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if json_output:
+        typer.echo(json.dumps({"text": "".join(pieces), "stats": engine.last_stats.to_dict()}, ensure_ascii=False))
+    else:
+        typer.echo("")
+        if stats:
+            _print_stats(engine.last_stats)
 
 
 @app.command("chat")
-def chat(bundle: Path = typer.Argument(..., help="Bundle directory (NAME.edgekit).")) -> None:
-    """Interactive multi-turn chat that keeps the KV cache across turns."""
-    raise _not_yet("chat")
+def chat(
+    bundle: Path = typer.Argument(..., help="Bundle directory (NAME.edgekit)."),
+    system: str = typer.Option(None, "--system", help="System prompt."),
+    think: bool = typer.Option(False, "--think", help="Let the model think before answering."),
+    max_new_tokens: int = _MAX_NEW, temperature: float = _TEMP, top_k: int = _TOP_K, top_p: float = _TOP_P,
+    seed: int = _SEED, threads: int = _THREADS,
+    stats: bool = typer.Option(False, "--stats", help="Print timings after each answer (stderr)."),
+) -> None:
+    """Multi-turn chat that keeps the KV cache across turns.
+
+    Type a message and Enter. `/image PATH` or `/audio PATH` attaches a file to the next
+    message, `/reset` starts over, `/exit` (or Ctrl-D) quits.
+    """
+    from edgekit.runtimes import load
+
+    engine = load(bundle, threads=threads)
+    sampling = _sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    images: list[Path] = []
+    audios: list[Path] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            engine.reset()
+            history = history[:1] if system else []
+            continue
+        if line.startswith(("/image ", "/audio ")):
+            (images if line.startswith("/image") else audios).append(Path(line.split(" ", 1)[1].strip()))
+            continue
+        history.append({"role": "user", "content": _content(line, images, audios)})
+        images, audios = [], []
+        answer = []
+        for piece in engine.generate(history, sampling=sampling, enable_thinking=think):
+            answer.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(answer)})
+        if stats:
+            _print_stats(engine.last_stats)
 
 
 @app.command("translate")
@@ -39,10 +135,10 @@ def translate(
     mic: bool = typer.Option(False, "--mic", help="Listen to the microphone."),
 ) -> None:
     """Offline speech-to-translation from a WAV file or the microphone."""
-    raise _not_yet("translate")
+    raise NotAvailableError("`edgekit translate` has not landed yet")
 
 
 @app.command("bench")
 def bench(bundle: Path = typer.Argument(..., help="Bundle directory (NAME.edgekit).")) -> None:
     """Measure load time, prefill and decode speed and peak memory of a bundle."""
-    raise _not_yet("bench")
+    raise NotAvailableError("`edgekit bench` has not landed yet; see bench/ for the benchmark scripts")

@@ -1,0 +1,175 @@
+"""The Gemma 4 text decoder with its KV cache held inside the module: the ExecuTorch `text_decoder`.
+
+export/components/text_decoder.py passes the cache in and out as tensors (what ONNX
+Runtime wants). An ExecuTorch program keeps it instead, as mutable buffers that persist
+between calls, so a stock runner passes only embeddings and cache positions. This module
+reuses TextDecoder's math (per-layer stream, decoder layer, softcapped tied head) and
+replaces only where K/V live and how the masks are built:
+
+    inputs_embeds [1,S,H]  per_layer_inputs [1,S,L*P]  cache_position [S] (absolute positions)
+        │                         │                         │ slots: global p, sliding p % R
+        ▼                         ▼                         ▼
+    L x layer: cache-owning layers write K/V at their slots (index_put on a buffer), then
+               attend over the whole buffer under a mask built from the slot positions;
+               shared-KV tail layers read their producer's buffer and own none
+        ▼
+    norm -> lm_head (last position only) -> softcap -> logits [1,V]
+
+Caches (one K and one V buffer per cache-owning layer, [1, kv_heads, slots, head_dim]):
+- global layers: `max_context` slots, slot = position.
+- sliding layers: a ring of R = min(max_context, sliding_window + max_seq_len - 1) slots,
+  slot = position % R. Keys are written before attention, so during one call the ring must
+  still hold the window of the chunk's first token while it holds the whole chunk:
+  window - 1 + S slots. With S <= max_seq_len that is R; decode (S = 1) needs only the window.
+  Which position a slot holds follows from the last written position alone (positions are
+  written in order), so no position buffer is kept: slot j holds last - ((last - j) mod R),
+  negative meaning never written.
+Every call must pass consecutive positions continuing the previous call (or restarting at 0
+for a new conversation, which needs no reset: stale slots are masked by position), with
+1 <= S <= max_seq_len and positions < max_context.
+
+Parity against transformers (prefill + decode past the window and around the ring, soft
+tokens): tests/test_static_kv_decoder.py.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from edgekit.export.components.rope import rotate
+from edgekit.export.components.text_decoder import NEG_INF, TextDecoder
+
+SLIDING = "sliding_attention"
+GLOBAL = "full_attention"
+
+
+def ring_size(*, sliding_window: int, max_seq_len: int, max_context: int) -> int:
+    """Slots a sliding layer needs when up to `max_seq_len` tokens are written per call."""
+    return min(max_context, sliding_window + max_seq_len - 1)
+
+
+def slot_positions(last: torch.Tensor, slots: int) -> torch.Tensor:
+    """Position each of `slots` ring slots holds once positions 0..last were written in order
+    (slot = position % slots); negative for a slot never written."""
+    j = torch.arange(slots, dtype=last.dtype)
+    return last - torch.remainder(last - j, slots)
+
+
+def _without_tables(text: nn.Module) -> nn.Module:
+    """A shallow view of the text model without its embedding tables (parameters shared):
+    they belong to the token_embedding method, and an exported decoder must not carry them."""
+    view = copy.copy(text)
+    view._modules = {k: m for k, m in text._modules.items() if k not in ("embed_tokens", "embed_tokens_per_layer")}
+    return view
+
+
+class StaticKVDecoder(TextDecoder):
+    """Decoder with K/V in mutable buffers; one forward serves prefill (S > 1) and decode (S = 1)."""
+
+    def __init__(self, lm, *, max_context: int, max_seq_len: int, last_logits_only: bool = True) -> None:
+        """`lm` is a loaded Gemma4ForConditionalGeneration (weights are shared, not copied).
+
+        `last_logits_only`: return logits [1,V] of the last position (what a runner samples
+        from; full [1,S,V] logits of a 512-token chunk at the real vocab are 512 MB).
+        """
+        super().__init__(lm)
+        self.text = _without_tables(self.text)
+        # An nn.Linear over the tied weight (shared, not copied), so the quantizer sees it.
+        self.lm_head = nn.Linear(self.lm_head_weight.shape[1], self.lm_head_weight.shape[0], bias=False)
+        self.lm_head.weight = self.lm_head_weight
+        del self.lm_head_weight
+        if max_seq_len < 1 or max_seq_len > max_context:
+            raise ValueError(f"max_seq_len must be in 1..max_context ({max_context}), got {max_seq_len}")
+        self.max_context = max_context
+        self.max_seq_len = max_seq_len
+        self.last_logits_only = last_logits_only
+        layout = self.layout
+        self.cache_slots = {
+            GLOBAL: max_context,
+            SLIDING: ring_size(sliding_window=layout.sliding_window, max_seq_len=max_seq_len, max_context=max_context),
+        }
+        for i in layout.owners:
+            shape = (1, layout.kv_heads[i], self.cache_slots[layout.layer_types[i]], layout.head_dims[i])
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+
+    def reset_cache(self) -> None:
+        """Zero every cache (not needed between conversations: stale slots are masked)."""
+        for i in self.layout.owners:
+            getattr(self, f"k_cache_{i}").zero_()
+            getattr(self, f"v_cache_{i}").zero_()
+
+    # --- masks over cache slots ----------------------------------------------------------
+    def _slot_masks(self, cache_position: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Additive masks [S, slots] per layer type: causal, within the window for sliding layers."""
+        last = cache_position[-1]
+        query = cache_position.unsqueeze(1)  # [S,1]
+        zero = torch.zeros((), dtype=torch.float32)
+        neg = torch.full((), NEG_INF, dtype=torch.float32)
+        masks = {}
+        for kind in set(self.layout.layer_types):
+            slots = self.cache_slots[kind]
+            held = slot_positions(last, slots) if kind == SLIDING else torch.arange(slots, dtype=last.dtype)
+            dist = query - held.unsqueeze(0)  # [S, slots]
+            allowed = (held >= 0).unsqueeze(0) & (dist >= 0)
+            if kind == SLIDING:
+                allowed = allowed & (dist < self.layout.sliding_window)
+            masks[kind] = torch.where(allowed, zero, neg)
+        return masks
+
+    # --- attention: TextDecoder._layer calls this with `kv` = write slots per layer type --
+    def _attention(self, i: int, x: torch.Tensor, cos_sin, mask: torch.Tensor, kv: dict, past) -> torch.Tensor:
+        attn = self.text.layers[i].self_attn
+        layout = self.layout
+        b, s, _ = x.shape
+        head_dim = layout.head_dims[i]
+        cos, sin = cos_sin
+        q = attn.q_norm(attn.q_proj(x).view(b, s, -1, head_dim))
+        q = rotate(q, cos, sin).transpose(1, 2)  # [1, Hq, S, D]
+        if i in layout.owners:
+            k = attn.k_norm(attn.k_proj(x).view(b, s, -1, head_dim))
+            k = rotate(k, cos, sin).transpose(1, 2)
+            v_src = attn.v_proj(x) if attn.v_proj is not None else attn.k_proj(x)
+            v = attn.v_norm(v_src.view(b, s, -1, head_dim)).transpose(1, 2)
+            slots = kv[layout.layer_types[i]]
+            # index_put on a buffer: ExecuTorch's reinplace pass makes it an in-place write.
+            getattr(self, f"k_cache_{i}")[:, :, slots] = k
+            getattr(self, f"v_cache_{i}")[:, :, slots] = v
+        source = layout.source[i]
+        k_cache, v_cache = getattr(self, f"k_cache_{source}"), getattr(self, f"v_cache_{source}")
+        # Grouped-query attention without repeating K/V: fold the query heads that share a
+        # KV head into the row dimension ([1, Hkv, g*S, D]); the mask repeats per group.
+        kv_heads = k_cache.shape[1]
+        groups = q.shape[1] // kv_heads
+        q = q.reshape(b, kv_heads, groups * s, head_dim)
+        # Gemma 4 scales by 1 (q_norm / k_norm carry the scale).
+        scores = torch.matmul(q, k_cache.transpose(2, 3)) + mask.repeat(groups, 1)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v_cache).reshape(b, kv_heads * groups, s, head_dim)
+        return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def forward(self, inputs_embeds: torch.Tensor, per_layer_inputs: torch.Tensor,
+                cache_position: torch.Tensor) -> torch.Tensor:
+        """inputs_embeds [1,S,H]; per_layer_inputs [1,S,L*P] (token-identity PLE rows, pad id's
+        at soft-token positions); cache_position [S] int64, consecutive absolute positions.
+
+        Returns logits [1,V] of the last position ([1,S,V] when last_logits_only is False).
+        """
+        layout = self.layout
+        slots = {GLOBAL: cache_position, SLIDING: torch.remainder(cache_position, self.cache_slots[SLIDING])}
+        masks = self._slot_masks(cache_position)
+        ple = self._per_layer_stream(inputs_embeds, per_layer_inputs) if self.ple_dim else per_layer_inputs
+        position_ids = cache_position.unsqueeze(0)
+        rope = {t: self.text.rotary_emb(inputs_embeds, position_ids, t) for t in set(layout.layer_types)}
+        h = inputs_embeds
+        for i, kind in enumerate(layout.layer_types):
+            h = self._layer(i, h, ple, rope[kind], masks[kind], slots, None)
+        if self.last_logits_only:
+            h = h[:, -1]
+        logits = self.lm_head(self.text.norm(h))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits

@@ -1,0 +1,136 @@
+"""ONNX Runtime backend: the explicit KV cache lives on the host as numpy arrays.
+
+No torch, no transformers: a Raspberry Pi runs this with onnxruntime and numpy only.
+Graph and tensor names come from edgekit.onnx_layout, the module the exporter used.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from functools import cached_property
+
+import numpy as np
+
+from edgekit import onnx_layout as L
+from edgekit.bundle import Bundle
+from edgekit.errors import BundleError, MissingDependencyError
+from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER
+
+_PAST = re.compile(r"past_key_values\.(\d+)\.key")
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise MissingDependencyError(f"onnxruntime is not installed ({exc}); pip install onnxruntime") from None
+    return onnxruntime
+
+
+def usable_providers(wanted: tuple[str, ...]) -> tuple[str, ...]:
+    """The wanted providers this onnxruntime build has, CPU last; says so when one is missing."""
+    available = set(_ort().get_available_providers())
+    chosen = tuple(p for p in wanted if p in available)
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        print(f"edgekit: warning: {', '.join(missing)} not available in this onnxruntime; "
+              f"running on {', '.join(chosen) or 'CPUExecutionProvider'}", file=sys.stderr)
+    if "CPUExecutionProvider" not in chosen:
+        chosen = (*chosen, "CPUExecutionProvider")
+    return chosen
+
+
+class OnnxBackend:
+    def __init__(self, bundle: Bundle, *, providers: tuple[str, ...] | None = None,
+                 threads: int | None = None) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self._providers = usable_providers(tuple(providers or self.manifest.execution_providers
+                                                 or ("CPUExecutionProvider",)))
+        self._threads = threads
+        self._sessions: dict = {}
+        self.reset()
+
+    # --- sessions, created on first use --------------------------------------------------
+    def _session(self, method: str):
+        if method not in self._sessions:
+            if not self.manifest.has_method(method):
+                raise BundleError(f"bundle {self.bundle.path} has no {method} graph")
+            ort = _ort()
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            if self._threads:
+                options.intra_op_num_threads = self._threads
+            path = self.bundle.file(self.manifest.method(method).file)
+            try:
+                self._sessions[method] = ort.InferenceSession(str(path), options, providers=list(self._providers))
+            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+                raise BundleError(f"cannot load {path.name}: {str(exc).splitlines()[0]}") from None
+        return self._sessions[method]
+
+    @cached_property
+    def _cache_shapes(self) -> dict[int, tuple[int, int]]:
+        """Cache-owning layer -> (kv_heads, head_dim), read from the decoder graph's inputs."""
+        shapes = {}
+        for value in self._session(METHOD_TEXT_DECODER).get_inputs():
+            match = _PAST.fullmatch(value.name)
+            if match:
+                shapes[int(match.group(1))] = (int(value.shape[1]), int(value.shape[3]))
+        return shapes
+
+    @cached_property
+    def hidden_size(self) -> int:
+        return int(self.manifest.model.hidden_size)
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    def reset(self) -> None:
+        self._position = 0
+        self._past: dict[str, np.ndarray] = {}
+
+    # --- text ------------------------------------------------------------------------------
+    def forward(self, input_ids: np.ndarray, *, image_features: np.ndarray | None = None,
+                audio_features: np.ndarray | None = None) -> np.ndarray:
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        empty = np.zeros((0, self.hidden_size), np.float32)
+        embeds, per_layer = self._session(METHOD_TOKEN_EMBEDDING).run(None, {
+            L.INPUT_IDS: ids,
+            L.IMAGE_FEATURES: empty if image_features is None else image_features.astype(np.float32),
+            L.AUDIO_FEATURES: empty if audio_features is None else audio_features.astype(np.float32),
+        })
+        seq = ids.shape[1]
+        total = self._position + seq
+        feed = {L.INPUTS_EMBEDS: embeds, L.PER_LAYER_INPUTS: per_layer,
+                L.ATTENTION_MASK: np.ones((1, total), np.int64),
+                L.POSITION_IDS: np.arange(self._position, total, dtype=np.int64)[None]}
+        for layer, (heads, dim) in self._cache_shapes.items():
+            for name in (L.PAST_KEY % layer, L.PAST_VALUE % layer):
+                feed[name] = self._past.get(name, np.zeros((1, heads, 0, dim), np.float32))
+        decoder = self._session(METHOD_TEXT_DECODER)
+        outputs = decoder.run(None, feed)
+        names = [o.name for o in decoder.get_outputs()]
+        for name, value in zip(names[1:], outputs[1:]):
+            self._past[name.replace("present.", "past_key_values.")] = value
+        self._position = total
+        return outputs[0][0]
+
+    # --- encoders ----------------------------------------------------------------------------
+    def encode_image(self, pixel_values: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        features, valid = self._session(METHOD_VISION_ENCODER).run(None, {
+            L.PIXEL_VALUES: pixel_values.astype(np.float32), L.PIXEL_POSITION_IDS: position_ids.astype(np.int64)})
+        return features[0][valid[0].astype(bool)]
+
+    def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        spec = self.manifest.method(METHOD_AUDIO_ENCODER)
+        multiple = int(spec.extra.get("frame_multiple", 4))
+        frames = max(int(spec.extra.get("min_frames", 0)), -(-len(features) // multiple) * multiple)
+        padded = np.zeros((1, frames, features.shape[-1]), np.float32)
+        padded[0, : len(features)] = features
+        padded_mask = np.zeros((1, frames), bool)
+        padded_mask[0, : len(mask)] = mask
+        tokens, valid = self._session(METHOD_AUDIO_ENCODER).run(None, {
+            L.INPUT_FEATURES: padded, L.INPUT_FEATURES_MASK: padded_mask})
+        return tokens[0][valid[0].astype(bool)]

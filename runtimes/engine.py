@@ -1,0 +1,248 @@
+"""Generation on a bundle: prompt -> media encoders -> chunked prefill -> decode loop.
+
+    messages ─► chat template + soft-token expansion (prompt.py)
+    images / audio ─► numpy preprocessing ─► backend encoders ─► soft tokens
+    ─► prefill in chunks (the cached prefix of an earlier turn is reused) ─► sample ─► stream text
+
+The KV cache stays in the backend between calls: a chat turn whose prompt starts with
+what the cache already holds only feeds the new tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from edgekit.bundle import Bundle, load_bundle
+from edgekit.errors import InputError
+from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_VISION_ENCODER
+from edgekit.runtimes.backends import Backend, open_backend
+from edgekit.runtimes.image_preprocess import ImageParams, preprocess_image
+from edgekit.runtimes.mel_features import MelParams, log_mel_features
+from edgekit.runtimes.prompt import Prompt, PromptBuilder
+from edgekit.runtimes.sampling import Sampler, SamplingParams
+from edgekit.runtimes.text_stream import TextStreamer
+from edgekit.runtimes.wav_io import load_audio
+
+DEFAULT_PREFILL_CHUNK = 256  # bounds the [chunk, vocab] logits buffer (256 MB at 262144 vocab)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0  # prompt tokens actually fed (the rest came from the cache)
+    new_tokens: int = 0
+    image_encode_s: float = 0.0
+    audio_encode_s: float = 0.0
+    audio_seconds: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    stop_reason: str = ""
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefilled_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # The first new token comes from the prefill's logits; decode steps make the rest.
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "prefill_tok_s": round(self.prefill_tok_s, 2),
+                "decode_tok_s": round(self.decode_tok_s, 2)}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+@dataclass
+class _Media:
+    kind: str  # "image" | "audio"
+    source: Any
+    features: np.ndarray | None = None
+
+
+@dataclass
+class Engine:
+    bundle: Bundle
+    backend: Backend
+    prompts: PromptBuilder
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    last_stats: GenerationStats = field(default_factory=GenerationStats)
+    _cached_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, path: Path | str, *, providers: tuple[str, ...] | None = None, threads: int | None = None,
+             verify: str = "sizes") -> Engine:
+        bundle = load_bundle(path, verify=verify)
+        backend = open_backend(bundle, providers=providers, threads=threads)
+        prompts = PromptBuilder.from_dir(bundle.path, special_tokens=bundle.manifest.special_tokens)
+        return cls(bundle=bundle, backend=backend, prompts=prompts)
+
+    @property
+    def max_context(self) -> int:
+        return int(self.bundle.manifest.max_context)
+
+    # --- media -------------------------------------------------------------------------------
+    def _collect_media(self, messages: Sequence[dict]) -> list[_Media]:
+        media = []
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, str) or content is None:
+                continue
+            for part in content:
+                if part.get("type") in ("image", "audio"):
+                    source = part.get(part["type"]) or part.get("path") or part.get("url")
+                    if source is None:
+                        raise InputError(f"a {part['type']} part needs a file path or object under {part['type']!r}")
+                    media.append(_Media(part["type"], source))
+        return media
+
+    def _encode(self, media: list[_Media], stats: GenerationStats) -> None:
+        manifest = self.bundle.manifest
+        for item in media:
+            start = time.perf_counter()
+            if item.kind == "image":
+                if not manifest.has_method(METHOD_VISION_ENCODER):
+                    raise InputError("this bundle has no vision encoder; export it with --modalities including vision")
+                params = ImageParams.from_dict(dataclasses.asdict(manifest.image_preprocessing))
+                pixels, positions, _ = preprocess_image(item.source, params=params)
+                item.features = self.backend.encode_image(pixels, positions)
+                stats.image_encode_s += time.perf_counter() - start
+            else:
+                if not manifest.has_method(METHOD_AUDIO_ENCODER):
+                    raise InputError("this bundle has no audio encoder; export it with --modalities including audio")
+                audio = manifest.audio_preprocessing
+                waveform = (np.asarray(item.source, np.float32) if isinstance(item.source, np.ndarray)
+                            else load_audio(item.source, target_rate=audio.sampling_rate))
+                params = MelParams.from_dict({**dataclasses.asdict(audio), **audio.extra})
+                features, mask = log_mel_features(waveform, params=params)
+                item.features = self.backend.encode_audio(features, mask)
+                stats.audio_seconds += len(waveform) / audio.sampling_rate
+                stats.audio_encode_s += time.perf_counter() - start
+
+    # --- prefill -----------------------------------------------------------------------------
+    def _prefill(self, prompt: Prompt, media: list[_Media], stats: GenerationStats) -> np.ndarray:
+        ids = prompt.input_ids.tolist()
+        reuse = self._reusable_prefix(ids)
+        if reuse == 0:
+            self.backend.reset()
+        start = time.perf_counter()
+        images = [m.features for m in media if m.kind == "image"]
+        audios = [m.features for m in media if m.kind == "audio"]
+        image_rows = _rows_by_position(prompt.image_spans, images, "image")
+        audio_rows = _rows_by_position(prompt.audio_spans, audios, "audio")
+        logits = None
+        for begin in range(reuse, len(ids), self.prefill_chunk):
+            end = min(begin + self.prefill_chunk, len(ids))
+            logits = self.backend.forward(np.asarray(ids[begin:end], np.int64),
+                                          image_features=_take(image_rows, begin, end),
+                                          audio_features=_take(audio_rows, begin, end))
+        stats.prefill_s = time.perf_counter() - start
+        stats.prefilled_tokens = len(ids) - reuse
+        self._cached_ids = list(ids)
+        return logits[-1]
+
+    def _reusable_prefix(self, ids: list[int]) -> int:
+        """How many leading prompt tokens the cache already holds (at least one is re-fed,
+        since the last position's logits are needed)."""
+        cached = self._cached_ids
+        if self.backend.position != len(cached):
+            return 0
+        n = 0
+        for a, b in zip(cached, ids):
+            if a != b:
+                break
+            n += 1
+        if n < len(cached):  # the cache holds tokens the new prompt does not: start over
+            return 0
+        return min(n, len(ids) - 1)
+
+    # --- generate ----------------------------------------------------------------------------
+    def generate(self, messages: Sequence[dict], *, sampling: SamplingParams | None = None,
+                 enable_thinking: bool = False) -> Iterator[str]:
+        """Yield text pieces of the model's answer as they are produced; stats in `last_stats`."""
+        sampling = sampling or SamplingParams()
+        stats = GenerationStats()
+        self.last_stats = stats
+        started = time.perf_counter()
+        media = self._collect_media(messages)
+        self._encode(media, stats)
+        prompt = self.prompts.build(messages, image_soft_tokens=[len(m.features) for m in media if m.kind == "image"],
+                                    audio_soft_tokens=[len(m.features) for m in media if m.kind == "audio"],
+                                    enable_thinking=enable_thinking)
+        stats.prompt_tokens = len(prompt)
+        if len(prompt) >= self.max_context:
+            raise InputError(f"the prompt is {len(prompt)} tokens but this bundle's context is {self.max_context} "
+                             "tokens; shorten it or export with a longer --context")
+        logits = self._prefill(prompt, media, stats)
+        yield from self._decode(logits, prompt, sampling, stats, started)
+
+    def _decode(self, logits: np.ndarray, prompt: Prompt, sampling: SamplingParams, stats: GenerationStats,
+                started: float) -> Iterator[str]:
+        sampler = Sampler(sampling)
+        stop_ids = set(self.bundle.manifest.special_tokens.eos_ids)
+        streamer = TextStreamer(self.prompts.tokenizer)
+        seen = list(prompt.input_ids.tolist())
+        decode_start = time.perf_counter()
+        stats.stop_reason = "max_new_tokens"
+        while stats.new_tokens < sampling.max_new_tokens:
+            token = sampler.next_token(logits, seen_ids=seen)
+            stats.new_tokens += 1
+            if stats.new_tokens == 1:
+                stats.time_to_first_token_s = time.perf_counter() - started
+                decode_start = time.perf_counter()
+            seen.append(token)
+            if token in stop_ids:
+                stats.stop_reason = "stop_token"
+                self._cached_ids = seen[:-1]  # the stop token was never fed
+                break
+            piece = streamer.push(token)
+            if piece:
+                yield piece
+            if self.backend.position + 1 >= self.max_context:
+                stats.stop_reason = "context_full"
+                self._cached_ids = seen[:-1]
+                break
+            logits = self.backend.forward(np.asarray([token], np.int64))[-1]
+            self._cached_ids = list(seen)
+        tail = streamer.flush()
+        if tail:
+            yield tail
+        stats.decode_s = time.perf_counter() - decode_start
+        stats.peak_rss_mb = peak_rss_mb()
+
+    def reset(self) -> None:
+        self.backend.reset()
+        self._cached_ids = []
+
+
+def _rows_by_position(spans: Sequence[range], features: list[np.ndarray], kind: str) -> dict[int, np.ndarray]:
+    """Prompt position -> the feature row the soft token at that position takes."""
+    rows: dict[int, np.ndarray] = {}
+    for span, feats in zip(spans, features):
+        if len(span) != len(feats):
+            raise InputError(f"the {kind} encoder gave {len(feats)} soft tokens where the prompt has {len(span)}")
+        rows.update({pos: feats[i] for i, pos in enumerate(span)})
+    return rows
+
+
+def _take(rows: dict[int, np.ndarray], begin: int, end: int) -> np.ndarray | None:
+    picked = [rows[p] for p in range(begin, end) if p in rows]
+    return np.stack(picked) if picked else None
+
+
+def load(path: Path | str, **options: Any) -> Engine:
+    """Open a bundle for generation: `edgekit.runtimes.load("model.edgekit").generate(...)`."""
+    return Engine.open(path, **options)
