@@ -79,6 +79,17 @@ def _init_tensor(spec: TensorSpec, *, seed: int):
     if leaf == "layer_scalar":
         return torch.ones(shape, dtype=torch.bfloat16)
     out = torch.empty(shape, dtype=torch.bfloat16)
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        # Gemma 4 attends with scale 1: q_norm/k_norm carry the 1/sqrt(head_dim) a trained
+        # model learns. Unit norms would give one-hot attention and a chaotic network
+        # that no quantized export could track; d^-1/4 on each side keeps scores O(1).
+        return out.normal_(shape[0] ** -0.25, 0.02, generator=gen)
+    if "language_model" in name and leaf == "weight" and ".post_" in name:
+        # Post-branch norms set how far each layer moves the residual stream. Trained
+        # models move it a little per layer; unit scales make a random deep stack
+        # chaotic (one int4-rounded matrix early on changed the logits' direction by 35%),
+        # which would hide real export bugs behind noise.
+        return out.normal_(0.25, 0.05, generator=gen)
     if len(shape) <= 1 and ("norm" in name or leaf == "weight"):
         # RMSNorm scales multiply (no +1 in Gemma 4): centre them on 1 with some spread
         # so a parity test notices a norm applied to the wrong tensor.

@@ -41,14 +41,15 @@ class Bounds:
     min_encoder_cosine: float
 
 
-# fp32: identical greedy tokens and logits within 1e-3 relative. Quantized bounds are
-# what the random-weight test checkpoints reach (bench/RESULTS.md); random networks
-# amplify weight noise more than trained ones, so these are floors, not targets.
+# fp32: identical greedy tokens and logits within 1e-3 relative (the contract). The
+# others were measured on the random-weight test checkpoints (tiny-e2b, 64 steps, an
+# image + audio prompt: fp16 cosine 1.0, int8 0.9992, int4 0.972, all with 100% greedy
+# agreement) and set with some margin; see bench/RESULTS.md for real-width numbers.
 BOUNDS: dict[str, Bounds] = {
     "fp32": Bounds(1.0, 1e-3, 0.99999, 0.99999),
-    "fp16": Bounds(0.9, None, 0.999, 0.999),
-    "int8": Bounds(0.5, None, 0.98, 0.99),
-    "quantized": Bounds(0.0, None, 0.80, 0.95),
+    "fp16": Bounds(0.95, None, 0.9999, 0.9999),
+    "int8": Bounds(0.9, None, 0.998, 0.998),
+    "quantized": Bounds(0.75, None, 0.95, 0.995),  # int4 / 8da4w families
 }
 
 
