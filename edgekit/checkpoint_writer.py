@@ -156,7 +156,7 @@ def _generation_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int | None = None,
-                    overwrite: bool = False) -> Path:
+                    audio: bool = True, vision: bool = True, overwrite: bool = False) -> Path:
     """Write a random-weight checkpoint of `preset` to `out_dir`; returns the directory.
 
     Written into a temporary directory beside `out_dir` and renamed into place when
@@ -172,6 +172,9 @@ def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int
         config = build_config(preset, layers=layers)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    # A checkpoint without a tower has null in its config, as text-only releases do.
+    config["audio_config"] = config["audio_config"] if audio else None
+    config["vision_config"] = config["vision_config"] if vision else None
     specs = tensor_specs(config)
     _check_disk_space(out_dir, sum(s.nbytes for s in specs))
 

@@ -80,6 +80,7 @@ class Engine:
     prompts: PromptBuilder
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     last_stats: GenerationStats = field(default_factory=GenerationStats)
+    last_token_ids: list[int] = field(default_factory=list)  # the last answer's tokens, stop token included
     _cached_ids: list[int] = field(default_factory=list)
 
     @classmethod
@@ -192,6 +193,7 @@ class Engine:
     def _decode(self, logits: np.ndarray, prompt: Prompt, sampling: SamplingParams, stats: GenerationStats,
                 started: float) -> Iterator[str]:
         sampler = Sampler(sampling)
+        self.last_token_ids = []
         stop_ids = set(self.bundle.manifest.special_tokens.eos_ids)
         streamer = TextStreamer(self.prompts.tokenizer)
         seen = list(prompt.input_ids.tolist())
@@ -204,6 +206,7 @@ class Engine:
                 stats.time_to_first_token_s = time.perf_counter() - started
                 decode_start = time.perf_counter()
             seen.append(token)
+            self.last_token_ids.append(token)
             if token in stop_ids:
                 stats.stop_reason = "stop_token"
                 self._cached_ids = seen[:-1]  # the stop token was never fed

@@ -51,3 +51,28 @@ def assert_clean_failure(result: subprocess.CompletedProcess, *, code: int | Non
     assert len(lines) == 1, result.stderr
     if contains is not None:
         assert contains in lines[0], lines[0]
+
+
+# --- exported bundles, shared by the export, runner and app tests (each export ~50 s) ----
+
+@pytest.fixture(scope="session")
+def onnx_fp32_bundle(tiny_e2b, tmp_path_factory) -> Path:
+    """tiny-e2b, every modality, fp32, for the pi5 profile: the parity reference bundle."""
+    from edgekit.export.onnx.exporter import export_onnx
+    from edgekit.model import load
+    from edgekit.plan import make_plan
+    from edgekit.profiles import load_profiles
+
+    plan = make_plan(tiny_e2b, profile=load_profiles().get("pi5-8gb"), recipe_name="fp32",
+                     modalities="text,audio,vision")
+    out = tmp_path_factory.mktemp("bundles") / "tiny-e2b-fp32.edgekit"
+    return export_onnx(load(tiny_e2b), plan=plan, output=out).path
+
+
+@pytest.fixture(scope="session")
+def onnx_int4_bundle(tiny_e4b, tmp_path_factory) -> Path:
+    """tiny-e4b through the CLI with the pi5 profile's own recipe (int4)."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-e4b-int4.edgekit"
+    result = run_cli("export", str(tiny_e4b), "--device", "pi5-8gb", "-o", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    return out

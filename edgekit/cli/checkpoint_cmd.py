@@ -17,6 +17,8 @@ def make_checkpoint(
     out_dir: Path = typer.Argument(..., help="Directory to write (must not exist or be empty)."),
     seed: int = typer.Option(0, "--seed", help="Random seed for the weights."),
     layers: int = typer.Option(None, "--layers", help="Cut the decoder to N layers (keeps the layer pattern)."),
+    no_audio: bool = typer.Option(False, "--no-audio", help="Leave the audio tower out (audio_config null)."),
+    no_vision: bool = typer.Option(False, "--no-vision", help="Leave the vision tower out (vision_config null)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
@@ -24,7 +26,8 @@ def make_checkpoint(
     from edgekit.checkpoint_writer import make_checkpoint as write
     from edgekit.model import load
 
-    path = write(get_preset(preset), out_dir, seed=seed, layers=layers, overwrite=overwrite)
+    path = write(get_preset(preset), out_dir, seed=seed, layers=layers, audio=not no_audio, vision=not no_vision,
+                 overwrite=overwrite)
     checkpoint = load(path, check_shapes=False)
     files = sorted(p.name for p in path.iterdir())
     size = sum(p.stat().st_size for p in path.iterdir())

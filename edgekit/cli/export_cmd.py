@@ -17,6 +17,7 @@ def export(
     format: str = typer.Option(None, "--format", "-f", help="Override the profile's preferred format."),
     quant: str = typer.Option(None, "--quant", "-q", help="Override the profile's quantization recipe."),
     modalities: str = typer.Option(None, "--modalities", help="Comma list of text,audio,vision."),
+    context: int = typer.Option(None, "--context", help="Override the profile's maximum context length."),
     output: Path = typer.Option(None, "--output", "-o", help="Bundle directory to write (NAME.edgekit)."),
     force: bool = typer.Option(False, "--force", help="Export even if the plan says it does not fit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle."),
@@ -31,7 +32,8 @@ def export(
     from edgekit.profiles import load_profiles
 
     profile = load_profiles().get(device)
-    plan = make_plan(checkpoint, profile=profile, format_name=format, recipe_name=quant, modalities=modalities)
+    plan = make_plan(checkpoint, profile=profile, format_name=format, recipe_name=quant, modalities=modalities,
+                     context=context)
     plan.check_fits(force=force)
     require("torch", extra="export")
     from edgekit.export import exporter_for

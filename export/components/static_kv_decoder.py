@@ -38,8 +38,8 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from edgekit.export.components.rope import rotate
 from edgekit.export.components.text_decoder import NEG_INF, TextDecoder
 
 SLIDING = "sliding_attention"
@@ -64,6 +64,16 @@ def _without_tables(text: nn.Module) -> nn.Module:
     view = copy.copy(text)
     view._modules = {k: m for k, m in text._modules.items() if k not in ("embed_tokens", "embed_tokens_per_layer")}
     return view
+
+
+def _rotate_half_matrix(dim: int) -> torch.Tensor:
+    """W with F.linear(x, W) == rope.rotate_half(x): out[j] = -x[j + D/2] for j < D/2, else x[j - D/2]."""
+    half = dim // 2
+    w = torch.zeros(dim, dim)
+    j = torch.arange(half)
+    w[j, j + half] = -1.0
+    w[j + half, j] = 1.0
+    return w
 
 
 class StaticKVDecoder(TextDecoder):
@@ -95,6 +105,9 @@ class StaticKVDecoder(TextDecoder):
             shape = (1, layout.kv_heads[i], self.cache_slots[layout.layer_types[i]], layout.head_dims[i])
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+        self.num_heads = self.text.config.num_attention_heads
+        for dim in sorted(set(layout.head_dims)):
+            self.register_buffer(f"rotate_half_{dim}", _rotate_half_matrix(dim), persistent=False)
 
     def reset_cache(self) -> None:
         """Zero every cache (not needed between conversations: stale slots are masked)."""
@@ -121,35 +134,42 @@ class StaticKVDecoder(TextDecoder):
         return masks
 
     # --- attention: TextDecoder._layer calls this with `kv` = write slots per layer type --
+    # Shapes are written with -1 for the sequence dimension and attention uses bmm on 3-D
+    # views: XNNPACK delegates neither reshapes to symbolic sizes nor slices of dynamic
+    # tensors, and every op it leaves out splits the graph into another delegate.
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """rope.rotate with rotate_half as a product with a signed permutation (exact in fp32)."""
+        return x * cos + F.linear(x, getattr(self, f"rotate_half_{x.shape[-1]}")) * sin
+
     def _attention(self, i: int, x: torch.Tensor, cos_sin, mask: torch.Tensor, kv: dict, past) -> torch.Tensor:
         attn = self.text.layers[i].self_attn
         layout = self.layout
-        b, s, _ = x.shape
-        head_dim = layout.head_dims[i]
-        cos, sin = cos_sin
-        q = attn.q_norm(attn.q_proj(x).view(b, s, -1, head_dim))
-        q = rotate(q, cos, sin).transpose(1, 2)  # [1, Hq, S, D]
+        head_dim, kind = layout.head_dims[i], layout.layer_types[i]
+        cos, sin = cos_sin  # [1,S,1,D]
+        q = attn.q_norm(attn.q_proj(x).view(1, -1, self.num_heads, head_dim))
+        q = self._rotate(q, cos, sin).transpose(1, 2)  # [1, Hq, S, D]
         if i in layout.owners:
-            k = attn.k_norm(attn.k_proj(x).view(b, s, -1, head_dim))
-            k = rotate(k, cos, sin).transpose(1, 2)
+            kv_heads = layout.kv_heads[i]
+            k = attn.k_norm(attn.k_proj(x).view(1, -1, kv_heads, head_dim))
+            k = self._rotate(k, cos, sin).transpose(1, 2)
             v_src = attn.v_proj(x) if attn.v_proj is not None else attn.k_proj(x)
-            v = attn.v_norm(v_src.view(b, s, -1, head_dim)).transpose(1, 2)
-            slots = kv[layout.layer_types[i]]
+            v = attn.v_norm(v_src.view(1, -1, kv_heads, head_dim)).transpose(1, 2)
+            slots = kv[kind]
             # index_put on a buffer: ExecuTorch's reinplace pass makes it an in-place write.
             getattr(self, f"k_cache_{i}")[:, :, slots] = k
             getattr(self, f"v_cache_{i}")[:, :, slots] = v
         source = layout.source[i]
-        k_cache, v_cache = getattr(self, f"k_cache_{source}"), getattr(self, f"v_cache_{source}")
-        # Grouped-query attention without repeating K/V: fold the query heads that share a
-        # KV head into the row dimension ([1, Hkv, g*S, D]); the mask repeats per group.
-        kv_heads = k_cache.shape[1]
-        groups = q.shape[1] // kv_heads
-        q = q.reshape(b, kv_heads, groups * s, head_dim)
+        kv_heads = layout.kv_heads[source]
+        k_cache = getattr(self, f"k_cache_{source}")[0]  # [Hkv, slots, D]
+        v_cache = getattr(self, f"v_cache_{source}")[0]
+        # Grouped-query attention without repeating K/V: the query heads sharing a KV head
+        # are folded into the row dimension ([Hkv, g*S, D]); `mask` is already repeated g times.
+        q = q.reshape(kv_heads, -1, head_dim)
         # Gemma 4 scales by 1 (q_norm / k_norm carry the scale).
-        scores = torch.matmul(q, k_cache.transpose(2, 3)) + mask.repeat(groups, 1)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v_cache).reshape(b, kv_heads * groups, s, head_dim)
-        return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        scores = torch.bmm(q, k_cache.transpose(1, 2)) + mask
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.bmm(probs, v_cache).view(1, self.num_heads, -1, head_dim)
+        return attn.o_proj(out.transpose(1, 2).reshape(1, -1, self.num_heads * head_dim))
 
     def forward(self, inputs_embeds: torch.Tensor, per_layer_inputs: torch.Tensor,
                 cache_position: torch.Tensor) -> torch.Tensor:
@@ -163,10 +183,17 @@ class StaticKVDecoder(TextDecoder):
         masks = self._slot_masks(cache_position)
         ple = self._per_layer_stream(inputs_embeds, per_layer_inputs) if self.ple_dim else per_layer_inputs
         position_ids = cache_position.unsqueeze(0)
-        rope = {t: self.text.rotary_emb(inputs_embeds, position_ids, t) for t in set(layout.layer_types)}
+        rope = {}
+        for kind in set(layout.layer_types):
+            cos, sin = self.text.rotary_emb(inputs_embeds, position_ids, kind)
+            rope[kind] = (cos.unsqueeze(2), sin.unsqueeze(2))  # [1,S,1,D]: broadcast over heads
+        repeated: dict[tuple[str, int], torch.Tensor] = {}
         h = inputs_embeds
         for i, kind in enumerate(layout.layer_types):
-            h = self._layer(i, h, ple, rope[kind], masks[kind], slots, None)
+            groups = self.num_heads // layout.kv_heads[layout.source[i]]
+            if (kind, groups) not in repeated:
+                repeated[kind, groups] = masks[kind].repeat(groups, 1)
+            h = self._layer(i, h, ple, rope[kind], repeated[kind, groups], slots, None)
         if self.last_logits_only:
             h = h[:, -1]
         logits = self.lm_head(self.text.norm(h))

@@ -1,0 +1,192 @@
+"""Export tier: real ONNX bundles from random-weight checkpoints, run by onnxruntime and
+verified against transformers (`edgekit verify`), plus every bad input of `edgekit export`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+from pathlib import Path
+
+import onnx
+import pytest
+
+from edgekit import onnx_layout as L
+from edgekit.bundle import load_bundle
+from edgekit.errors import ExportError
+from edgekit.model import load
+from tests.conftest import assert_clean_failure, run_cli
+
+
+def _ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def test_fp32_bundle_layout_and_genai_config(onnx_fp32_bundle, tiny_e2b):
+    bundle = load_bundle(onnx_fp32_bundle, verify="full")
+    manifest = bundle.manifest
+    assert manifest.format == "onnx" and manifest.device == "pi5-8gb"
+    assert {m.name for m in manifest.methods} == {"token_embedding", "text_decoder", "vision_encoder", "audio_encoder"}
+    text = load(tiny_e2b).text_config
+    owners = text["num_hidden_layers"] - text["num_kv_shared_layers"]
+    decoder = manifest.method("text_decoder")
+    past = [t for t in decoder.inputs if t.name.startswith("past_key_values.")]
+    # Only cache-owning layers have a cache; global layers carry the larger head dim.
+    assert len(past) == 2 * owners
+    for t in past:
+        layer = int(re.match(r"past_key_values\.(\d+)\.", t.name).group(1))
+        global_layer = text["layer_types"][layer] == "full_attention"
+        assert t.shape[3] == (text["global_head_dim"] if global_layer else text["head_dim"])
+        assert t.shape[2] == L.PAST_SEQUENCE
+    assert decoder.extra["opset"] >= 17 and decoder.extra["ir_version"] >= 8
+
+    config = json.loads((onnx_fp32_bundle / L.GENAI_CONFIG_FILE).read_text())["model"]
+    assert config["type"] == "gemma4"
+    assert config["decoder"]["inputs"]["per_layer_inputs"] == L.PER_LAYER_INPUTS
+    assert config["embedding"]["outputs"]["per_layer_inputs"] == L.PER_LAYER_INPUTS
+    assert config["eos_token_id"] == list(manifest.special_tokens.eos_ids)
+    for section in ("decoder", "embedding", "vision", "speech"):
+        assert (onnx_fp32_bundle / config[section]["filename"]).is_file()
+    assert (onnx_fp32_bundle / config["vision"]["config_filename"]).is_file()
+
+
+def test_fp32_bundle_verifies_against_transformers(onnx_fp32_bundle, tiny_e2b):
+    from edgekit.export.verify import verify_bundle
+
+    report = verify_bundle(onnx_fp32_bundle, load(tiny_e2b), steps=64)
+    assert report["passed"], report["failures"]
+    decoder = report["methods"]["text_decoder"]
+    assert decoder["token_agreement"] == 1.0 and decoder["max_rel_diff"] < 1e-3
+    assert report["methods"]["vision_encoder"]["max_abs_diff"] < 1e-4
+    assert report["methods"]["audio_encoder"]["max_abs_diff"] < 1e-4
+    assert load_bundle(onnx_fp32_bundle).manifest.verification["passed"] is True
+
+
+def test_int4_bundle_is_quantized_smaller_and_within_bounds(onnx_int4_bundle, onnx_fp32_bundle, tiny_e4b):
+    manifest = load_bundle(onnx_int4_bundle).manifest
+    assert manifest.quant_recipes["recipe"] == "int4"
+    assert "MatMulNBits" in _ops(onnx_int4_bundle / "decoder.onnx")
+    assert "GatherBlockQuantized" in _ops(onnx_int4_bundle / "embedding.onnx")
+    result = run_cli("verify", str(onnx_int4_bundle), "--reference", str(tiny_e4b), "--steps", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    # Measured on tiny-e4b, 32 steps: logits cosine 0.94 (bounds in export/verify.py).
+    assert report["methods"]["text_decoder"]["min_cosine"] >= 0.90
+    assert report["methods"]["text_decoder"]["token_agreement"] >= 0.75
+
+
+def test_any_gemma4_config_exports_not_only_presets(tmp_path):
+    """Other widths, layer pattern and shared-KV count than any preset: still exact in fp32."""
+    from edgekit.checkpoint_writer import make_checkpoint
+    from edgekit.export.onnx.exporter import export_onnx
+    from edgekit.export.verify import verify_bundle
+    from edgekit.plan import make_plan
+    from edgekit.presets import PRESETS, Preset, TextShape
+    from edgekit.profiles import load_profiles
+
+    tiny = PRESETS["tiny-e2b"]
+    shape = TextShape(hidden_size=48, intermediate_size=96, num_hidden_layers=7, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=24, global_head_dim=48, hidden_size_per_layer_input=8,
+                      num_kv_shared_layers=2, sliding_every=3, sliding_window=8, use_double_wide_mlp=True,
+                      vocab_size=4096, max_position_embeddings=4096)
+    custom = Preset("custom", "test", shape, tiny.audio, tiny.vision)
+    checkpoint = make_checkpoint(custom, tmp_path / "custom", seed=3, audio=False, vision=False)
+    plan = make_plan(checkpoint, profile=load_profiles().get("pi5-8gb"), recipe_name="fp32", modalities="text")
+    bundle = export_onnx(load(checkpoint), plan=plan, output=tmp_path / "custom.edgekit")
+    report = verify_bundle(bundle.path, load(checkpoint), steps=24)
+    assert report["passed"], report["failures"]
+    assert report["methods"]["text_decoder"]["token_agreement"] == 1.0
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_only_checkpoint(tmp_path_factory) -> Path:
+    from edgekit.checkpoint_writer import make_checkpoint
+    from edgekit.presets import PRESETS
+
+    return make_checkpoint(PRESETS["tiny-e2b"], tmp_path_factory.mktemp("ck") / "no-towers", layers=3,
+                           audio=False, vision=False)
+
+
+def test_missing_modality_is_a_clear_error(text_only_checkpoint, tmp_path):
+    result = run_cli("export", str(text_only_checkpoint), "--device", "pi5-8gb", "--modalities", "text,audio",
+                     "-o", str(tmp_path / "b.edgekit"))
+    assert_clean_failure(result, contains="audio")
+    assert not (tmp_path / "b.edgekit").exists()
+
+
+def test_unsupported_recipe_lists_the_supported_ones(text_only_checkpoint, tmp_path):
+    result = run_cli("export", str(text_only_checkpoint), "--device", "pi5-8gb", "--quant", "8da4w",
+                     "-o", str(tmp_path / "b.edgekit"))
+    assert_clean_failure(result, contains="int4")
+    assert not (tmp_path / "b.edgekit").exists()
+
+
+def test_not_gemma4_checkpoint(text_only_checkpoint, tmp_path):
+    import shutil
+
+    copy = tmp_path / "llama"
+    shutil.copytree(text_only_checkpoint, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["model_type"] = "llama"
+    (copy / "config.json").write_text(json.dumps(config))
+    assert_clean_failure(run_cli("export", str(copy), "--device", "pi5-8gb", "-o", str(tmp_path / "b.edgekit")),
+                         code=3, contains="not Gemma 4")
+
+
+def _plan(checkpoint: Path):
+    from edgekit.plan import make_plan
+    from edgekit.profiles import load_profiles
+
+    return make_plan(checkpoint, profile=load_profiles().get("pi5-8gb"), recipe_name="fp32", modalities="text")
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")])
+def test_interrupted_or_disk_full_export_leaves_nothing(text_only_checkpoint, tmp_path, monkeypatch, failure):
+    from edgekit.export.onnx import exporter
+
+    calls = []
+
+    def fail_on_second_graph(spec, path, **kwargs):
+        calls.append(spec.name)
+        if len(calls) == 2:
+            raise failure
+        return real(spec, path, **kwargs)
+
+    real = exporter.export_graph
+    monkeypatch.setattr(exporter, "export_graph", fail_on_second_graph)
+    out = tmp_path / "out"
+    out.mkdir()
+    expected = KeyboardInterrupt if isinstance(failure, KeyboardInterrupt) else ExportError
+    with pytest.raises(expected) as info:
+        exporter.export_onnx(load(text_only_checkpoint), plan=_plan(text_only_checkpoint),
+                             output=out / "b.edgekit")
+    if expected is ExportError:
+        assert "disk full" in str(info.value)
+    assert _leftovers(out) == []  # no bundle, no temporary or scratch directory
+
+
+def test_existing_bundle_is_not_overwritten_without_flag(onnx_fp32_bundle, tiny_e2b):
+    before = (onnx_fp32_bundle / "manifest.json").read_bytes()
+    result = run_cli("export", str(tiny_e2b), "--device", "pi5-8gb", "-o", str(onnx_fp32_bundle))
+    assert_clean_failure(result, contains="already exists")
+    assert (onnx_fp32_bundle / "manifest.json").read_bytes() == before
+
+
+def test_missing_execution_provider_falls_back_with_a_warning(onnx_fp32_bundle, capsys):
+    import numpy as np
+
+    from edgekit.runtimes.backends.onnx_backend import OnnxBackend
+
+    backend = OnnxBackend(load_bundle(onnx_fp32_bundle),
+                          providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"))
+    logits = backend.forward(np.array([2, 10, 11], np.int64))
+    assert logits.shape[0] == 3
+    warning = capsys.readouterr().err
+    assert "CUDAExecutionProvider" in warning and "CPUExecutionProvider" in warning
