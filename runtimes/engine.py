@@ -156,8 +156,8 @@ class Engine:
         return logits[-1]
 
     def _reusable_prefix(self, ids: list[int]) -> int:
-        """How many leading prompt tokens the cache already holds (at least one is re-fed,
-        since the last position's logits are needed)."""
+        """How many leading prompt tokens the cache can keep: the common prefix with what it
+        holds (the rest is dropped), less one, since the last position's logits are needed."""
         cached = self._cached_ids
         if self.backend.position != len(cached):
             return 0
@@ -166,9 +166,12 @@ class Engine:
             if a != b:
                 break
             n += 1
-        if n < len(cached):  # the cache holds tokens the new prompt does not: start over
-            return 0
-        return min(n, len(ids) - 1)
+        n = min(n, len(ids) - 1)
+        if n < len(cached):
+            # The template re-renders earlier answers (without the thought channel the
+            # generation prompt opened), so the tail of the cache is usually stale.
+            self.backend.truncate(n)
+        return n
 
     # --- generate ----------------------------------------------------------------------------
     def generate(self, messages: Sequence[dict], *, sampling: SamplingParams | None = None,

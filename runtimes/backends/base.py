@@ -32,5 +32,8 @@ class Backend(Protocol):
     def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Log-mel features [T, mels] + mask [T] -> soft tokens [n, hidden] (padding removed)."""
 
+    def truncate(self, length: int) -> None:
+        """Keep only the first `length` cached tokens (a chat turn re-rendered the rest)."""
+
     def reset(self) -> None:
         """Forget every token (start a new conversation)."""

@@ -91,6 +91,10 @@ class OnnxBackend:
         self._position = 0
         self._past: dict[str, np.ndarray] = {}
 
+    def truncate(self, length: int) -> None:
+        self._past = {name: value[:, :, :length] for name, value in self._past.items()}
+        self._position = min(self._position, length)
+
     # --- text ------------------------------------------------------------------------------
     def forward(self, input_ids: np.ndarray, *, image_features: np.ndarray | None = None,
                 audio_features: np.ndarray | None = None) -> np.ndarray:

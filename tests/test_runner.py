@@ -1,0 +1,245 @@
+"""Runner tier: `edgekit run` / `chat` and edgekit.runtimes.load on a real ONNX bundle.
+
+Greedy answers are compared with transformers' own pipeline (its processor and
+generate()) on the same text, image and audio; the torch-free claim is tested in a
+process where importing torch or transformers fails.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekit.bundle import update_manifest
+from edgekit.errors import BundleError, InputError
+from edgekit.runtimes import load
+from edgekit.runtimes.sampling import SamplingParams
+from tests.conftest import ROOT, assert_clean_failure, run_cli
+
+GREEDY = SamplingParams(max_new_tokens=24)
+
+
+def _write_wav(path: Path, samples: np.ndarray, rate: int = 16000, channels: int = 1) -> Path:
+    data = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(data.tobytes())
+    return path
+
+
+def _speechlike(seconds: float, rate: int = 16000) -> np.ndarray:
+    from edgekit.export.verify import test_audio
+
+    return test_audio(seconds, rate)
+
+
+def _reference_tokens(checkpoint: Path, messages: list[dict], *, images=(), audio=(), steps: int = 24) -> list[int]:
+    """transformers end to end: its processor builds the inputs, generate() answers."""
+    import torch
+
+    from edgekit.model import load as load_checkpoint
+    from edgekit.processor_files import load_reference_processor
+
+    processor = load_reference_processor(checkpoint)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    kwargs = {"images": list(images)} if images else {}
+    if audio:
+        kwargs["audio"] = list(audio)
+    inputs = processor(text=text, return_tensors="pt", **kwargs)
+    model = load_checkpoint(checkpoint).reference_model()
+    inputs = {k: v for k, v in inputs.items() if k not in ("mm_token_type_ids", "num_soft_tokens_per_image")}
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def _answer_tokens(bundle: Path, messages: list[dict]) -> list[int]:
+    engine = load(bundle)
+    "".join(engine.generate(messages, sampling=GREEDY))
+    return engine.last_token_ids
+
+
+def _trim(tokens: list[int], stops: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[: i + 1]
+    return tokens
+
+
+@pytest.mark.parametrize("kind", ["text", "image", "audio"])
+def test_greedy_answer_equals_transformers(onnx_fp32_bundle, tiny_e2b, tmp_path, kind):
+    from edgekit.bundle import load_bundle
+    from edgekit.export.verify import test_image
+
+    stops = set(load_bundle(onnx_fp32_bundle).manifest.special_tokens.eos_ids)
+    if kind == "text":
+        ours_msg = ref_msg = [{"role": "user", "content": "Tell me about the Raspberry Pi."}]
+        ref = _reference_tokens(tiny_e2b, ref_msg)
+    elif kind == "image":
+        image_path = tmp_path / "picture.png"
+        test_image(200, 300).save(image_path)
+        ours_msg = [{"role": "user", "content": [{"type": "image", "image": str(image_path)},
+                                                 {"type": "text", "text": "What is this?"}]}]
+        ref_msg = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+        from PIL import Image
+
+        ref = _reference_tokens(tiny_e2b, ref_msg, images=[Image.open(image_path).convert("RGB")])
+    else:
+        wav = _write_wav(tmp_path / "clip.wav", _speechlike(1.7))
+        ours_msg = [{"role": "user", "content": [{"type": "audio", "audio": str(wav)},
+                                                 {"type": "text", "text": "Transcribe this."}]}]
+        ref_msg = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Transcribe this."}]}]
+        from edgekit.runtimes.wav_io import load_audio
+
+        ref = _reference_tokens(tiny_e2b, ref_msg, audio=[load_audio(wav)])
+    ours = _answer_tokens(onnx_fp32_bundle, ours_msg)
+    assert _trim(ours, stops) == _trim(ref, stops)
+
+
+def test_runner_needs_neither_torch_nor_transformers(onnx_fp32_bundle, tmp_path):
+    wav = _write_wav(tmp_path / "clip.wav", _speechlike(1.0))
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers"):
+                    raise ImportError("blocked: " + name)
+                return None
+        sys.meta_path.insert(0, Block())
+        from edgekit.cli import main
+        main(["run", {str(onnx_fp32_bundle)!r}, "--prompt", "Hi", "--audio", {str(wav)!r},
+              "--max-new-tokens", "5", "--json"])
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["stats"]["new_tokens"] >= 1 and out["stats"]["audio_seconds"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_chat_reuses_the_cache_and_answers_as_a_fresh_session(onnx_fp32_bundle):
+    engine = load(onnx_fp32_bundle)
+    history = [{"role": "user", "content": "Hello!"}]
+    first = "".join(engine.generate(history, sampling=GREEDY))
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
+    second = "".join(engine.generate(history, sampling=GREEDY))
+    stats = engine.last_stats
+    assert stats.prefilled_tokens < stats.prompt_tokens  # only the new turn was fed
+    fresh = load(onnx_fp32_bundle)
+    assert "".join(fresh.generate(history, sampling=GREEDY)) == second
+    assert fresh.last_stats.prefilled_tokens == fresh.last_stats.prompt_tokens
+
+
+def test_cli_chat_over_stdin(onnx_fp32_bundle):
+    result = run_cli("chat", str(onnx_fp32_bundle), "--max-new-tokens", "4", "--stats",
+                     input="Hello\nWhat next?\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("decode") == 2  # one stats line per answer
+
+
+def test_run_streams_and_reports_stats(onnx_fp32_bundle):
+    result = run_cli("run", str(onnx_fp32_bundle), "--prompt", "Hi", "--max-new-tokens", "6", "--stats")
+    assert result.returncode == 0, result.stderr
+    assert "tok/s" in result.stderr and "peak RSS" in result.stderr
+
+
+def test_sampling_is_reproducible_with_a_seed(onnx_fp32_bundle):
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=7, max_new_tokens=12)
+    messages = [{"role": "user", "content": "Sample something."}]
+    a, b = load(onnx_fp32_bundle), load(onnx_fp32_bundle)
+    "".join(a.generate(messages, sampling=params))
+    "".join(b.generate(messages, sampling=params))
+    assert a.last_token_ids == b.last_token_ids
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+@pytest.fixture
+def bundle_copy(onnx_fp32_bundle, tmp_path) -> Path:
+    copy = tmp_path / "copy.edgekit"
+    shutil.copytree(onnx_fp32_bundle, copy)
+    return copy
+
+
+def test_tampered_bundle_file_is_named(bundle_copy):
+    data = bundle_copy / "decoder.onnx.data"
+    data.write_bytes(data.read_bytes()[:-10])
+    assert_clean_failure(run_cli("run", str(bundle_copy), "-p", "Hi"), contains="decoder.onnx.data")
+
+
+def test_missing_bundle_file_is_named(bundle_copy):
+    (bundle_copy / "embedding.onnx").unlink()
+    assert_clean_failure(run_cli("run", str(bundle_copy), "-p", "Hi"), contains="embedding.onnx")
+
+
+def test_unknown_format_in_manifest(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["format"] = "tflite"
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert_clean_failure(run_cli("run", str(bundle_copy), "-p", "Hi"), contains="tflite")
+
+
+def test_prompt_past_the_context_names_both_lengths(bundle_copy):
+    update_manifest(bundle_copy, max_context=32)
+    result = run_cli("run", str(bundle_copy), "-p", "word " * 40)
+    assert_clean_failure(result, code=2)
+    assert re.search(r"prompt is \d+ tokens but this bundle's context is 32", result.stderr)
+
+
+def test_undecodable_image(onnx_fp32_bundle, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    assert_clean_failure(run_cli("run", str(onnx_fp32_bundle), "-p", "Hi", "--image", str(bad)),
+                         code=2, contains="broken.png")
+
+
+@pytest.mark.parametrize("case", ["empty", "silent", "sixty_seconds", "not_wav"])
+def test_bad_audio_is_a_one_line_error(onnx_fp32_bundle, tmp_path, case):
+    path = tmp_path / f"{case}.wav"
+    if case == "empty":
+        _write_wav(path, np.zeros(0))
+    elif case == "silent":
+        _write_wav(path, np.zeros(16000))
+    elif case == "sixty_seconds":
+        _write_wav(path, _speechlike(60.0))
+    else:
+        path.write_text("RIFF? no, just text")
+    assert_clean_failure(run_cli("run", str(onnx_fp32_bundle), "-p", "Hi", "--audio", str(path)), code=2)
+
+
+@pytest.mark.parametrize("rate,channels", [(48000, 1), (16000, 2), (8000, 1)])
+def test_other_rates_and_stereo_are_converted(onnx_fp32_bundle, tmp_path, rate, channels):
+    mono = _speechlike(1.2, rate)
+    samples = np.repeat(mono, channels) if channels == 2 else mono
+    path = _write_wav(tmp_path / "in.wav", samples, rate=rate, channels=channels)
+    engine = load(onnx_fp32_bundle)
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": str(path)}, {"type": "text", "text": "?"}]}]
+    "".join(engine.generate(messages, sampling=SamplingParams(max_new_tokens=2)))
+    assert engine.last_stats.audio_seconds == pytest.approx(1.2, abs=0.01)
+
+
+def test_image_on_a_bundle_without_vision(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["methods"] = [m for m in manifest["methods"] if m["name"] != "vision_encoder"]
+    manifest["files"] = [f for f in manifest["files"] if not f["path"].startswith("vision_encoder")]
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    for f in bundle_copy.glob("vision_encoder.onnx*"):
+        f.unlink()
+    engine = load(bundle_copy)
+    with pytest.raises(InputError, match="no vision encoder"):
+        "".join(engine.generate([{"role": "user", "content": [{"type": "image", "image": "x.png"}]}]))
+
+
+def test_loading_a_non_bundle_directory(tmp_path):
+    with pytest.raises(BundleError):
+        load(tmp_path)
