@@ -118,8 +118,10 @@ class Engine:
                 if not manifest.has_method(METHOD_VISION_ENCODER):
                     raise InputError("this bundle has no vision encoder; export it with --modalities including vision")
                 params = ImageParams.from_dict(dataclasses.asdict(manifest.image_preprocessing))
-                pixels, positions, _ = preprocess_image(item.source, params=params)
-                item.features = self.backend.encode_image(pixels, positions)
+                pixels, positions, tokens = preprocess_image(item.source, params=params)
+                # Only the image's own patches: padding would cost encoder time for nothing.
+                patches = tokens * params.pooling_kernel_size**2
+                item.features = self.backend.encode_image(pixels[:, :patches], positions[:, :patches])
                 stats.image_encode_s += time.perf_counter() - start
             else:
                 if not manifest.has_method(METHOD_AUDIO_ENCODER):

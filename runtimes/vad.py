@@ -4,7 +4,7 @@ The audio tower takes at most 30 s per clip, and a live translator should answer
 each sentence, so a stream is cut into utterances at pauses. The detector is energy-based
 (no model, a few microseconds per frame on a Pi):
 
-    samples ─► 30 ms frames ─► RMS in dBFS ─► noise floor = min of the levels over a sliding
+    samples ─► 30 ms frames ─► power in the 100-4000 Hz band, dBFS ─► noise floor = min of the levels over a sliding
     window (1.5 s back, 0.5 s ahead: "minimum statistics", Martin 2001, without the bias
     correction) ─► a frame is loud when it is `start_db` over the floor, voiced when
     `stop_db` over it (hysteresis), and never when under `min_level_dbfs`
@@ -41,6 +41,7 @@ class VadParams:
 
     sample_rate: int = 16_000
     frame_ms: float = 30.0
+    band_hz: tuple[float, float] = (100.0, 4000.0)  # frame levels count only this band (see frame_levels)
     start_db: float = 10.0  # a frame this far over the noise floor is loud (opens an utterance)
     stop_db: float = 6.0  # ... this far over it still counts as speech (keeps one open)
     min_level_dbfs: float = -55.0  # quieter frames are never speech, whatever the floor
@@ -93,11 +94,25 @@ class Segment:
         return len(self.audio) / self.sample_rate
 
 
-def frame_levels(samples: np.ndarray, frame: int) -> np.ndarray:
-    """RMS level in dBFS of each whole frame of `samples` (a full-scale sine is -3 dBFS)."""
+def frame_levels(samples: np.ndarray, *, frame: int, rate: int,
+                 band_hz: tuple[float, float] = (100.0, 4000.0)) -> np.ndarray:
+    """Level in dBFS of each whole frame of `samples`, counting only the speech band.
+
+    The power between band_hz (Hann-windowed FFT, scaled so a full-scale sine in the band
+    reads -3 dBFS like its RMS) leaves out what is not speech but would move a plain RMS:
+    a cheap microphone's DC offset, the rumble of traffic and air conditioning, hiss above
+    4 kHz. Brown noise, whose plain frame RMS swings over 30 dB, swings under 10 here.
+    """
     n = len(samples) // frame
-    x = np.asarray(samples[: n * frame], np.float64).reshape(n, frame)
-    power = np.mean(x * x, axis=1)
+    if n == 0:
+        return np.zeros(0)
+    frames = np.asarray(samples[: n * frame], np.float64).reshape(n, frame)
+    window = np.hanning(frame + 1)[:-1]
+    fft = 1 << (frame - 1).bit_length()
+    freqs = np.fft.rfftfreq(fft, 1.0 / rate)
+    band = (freqs >= band_hz[0]) & (freqs <= band_hz[1])
+    spectrum = np.fft.rfft(frames * window, n=fft, axis=1)[:, band]
+    power = 2.0 * np.sum(spectrum.real ** 2 + spectrum.imag ** 2, axis=1) / (frame * np.sum(window ** 2))
     return np.maximum(10.0 * np.log10(np.maximum(power, 1e-30)), _DIGITAL_SILENCE_DBFS)
 
 
@@ -127,7 +142,7 @@ def split_long(waveform: np.ndarray, rate: int, *, max_seconds: float = 30.0,
     if len(x) <= limit:
         return [Segment(x, 0, rate)]
     frame = int(round(rate * frame_ms / 1000))
-    levels = frame_levels(x, frame)
+    levels = frame_levels(x, frame=frame, rate=rate)
     max_frames, search = limit // frame, max(int(search_seconds * 1000 / frame_ms), 1)
     pieces, start = [], 0  # start: a frame index
     while len(x) - start * frame > limit:
@@ -224,8 +239,12 @@ class EnergyVad:
 
     def push(self, samples: np.ndarray) -> list[Segment]:
         out: list[Segment] = []
+        p = self.params
         for frame in self._framer.push(samples):
-            self._pending.append((frame, float(frame_levels(frame, len(frame))[0])))
+            # One frame per call: a batched FFT may round differently, and the cuts must not
+            # depend on how the stream was blocked.
+            level = float(frame_levels(frame, frame=p.frame, rate=p.sample_rate, band_hz=p.band_hz)[0])
+            self._pending.append((frame, level))
             if len(self._pending) > self._ahead:
                 self._decide_one(out)
         return out

@@ -4,13 +4,14 @@ transformers' Gemma4VisionModel strips padded soft tokens with `hidden_states[po
 (a data-dependent shape) and pools with `F.one_hot`; neither gives a static graph. This
 module runs the same math on the same weights (transformers' own patch embedder, rotary
 embedding and encoder layers) but returns every row of the budget plus a validity mask.
-Shapes are static per budget: `max_patches = max_soft_tokens * pooling_kernel_size**2`
-(dynamo fixes the soft-token count at the sample value anyway, shared/EXPORT-NOTES.md),
-so a bundle carries one graph per budget it supports (70, 140, 280, 560, 1120).
+Patches are dynamic up to the budget, `max_patches = max_soft_tokens * pooling_kernel_size**2`,
+in whole soft tokens (k^2 patches each; see dynamic_shapes): the pooler's slot count is
+derived from the input, not fixed, so dynamo keeps it symbolic.
 Parity against Gemma4Model.get_image_features: tests/test_encoder_components.py.
 
 Runner contract: feed the output of transformers' Gemma4ImageProcessor(Pil) for the same
-`max_soft_tokens` (patches padded with zeros, positions with (-1, -1)); keep
+`max_soft_tokens`, either padded (zeros, positions (-1, -1)) or trimmed to the image's
+own num_soft_tokens * k^2 patches (what onnxruntime-genai and edgekit's runner do); keep
 `soft_tokens[0, valid_mask[0]]`. The valid rows are always a prefix of length
 `num_soft_tokens_per_image` (the processor's count); padded rows are zeros.
 """
@@ -103,6 +104,13 @@ class VisionEncoder(nn.Module):
         ys = torch.arange(self.max_patches) // cols
         return torch.rand(1, self.max_patches, self.patch_dim), torch.stack([xs, ys], -1)[None]
 
+    def dynamic_shapes(self) -> tuple[dict[int, object], dict[int, object]]:
+        """Patches = k^2 x soft tokens, up to the budget: onnxruntime-genai feeds only an
+        image's own patches (no padding), so the graph takes any whole number of tokens."""
+        tokens = torch.export.Dim("image_tokens", min=2, max=self.max_soft_tokens)
+        patches = self.kernel**2 * tokens
+        return {1: patches}, {1: patches}
+
     def _pool(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Average k x k patch cells into soft tokens, as Gemma4VisionPooler does.
 
@@ -114,7 +122,7 @@ class VisionEncoder(nn.Module):
         width = pos[..., 0].max(dim=-1, keepdim=True)[0] + 1
         cell = torch.div(pos, k, rounding_mode="floor")
         cell = cell[..., 0] + torch.div(width, k, rounding_mode="floor") * cell[..., 1]  # [1, P]
-        slots = torch.arange(self.max_soft_tokens, device=h.device)
+        slots = torch.arange(h.shape[1] // (k * k), device=h.device)
         weights = (cell.unsqueeze(-1) == slots).float() / (k * k)  # [1, P, S]
         pooled = weights.transpose(1, 2) @ h.float()  # [1, S, D]
         valid = (weights != 0).any(dim=1)  # [1, S]
@@ -136,9 +144,6 @@ class VisionEncoder(nn.Module):
         Returns soft_tokens [1, max_soft_tokens, text_hidden] float32 and valid_mask
         [1, max_soft_tokens] bool (True = a real soft token; rows past the image are zero).
         """
-        if pixel_values.shape[1] != self.max_patches:
-            raise ValueError(f"expected {self.max_patches} patches for a {self.max_soft_tokens}-token budget, "
-                             f"got {pixel_values.shape[1]}")
         padding = (pixel_position_ids == -1).all(dim=-1)  # [1, P]
         h = self.patch_embedder(pixel_values, pixel_position_ids, padding)
         # Additive mask works for both eager and sdpa attention (transformers builds the

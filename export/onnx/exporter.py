@@ -91,12 +91,29 @@ def _decoder_spec(lm) -> GraphSpec:
                      input_names=tuple(names), output_names=tuple(outputs), dynamic_axes=axes)
 
 
+class _OneImage(torch.nn.Module):
+    """onnxruntime-genai wants image_features as [num_image_tokens, hidden] (rank 2)."""
+
+    def __init__(self, encoder: VisionEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixel_values: torch.Tensor, pixel_position_ids: torch.Tensor):
+        tokens, valid = self.encoder(pixel_values, pixel_position_ids)
+        return tokens[0], valid[0]
+
+
 def _vision_spec(lm, *, budget: int) -> GraphSpec:
     encoder = VisionEncoder(lm, max_soft_tokens=budget).eval()
-    # Static shapes: one graph per soft-token budget (the profile's), padded patches.
-    return GraphSpec(name=METHOD_VISION_ENCODER, module=encoder, args=encoder.example_inputs(),
+    # Any number of patches up to the budget (k^2 per soft token): onnxruntime-genai
+    # feeds an image's own patches only; edgekit's runner trims the padding too.
+    return GraphSpec(name=METHOD_VISION_ENCODER, module=_OneImage(encoder), args=encoder.example_inputs(),
                      input_names=(L.PIXEL_VALUES, L.PIXEL_POSITION_IDS),
-                     output_names=(L.IMAGE_FEATURES, L.IMAGE_FEATURES + "_mask"))
+                     output_names=(L.IMAGE_FEATURES, L.IMAGE_FEATURES + "_mask"),
+                     dynamic_axes={L.PIXEL_VALUES: {1: L.NUM_PATCHES}, L.PIXEL_POSITION_IDS: {1: L.NUM_PATCHES},
+                                   L.IMAGE_FEATURES: {0: L.NUM_IMAGE_TOKENS},
+                                   L.IMAGE_FEATURES + "_mask": {0: L.NUM_IMAGE_TOKENS}},
+                     dynamic_shapes=encoder.dynamic_shapes())
 
 
 def _audio_spec(lm) -> GraphSpec:
@@ -207,7 +224,8 @@ def export_onnx(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool =
                     advance(1, description=f"Quantizing {method}")
                     file = L.GRAPH_FILES[method]
                     scheme = _finish_graph(raw, writer.path_for(file), method=method, recipe=plan.recipe)
-                    built.append(BuiltGraph(method, file, scheme, _runner_hints(spec.module)))
+                    built.append(BuiltGraph(method, file, scheme,
+                                            _runner_hints(getattr(spec.module, "encoder", spec.module))))
                     advance(1)
             bundle_metadata.copy_tokenizer_files(checkpoint, writer)
             manifest = _manifest(checkpoint, plan, writer.temp_dir, built)

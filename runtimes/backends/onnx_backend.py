@@ -125,7 +125,8 @@ class OnnxBackend:
     def encode_image(self, pixel_values: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         features, valid = self._session(METHOD_VISION_ENCODER).run(None, {
             L.PIXEL_VALUES: pixel_values.astype(np.float32), L.PIXEL_POSITION_IDS: position_ids.astype(np.int64)})
-        return features[0][valid[0].astype(bool)]
+        # [tokens, hidden] (onnxruntime-genai's layout) or [1, tokens, hidden]
+        return features.reshape(-1, features.shape[-1])[valid.reshape(-1).astype(bool)]
 
     def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
         spec = self.manifest.method(METHOD_AUDIO_ENCODER)

@@ -1,0 +1,149 @@
+"""ExecuTorch bundle exporter: one multi-method model.pte for XNNPACK, quantized by the plan's recipe.
+
+    checkpoint ─► transformers model (fp32) ─► method modules (methods.py)
+        ─► quantize per component (quantize.py) ─► pad-id PLE row appended to the encoders
+        ─► strict torch.export per method ─► one to_edge_transform_and_lower ─► model.pte
+        ─► bundle (manifest, tokenizer files)
+
+How the per-layer embeddings reach the decoder without a third input: methods.py (the
+packed embeds; the manifest says so under extra["packed_ple"]). The KV cache is inside
+text_decoder (export/components/static_kv_decoder.py); metadata methods: metadata.py.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from edgekit.bundle import Bundle, BundleWriter
+from edgekit.errors import ExportError
+from edgekit.formats import get_format
+from edgekit.export import bundle_metadata
+from edgekit.export.executorch import methods as M
+from edgekit.export.executorch.lower import export_method, lower_to_pte
+from edgekit.export.executorch.metadata import METADATA_METHODS, constant_methods
+from edgekit.export.executorch.quantize import QuantReport, quantize_linears, quantize_token_embedding
+from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING,
+                              METHOD_VISION_ENCODER, Manifest, MethodSpec)
+from edgekit.model import Checkpoint
+from edgekit.plan import PREFILL_CHUNK
+from edgekit.progress import progress_bar
+
+PTE_FILE = "model.pte"
+BACKEND = "xnnpack"
+
+
+def check_modalities(checkpoint: Checkpoint, modalities: tuple[str, ...]) -> None:
+    """A modality the checkpoint has no tower for is a one-line error, before any slow work."""
+    for modality, present in (("vision", checkpoint.has_vision), ("audio", checkpoint.has_audio)):
+        if modality in modalities and not present:
+            others = ",".join(m for m in modalities if m != modality)
+            raise ExportError(f"{checkpoint.path} has no {modality} tower ({modality}_config is null); "
+                              f"export with --modalities {others}")
+
+
+def max_seq_len(text_config, context_length: int) -> int:
+    """Most tokens one text_decoder call takes: the prefill chunk.
+
+    PREFILL_CHUNK (what edgekit.plan's activation estimate assumes), and never more than
+    the sliding window, which keeps a sliding layer's ring under two windows
+    (window + chunk - 1 slots); for the released models both are 512.
+    """
+    return max(1, min(context_length, PREFILL_CHUNK, text_config.sliding_window))
+
+
+# --- methods -------------------------------------------------------------------------------
+
+def build_methods(lm, plan, *, seq_len: int) -> tuple[dict[str, M.MethodBuild], dict[str, QuantReport]]:
+    """The methods `plan` asks for, quantized by its recipe (in place: `lm` is consumed)."""
+    recipe = plan.recipe
+    reports = {name: QuantReport() for name in (METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER,
+                                                 METHOD_VISION_ENCODER, METHOD_AUDIO_ENCODER)}
+    builds = {METHOD_TOKEN_EMBEDDING: M.token_embedding(lm, max_seq_len=seq_len),
+              METHOD_TEXT_DECODER: M.text_decoder(lm, max_context=plan.context_length, max_seq_len=seq_len)}
+    if "vision" in plan.modalities:
+        builds[METHOD_VISION_ENCODER] = M.vision_encoder(lm, budget=plan.vision_token_budget)
+    if "audio" in plan.modalities:
+        builds[METHOD_AUDIO_ENCODER] = M.audio_encoder(lm)
+
+    quantize_token_embedding(builds[METHOD_TOKEN_EMBEDDING].module, recipe=recipe,
+                             report=reports[METHOD_TOKEN_EMBEDDING])
+    decoder = builds[METHOD_TEXT_DECODER].module.decoder
+    quantize_linears(decoder, recipe=recipe, component=METHOD_TEXT_DECODER, lm_head=decoder.lm_head,
+                     report=reports[METHOD_TEXT_DECODER])
+    hidden = M.Widths.of(lm).hidden
+    row = M.pad_row(builds[METHOD_TOKEN_EMBEDDING].module, lm.config.text_config.pad_token_id, hidden)
+    for name in (METHOD_VISION_ENCODER, METHOD_AUDIO_ENCODER):
+        if name in builds:
+            quantize_linears(builds[name].module, recipe=recipe, component=name, report=reports[name])
+            M.pack_encoder(builds[name], row)
+    return builds, {name: reports[name] for name in builds}
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+def export_executorch(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool = False) -> Bundle:
+    """Write an ExecuTorch bundle for `plan` to `output` and return it (loaded, files checked)."""
+    check_modalities(checkpoint, plan.modalities)
+    executorch = get_format("executorch")
+    if not executorch.supports(plan.recipe.name):
+        raise ExportError(f"recipe {plan.recipe.name} is not an ExecuTorch recipe; choose one of: "
+                          f"{', '.join(executorch.recipes)}")
+    if plan.recipe.name == "fp16":
+        raise ExportError("the fp16 recipe is not implemented for ExecuTorch yet; use fp32 or an 8da* recipe")
+    started = time.monotonic()
+    lm = checkpoint.reference_model()
+    text = lm.config.text_config
+    seq_len = max_seq_len(text, plan.context_length)
+    tokens = bundle_metadata.special_tokens(checkpoint)
+    output = Path(output)
+    with BundleWriter(output, overwrite=overwrite) as writer:
+        with progress_bar("Exporting ExecuTorch program", total=3) as advance:
+            advance(0, description="Quantizing")
+            with torch.no_grad():
+                builds, reports = build_methods(lm, plan, seq_len=seq_len)
+            advance(1, description="Tracing methods")
+            programs = {name: export_method(build) for name, build in builds.items()}
+            advance(1, description="Lowering to XNNPACK")
+            delegates = lower_to_pte(
+                programs, out=writer.path_for(PTE_FILE),
+                dynamic_quant={name: any(s.startswith("8da") for s in reports[name].schemes.values())
+                               for name in builds},
+                constant_methods=constant_methods(tokens=tokens, vocab_size=text.vocab_size, max_seq_len=seq_len,
+                                                  max_context=plan.context_length))
+            advance(1)
+        bundle_metadata.copy_tokenizer_files(checkpoint, writer)
+        manifest = _manifest(checkpoint, plan, builds, reports, delegates, tokens=tokens, seq_len=seq_len,
+                             seconds=time.monotonic() - started)
+        return writer.finalize(manifest)
+
+
+def _manifest(checkpoint: Checkpoint, plan, builds, reports, delegates, *, tokens, seq_len: int,
+              seconds: float) -> Manifest:
+    widths = M.Widths.of_config(checkpoint.text_config)
+    methods = tuple(
+        MethodSpec(name=name, file=PTE_FILE, inputs=b.inputs, outputs=b.outputs,
+                   extra={**b.hints, "quantization": reports[name].to_dict(), "xnnpack_delegates": delegates[name]})
+        for name, b in builds.items())
+    has_audio, has_vision = METHOD_AUDIO_ENCODER in builds, METHOD_VISION_ENCODER in builds
+    schemes = {name: "+".join(dict.fromkeys(r.schemes.values())) for name, r in reports.items()}
+    return Manifest(
+        model=bundle_metadata.model_info(checkpoint, size=plan.model), device=plan.device, format="executorch",
+        backend=BACKEND, quant_recipes=schemes | {"recipe": plan.recipe.name},
+        methods=methods, max_context=plan.context_length, special_tokens=tokens,
+        audio_preprocessing=bundle_metadata.audio_preprocessing(checkpoint) if has_audio else None,
+        image_preprocessing=(bundle_metadata.image_preprocessing(checkpoint, max_soft_tokens=plan.vision_token_budget)
+                             if has_vision else None),
+        extra={
+            "modalities": list(plan.modalities),
+            "program": PTE_FILE,
+            "metadata_methods": list(METADATA_METHODS),
+            "max_seq_len": seq_len,
+            M.PACKED_LAYOUT: {"embedding": [0, widths.hidden], "per_layer_inputs": [widths.hidden, widths.packed],
+                              "soft_token_rows": "pad id", "note": "embeds = concat(input embedding, PLE rows)"},
+            "kv_cache_dtype": "float32",
+            "export_seconds": round(seconds, 1),
+        },
+    )

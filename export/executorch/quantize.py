@@ -1,0 +1,163 @@
+"""Apply an edgekit recipe to the modules of an ExecuTorch export with torchao.
+
+    scheme (edgekit.recipes)                     torchao config
+    int4/int8 weights + int8 dynamic activations Int8DynamicActivationIntxWeightConfig (linears)
+    int4/int8 weights, float activations          IntxWeightOnlyConfig (embedding tables only)
+    fp32                                          untouched
+
+Weight-only linears are refused: on XNNPACK they give wrong outputs and no smaller file
+(shared/EXPORT-NOTES.md), and edgekit.formats keeps them out of the executorch recipes.
+Quantization parameters use the "affine" algorithm: the default hqq_scale_only took ~350 s
+on a 0.89 B model against 18 s (shared/EXPORT-NOTES.md).
+
+Modules are quantized in place (the loaded model is consumed). A linear whose input width
+is not a multiple of its group size stays in float and is reported (tiny test models
+only: every released E2B/E4B linear is a multiple of 128).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from edgekit.errors import ExportError
+from edgekit.param_count import PER_LAYER_EMBEDDING
+from edgekit.recipes import QuantScheme, Recipe
+
+# torchao's embedding quantization overflows int32 on the full 2.35 B-element E2B
+# per-layer table (shared/EXPORT-NOTES.md, after ExecuTorch's gemma4 example): tables
+# above this many elements are split by columns into parts quantized one at a time.
+MAX_TABLE_ELEMENTS = 2**30
+
+
+@dataclass
+class QuantReport:
+    """What one method got: scheme name per weight kind, counts, and what stayed float."""
+
+    schemes: dict[str, str] = field(default_factory=dict)  # kind -> scheme name
+    quantized: int = 0
+    kept_float: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"schemes": dict(self.schemes), "quantized_modules": self.quantized,
+                "float_modules": list(self.kept_float)}
+
+
+def _config(scheme: QuantScheme, *, embedding: bool):
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
+        IntxChooseQParamsAlgorithm,
+    )
+
+    dtype = {4: torch.int4, 8: torch.int8}.get(scheme.weight_bits)
+    if dtype is None:
+        raise ExportError(f"scheme {scheme.name}: ExecuTorch export supports 4- or 8-bit weights")
+    granularity = PerGroup(scheme.group_size) if scheme.group_size else PerAxis(0)
+    affine = IntxChooseQParamsAlgorithm.AFFINE
+    if scheme.activations == "int8_dynamic":
+        if embedding:
+            raise ExportError(f"scheme {scheme.name} quantizes activations; embedding tables take weight-only schemes")
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity,
+                                                     intx_choose_qparams_algorithm=affine)
+    if not embedding:
+        raise ExportError(f"scheme {scheme.name} is weight-only; on XNNPACK weight-only linears give wrong "
+                          "outputs (use an 8da4w / 8da8w recipe)")
+    return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity, intx_choose_qparams_algorithm=affine)
+
+
+def quantize_linears(module: nn.Module, *, recipe: Recipe, component: str, lm_head: nn.Module | None = None,
+                     report: QuantReport) -> None:
+    """Quantize the nn.Linear modules of `module` by `recipe` ("<component>.linear", and
+    "<component>.lm_head" for `lm_head`)."""
+    from torchao.quantization import quantize_
+
+    for kind in ("linear", "lm_head"):
+        if kind == "lm_head" and lm_head is None:
+            continue
+        scheme = recipe.scheme_for(component, kind)
+        report.schemes[kind] = scheme.name
+        if not scheme.quantized:
+            continue
+        config = _config(scheme, embedding=False)
+        group = scheme.group_size
+        chosen, skipped = [], []
+        for name, child in module.named_modules():
+            if not isinstance(child, nn.Linear) or (child is lm_head) != (kind == "lm_head"):
+                continue
+            (chosen if group is None or child.in_features % group == 0 else skipped).append(child)
+            if skipped and skipped[-1] is child:
+                report.kept_float.append(f"{name or 'lm_head'} (in_features {child.in_features} % {group})")
+        ids = {id(c) for c in chosen}
+        quantize_(module, config, filter_fn=lambda m, _fqn: id(m) in ids)
+        report.quantized += len(chosen)
+
+
+def quantize_table(embedding: nn.Embedding, *, scheme: QuantScheme, report: QuantReport, kind_key: str,
+                   max_elements: int = MAX_TABLE_ELEMENTS) -> nn.Module:
+    """A quantized version of an embedding table (returned; the caller puts it in place).
+
+    Tables over `max_elements` come back as a ColumnSplitEmbedding of quantized parts.
+    """
+    from torchao.quantization import quantize_
+
+    report.schemes[kind_key] = scheme.name
+    if not scheme.quantized:
+        return embedding
+    config = _config(scheme, embedding=True)
+    embedding.padding_idx = None  # a padding_idx blocks the quantized-embedding fusion (EXPORT-NOTES)
+    if embedding.weight.numel() <= max_elements:
+        quantize_(embedding, config, filter_fn=lambda m, _fqn: m is embedding)
+        report.quantized += 1
+        return embedding
+    split = ColumnSplitEmbedding.of(embedding, max_elements=max_elements, multiple=scheme.group_size or 1)
+    for part in split.parts:
+        quantize_(part, config, filter_fn=lambda m, _fqn, part=part: m is part)
+        report.quantized += 1
+    return split
+
+
+class ColumnSplitEmbedding(nn.Module):
+    """An embedding table stored as column blocks, each under the quantizer's size limit.
+
+    Looks up every block and concatenates, times the table's own scale (Gemma 4's tables
+    scale their rows: Gemma4TextScaledWordEmbedding.embed_scale).
+    """
+
+    def __init__(self, parts: list[nn.Embedding], scale: float) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.scale = scale
+
+    @classmethod
+    def of(cls, table: nn.Embedding, *, max_elements: int, multiple: int) -> "ColumnSplitEmbedding":
+        rows, cols = table.weight.shape
+        width = max(multiple, (max_elements // rows) // multiple * multiple)
+        parts = []
+        for start in range(0, cols, width):
+            block = table.weight.detach()[:, start:start + width].clone()
+            part = nn.Embedding(rows, block.shape[1], _weight=block)
+            part.weight.requires_grad_(False)
+            parts.append(part)
+        scale = float(getattr(table, "scalar_embed_scale", 1.0))
+        return cls(parts, scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(ids) for part in self.parts], dim=-1) * self.scale
+
+
+def quantize_token_embedding(packed, *, recipe: Recipe, report: QuantReport,
+                             max_elements: int = MAX_TABLE_ELEMENTS) -> None:
+    """Quantize the token and per-layer tables of a PackedTokenEmbedding in place."""
+    from edgekit.manifest import METHOD_TOKEN_EMBEDDING
+
+    tokens = packed.tokens
+    scheme = recipe.scheme_for(METHOD_TOKEN_EMBEDDING, "embedding")
+    tokens.embed_tokens = quantize_table(tokens.embed_tokens, scheme=scheme, report=report,
+                                         kind_key="embedding", max_elements=max_elements)
+    if tokens.embed_tokens_per_layer is not None:
+        scheme = recipe.scheme_for(PER_LAYER_EMBEDDING, "embedding")
+        tokens.embed_tokens_per_layer = quantize_table(tokens.embed_tokens_per_layer, scheme=scheme, report=report,
+                                                       kind_key=PER_LAYER_EMBEDDING, max_elements=max_elements)
