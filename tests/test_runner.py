@@ -243,3 +243,11 @@ def test_image_on_a_bundle_without_vision(bundle_copy):
 def test_loading_a_non_bundle_directory(tmp_path):
     with pytest.raises(BundleError):
         load(tmp_path)
+
+
+def test_bench_reports_speed_and_memory(onnx_fp32_bundle):
+    result = run_cli("bench", str(onnx_fp32_bundle), "--prompt-tokens", "16", "--decode-tokens", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["prefill_tok_s"] > 0 and out["decode_tok_s"] > 0 and out["peak_rss_mb"] > 0
+    assert_clean_failure(run_cli("bench", str(onnx_fp32_bundle), "--prompt-tokens", "0"), code=2)

@@ -9,7 +9,6 @@ from pathlib import Path
 import typer
 
 from edgekit.cli import app
-from edgekit.errors import NotAvailableError
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None):
@@ -127,18 +126,29 @@ def chat(
             _print_stats(engine.last_stats)
 
 
-@app.command("translate")
-def translate(
-    bundle: Path = typer.Argument(..., help="Bundle directory with the audio encoder."),
-    to: str = typer.Option(..., "--to", help="Target language, e.g. Japanese."),
-    wav: Path = typer.Option(None, "--wav", help="WAV file to translate."),
-    mic: bool = typer.Option(False, "--mic", help="Listen to the microphone."),
-) -> None:
-    """Offline speech-to-translation from a WAV file or the microphone."""
-    raise NotAvailableError("`edgekit translate` has not landed yet")
-
-
 @app.command("bench")
-def bench(bundle: Path = typer.Argument(..., help="Bundle directory (NAME.edgekit).")) -> None:
+def bench(
+    bundle: Path = typer.Argument(..., help="Bundle directory (NAME.edgekit)."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="Prefill length."),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", help="Greedy decode steps."),
+    threads: int = _THREADS,
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
     """Measure load time, prefill and decode speed and peak memory of a bundle."""
-    raise NotAvailableError("`edgekit bench` has not landed yet; see bench/ for the benchmark scripts")
+    from edgekit.errors import InputError
+    from edgekit.runtimes.benchmark import bench_bundle
+
+    if prompt_tokens < 1 or decode_tokens < 1:
+        raise InputError("--prompt-tokens and --decode-tokens must be at least 1")
+    result = bench_bundle(bundle, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads)
+    if json_output:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{Path(result.bundle).name} ({result.format}, {result.recipe})")
+    for key, value in result.to_dict().items():
+        if key != "bundle":
+            table.add_row(key.replace("_", " "), str(value))
+    Console().print(table)
