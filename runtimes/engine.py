@@ -147,8 +147,9 @@ class Engine:
         image_rows = _rows_by_position(prompt.image_spans, images, "image")
         audio_rows = _rows_by_position(prompt.audio_spans, audios, "audio")
         logits = None
-        for begin in range(reuse, len(ids), self.prefill_chunk):
-            end = min(begin + self.prefill_chunk, len(ids))
+        chunk = min(self.prefill_chunk, self.backend.max_prefill_tokens or self.prefill_chunk)
+        for begin in range(reuse, len(ids), chunk):
+            end = min(begin + chunk, len(ids))
             logits = self.backend.forward(np.asarray(ids[begin:end], np.int64),
                                           image_features=_take(image_rows, begin, end),
                                           audio_features=_take(audio_rows, begin, end))
@@ -169,10 +170,10 @@ class Engine:
                 break
             n += 1
         n = min(n, len(ids) - 1)
-        if n < len(cached):
+        if n < len(cached) and not self.backend.truncate(n):
             # The template re-renders earlier answers (without the thought channel the
             # generation prompt opened), so the tail of the cache is usually stale.
-            self.backend.truncate(n)
+            return 0
         return n
 
     # --- generate ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from edgekit.manifest import Manifest
 
 class Backend(Protocol):
     manifest: Manifest
+    max_prefill_tokens: int | None  # most tokens one forward takes (None: no limit)
 
     @property
     def position(self) -> int:
@@ -24,16 +25,19 @@ class Backend(Protocol):
     def forward(self, input_ids: np.ndarray, *, image_features: np.ndarray | None = None,
                 audio_features: np.ndarray | None = None) -> np.ndarray:
         """Feed `input_ids` [S] (image/audio soft-token positions carry their placeholder ids and
-        take the next rows of the features, in order). Returns logits [S, V] float32."""
+        take the next rows of the features, in order). Returns logits [n, V] float32 for the
+        last n >= 1 positions (ONNX returns all S; an ExecuTorch .pte only the last)."""
 
     def encode_image(self, pixel_values: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Preprocessed image -> soft tokens [n, hidden] (padding rows removed)."""
+        """Preprocessed image -> soft-token rows [n, >= hidden] (padding removed) that this
+        backend's forward takes; the first `hidden` columns are the soft tokens."""
 
     def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Log-mel features [T, mels] + mask [T] -> soft tokens [n, hidden] (padding removed)."""
+        """Log-mel features [T, mels] + mask [T] -> soft-token rows, as encode_image."""
 
-    def truncate(self, length: int) -> None:
-        """Keep only the first `length` cached tokens (a chat turn re-rendered the rest)."""
+    def truncate(self, length: int) -> bool:
+        """Keep only the first `length` cached tokens (a chat turn re-rendered the rest);
+        False when the backend cannot, and the caller must reset and start over."""
 
     def reset(self) -> None:
         """Forget every token (start a new conversation)."""

@@ -49,6 +49,7 @@ class OnnxBackend:
         self._providers = usable_providers(tuple(providers or self.manifest.execution_providers
                                                  or ("CPUExecutionProvider",)))
         self._threads = threads
+        self.max_prefill_tokens = None  # the graphs take any sequence length
         self._sessions: dict = {}
         self.reset()
 
@@ -91,9 +92,10 @@ class OnnxBackend:
         self._position = 0
         self._past: dict[str, np.ndarray] = {}
 
-    def truncate(self, length: int) -> None:
+    def truncate(self, length: int) -> bool:
         self._past = {name: value[:, :, :length] for name, value in self._past.items()}
         self._position = min(self._position, length)
+        return True
 
     # --- text ------------------------------------------------------------------------------
     def forward(self, input_ids: np.ndarray, *, image_features: np.ndarray | None = None,

@@ -1,0 +1,95 @@
+"""ExecuTorch backend: the .pte's KV cache lives in text_decoder's mutable buffers.
+
+ExecuTorch's Python bindings link libtorch, so this module (and only this one) imports
+torch, on first use; `pip install 'edgekit[executorch]'` brings both. Method names and
+the packed embedding layout (input embedding + per-layer-embedding rows side by side)
+are those of export/executorch/methods.py, read back from the manifest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgekit.bundle import Bundle
+from edgekit.errors import BundleError, require
+from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER
+
+
+class ExecutorchBackend:
+    def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self._torch = require("torch", extra="executorch")
+        runtime = require("executorch.runtime", extra="executorch")
+        try:  # quantized embedding kernels register themselves on import (shared/EXPORT-NOTES.md)
+            import executorch.kernels.quantized  # noqa: F401
+        except ImportError:
+            pass
+        pte = bundle.file(self.manifest.method(METHOD_TEXT_DECODER).file)
+        try:
+            self._program = runtime.Runtime.get().load_program(str(pte))
+        except Exception as exc:
+            raise BundleError(f"cannot load {pte.name}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        self._methods: dict = {}
+        decoder = self.manifest.method(METHOD_TEXT_DECODER)
+        self.max_prefill_tokens = int(decoder.extra.get("max_seq_len", 1))
+        self.image_token_id = self.manifest.special_tokens.image_token_id
+        self.audio_token_id = self.manifest.special_tokens.audio_token_id
+        self.reset()
+
+    def _method(self, name: str):
+        if name not in self._methods:
+            if not self.manifest.has_method(name):
+                raise BundleError(f"bundle {self.bundle.path} has no {name} method")
+            self._methods[name] = self._program.load_method(name)
+        return self._methods[name]
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    def reset(self) -> None:
+        # Positions past the current one are masked as future, so no buffer needs clearing.
+        self._position = 0
+
+    def truncate(self, length: int) -> bool:
+        # Sliding layers keep a ring buffer: going back may need rows already overwritten.
+        if length >= self._position:
+            return True
+        return False
+
+    def forward(self, input_ids: np.ndarray, *, image_features: np.ndarray | None = None,
+                audio_features: np.ndarray | None = None) -> np.ndarray:
+        torch = self._torch
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        rows = self._method(METHOD_TOKEN_EMBEDDING).execute([torch.from_numpy(ids[None].copy())])[0]
+        for token_id, features in ((self.image_token_id, image_features), (self.audio_token_id, audio_features)):
+            if features is not None:
+                slots = torch.from_numpy(ids == token_id)
+                rows[0, slots] = torch.as_tensor(features, dtype=rows.dtype)
+        cache_position = torch.arange(self._position, self._position + len(ids), dtype=torch.long)
+        logits = self._method(METHOD_TEXT_DECODER).execute([rows, cache_position])[0]
+        self._position += len(ids)
+        return logits.reshape(-1, logits.shape[-1]).float().numpy()
+
+    def encode_image(self, pixel_values: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        budget_patches = int(self.manifest.method(METHOD_VISION_ENCODER).inputs[0].shape[1])
+        pixels = np.zeros((1, budget_patches, pixel_values.shape[-1]), np.float32)
+        positions = np.full((1, budget_patches, 2), -1, np.int64)
+        n = min(pixel_values.shape[1], budget_patches)
+        pixels[:, :n], positions[:, :n] = pixel_values[:, :n], position_ids[:, :n]
+        tokens, valid = self._method(METHOD_VISION_ENCODER).execute(
+            [self._torch.from_numpy(pixels), self._torch.from_numpy(positions)])
+        return tokens[0][valid[0].bool()].float().numpy()
+
+    def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        spec = self.manifest.method(METHOD_AUDIO_ENCODER)
+        multiple = int(spec.extra.get("frame_multiple", 4))
+        frames = max(int(spec.extra.get("min_frames", 0)), -(-len(features) // multiple) * multiple)
+        padded = np.zeros((1, frames, features.shape[-1]), np.float32)
+        padded[0, : len(features)] = features
+        padded_mask = np.zeros((1, frames), bool)
+        padded_mask[0, : len(mask)] = mask
+        tokens, valid = self._method(METHOD_AUDIO_ENCODER).execute(
+            [self._torch.from_numpy(padded), self._torch.from_numpy(padded_mask)])
+        return tokens[0][valid[0].bool()].float().numpy()
