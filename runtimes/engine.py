@@ -11,6 +11,7 @@ what the cache already holds only feeds the new tokens.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import resource
 import time
 from dataclasses import dataclass, field
@@ -81,7 +82,7 @@ class Engine:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     last_stats: GenerationStats = field(default_factory=GenerationStats)
     last_token_ids: list[int] = field(default_factory=list)  # the last answer's tokens, stop token included
-    _cached_ids: list[int] = field(default_factory=list)
+    _cached_ids: list = field(default_factory=list)  # what the backend's cache holds, per position
 
     @classmethod
     def open(cls, path: Path | str, *, providers: tuple[str, ...] | None = None, threads: int | None = None,
@@ -104,7 +105,7 @@ class Engine:
                 continue
             for part in content:
                 if part.get("type") in ("image", "audio"):
-                    source = part.get(part["type"]) or part.get("path") or part.get("url")
+                    source = next((part[k] for k in (part["type"], "path", "url") if part.get(k) is not None), None)
                     if source is None:
                         raise InputError(f"a {part['type']} part needs a file path or object under {part['type']!r}")
                     media.append(_Media(part["type"], source))
@@ -136,9 +137,24 @@ class Engine:
                 stats.audio_encode_s += time.perf_counter() - start
 
     # --- prefill -----------------------------------------------------------------------------
+    @staticmethod
+    def _cache_keys(prompt: Prompt, media: list[_Media]) -> list:
+        """What each prompt position holds: its token id, or for a soft token the media it
+        came from (every soft token of a kind shares one placeholder id, so two different
+        clips of the same length would otherwise look identical to the cache)."""
+        keys: list = prompt.input_ids.tolist()
+        spans = [*zip(prompt.image_spans, [m for m in media if m.kind == "image"]),
+                 *zip(prompt.audio_spans, [m for m in media if m.kind == "audio"])]
+        for span, item in spans:
+            digest = hashlib.sha1(np.ascontiguousarray(item.features).tobytes()).hexdigest()
+            for offset, pos in enumerate(span):
+                keys[pos] = (digest, offset)
+        return keys
+
     def _prefill(self, prompt: Prompt, media: list[_Media], stats: GenerationStats) -> np.ndarray:
         ids = prompt.input_ids.tolist()
-        reuse = self._reusable_prefix(ids)
+        keys = self._cache_keys(prompt, media)
+        reuse = self._reusable_prefix(keys)
         if reuse == 0:
             self.backend.reset()
         start = time.perf_counter()
@@ -155,10 +171,10 @@ class Engine:
                                           audio_features=_take(audio_rows, begin, end))
         stats.prefill_s = time.perf_counter() - start
         stats.prefilled_tokens = len(ids) - reuse
-        self._cached_ids = list(ids)
+        self._cached_ids = keys
         return logits[-1]
 
-    def _reusable_prefix(self, ids: list[int]) -> int:
+    def _reusable_prefix(self, ids: list) -> int:
         """How many leading prompt tokens the cache can keep: the common prefix with what it
         holds (the rest is dropped), less one, since the last position's logits are needed."""
         cached = self._cached_ids
@@ -203,6 +219,7 @@ class Engine:
         stop_ids = set(self.bundle.manifest.special_tokens.eos_ids)
         streamer = TextStreamer(self.prompts.tokenizer)
         seen = list(prompt.input_ids.tolist())
+        cache_keys = list(self._cached_ids)  # the prompt's keys (media-aware)
         decode_start = time.perf_counter()
         stats.stop_reason = "max_new_tokens"
         while stats.new_tokens < sampling.max_new_tokens:
@@ -215,17 +232,18 @@ class Engine:
             self.last_token_ids.append(token)
             if token in stop_ids:
                 stats.stop_reason = "stop_token"
-                self._cached_ids = seen[:-1]  # the stop token was never fed
+                self._cached_ids = cache_keys  # the stop token was never fed
                 break
             piece = streamer.push(token)
             if piece:
                 yield piece
             if self.backend.position + 1 >= self.max_context:
                 stats.stop_reason = "context_full"
-                self._cached_ids = seen[:-1]
+                self._cached_ids = cache_keys
                 break
             logits = self.backend.forward(np.asarray([token], np.int64))[-1]
-            self._cached_ids = list(seen)
+            cache_keys.append(token)
+            self._cached_ids = cache_keys
         tail = streamer.flush()
         if tail:
             yield tail

@@ -140,22 +140,9 @@ def translation_prompt(*, source: Language | None, target: Language) -> str:
 
 def translation_messages(waveform: np.ndarray, *, source: Language | None, target: Language) -> list[dict]:
     return [{"role": "user", "content": [
-        {"type": "audio", "audio": _AudioArray.of(waveform)},
+        {"type": "audio", "audio": np.ascontiguousarray(waveform, dtype=np.float32)},
         {"type": "text", "text": translation_prompt(source=source, target=target)},
     ]}]
-
-
-class _AudioArray(np.ndarray):
-    """A waveform that is truthy: Engine._collect_media picks the part's source with
-    `part.get("audio") or part.get("path")`, which asks an ndarray for its truth value and
-    fails. Can go once that lookup tests for None instead."""
-
-    @classmethod
-    def of(cls, waveform: np.ndarray) -> _AudioArray:
-        return np.ascontiguousarray(waveform, dtype=np.float32).view(cls)
-
-    def __bool__(self) -> bool:
-        return True
 
 
 # --- streaming parser ---------------------------------------------------------------------------
@@ -298,9 +285,6 @@ def translate_utterance(engine: Any, waveform: np.ndarray, *, source: Language |
     manifest = engine.bundle.manifest
     check_audio_bundle(manifest)
     rate = manifest.audio_preprocessing.sampling_rate
-    # A fresh cache per utterance: the engine reuses a cached prefix by token ids, and every
-    # clip of the same length has the same ids (the soft tokens are one placeholder id).
-    engine.reset()
     parser = TranslationParser(target)
     text: dict[Field, list[str]] = {"source": [], "translation": []}
     started = time.perf_counter()

@@ -158,12 +158,11 @@ def split_long(waveform: np.ndarray, rate: int, *, max_seconds: float = 30.0,
 
 
 class _Framer:
-    """Collects pushed samples into whole frames; frames are numbered from the stream start."""
+    """Collects pushed samples into whole frames on a grid that starts at sample 0."""
 
     def __init__(self, frame: int) -> None:
         self.frame = frame
         self._rest = np.zeros(0, np.float32)
-        self.count = 0  # frames handed out so far
 
     def push(self, samples: np.ndarray) -> list[np.ndarray]:
         x = np.asarray(samples, np.float32).reshape(-1)
@@ -171,7 +170,6 @@ class _Framer:
             x = np.concatenate([self._rest, x])
         n = len(x) // self.frame
         self._rest = x[n * self.frame:].copy()
-        self.count += n
         return [x[i * self.frame:(i + 1) * self.frame] for i in range(n)]
 
     def rest(self) -> np.ndarray:
@@ -227,7 +225,7 @@ class EnergyVad:
         # Frames not decided yet (the look-ahead) and the levels the floor looks back on.
         self._pending: collections.deque[tuple[np.ndarray, float]] = collections.deque()
         self._history: collections.deque[float] = collections.deque(maxlen=self._back)
-        self._pre_roll: collections.deque[np.ndarray] = collections.deque(maxlen=p.frames(p.pre_roll_s))
+        self._pre_roll: collections.deque[tuple[np.ndarray, float]] = collections.deque(maxlen=p.frames(p.pre_roll_s))
         self._onset: list[tuple[np.ndarray, float]] = []  # loud frames before start_frames is reached
         self._current: _Utterance | None = None
         self._unvoiced = 0
@@ -283,10 +281,9 @@ class EnergyVad:
                 if len(self._onset) >= p.start_frames:
                     self._open(index + 1 - len(self._onset))
             else:
-                for f, _ in self._onset:
-                    self._pre_roll.append(f)
+                self._pre_roll.extend(self._onset)
                 self._onset.clear()
-                self._pre_roll.append(frame)
+                self._pre_roll.append((frame, level))
             return
         cur = self._current
         cur.add(frame, level, voiced)
@@ -299,8 +296,8 @@ class EnergyVad:
     def _open(self, onset_index: int) -> None:
         pre = list(self._pre_roll)
         cur = _Utterance(onset_index - len(pre))
-        for f in pre:
-            cur.add(f, _DIGITAL_SILENCE_DBFS, voiced=False)
+        for f, level in pre:
+            cur.add(f, level, voiced=False)
         for f, level in self._onset:
             cur.add(f, level, voiced=True)
         self._pre_roll.clear()

@@ -251,3 +251,21 @@ def test_bench_reports_speed_and_memory(onnx_fp32_bundle):
     out = json.loads(result.stdout)
     assert out["prefill_tok_s"] > 0 and out["decode_tok_s"] > 0 and out["peak_rss_mb"] > 0
     assert_clean_failure(run_cli("bench", str(onnx_fp32_bundle), "--prompt-tokens", "0"), code=2)
+
+
+def test_cache_is_not_reused_across_different_media_of_the_same_length(onnx_fp32_bundle, tmp_path):
+    """Soft tokens share one placeholder id: the cache must key them by content."""
+    a = _write_wav(tmp_path / "a.wav", _speechlike(1.0))
+    b = _write_wav(tmp_path / "b.wav", _speechlike(1.0)[::-1].copy())
+
+    def ask(engine, clip):
+        messages = [{"role": "user", "content": [{"type": "audio", "audio": str(clip)},
+                                                 {"type": "text", "text": "What was said?"}]}]
+        "".join(engine.generate(messages, sampling=SamplingParams(max_new_tokens=6)))
+        return list(engine.last_token_ids), engine.last_stats
+
+    engine = load(onnx_fp32_bundle)
+    ask(engine, a)
+    tokens_b, stats_b = ask(engine, b)
+    assert stats_b.prefilled_tokens < stats_b.prompt_tokens  # the text before the clip was reused
+    assert tokens_b == ask(load(onnx_fp32_bundle), b)[0]

@@ -41,7 +41,7 @@ def _root(
 
 
 # Command modules register themselves on `app`; imported here so `edgekit --help` lists them.
-from edgekit.cli import checkpoint_cmd, devices_cmd, bundle_cmd, export_cmd, runtime_cmd  # noqa: E402,F401
+from edgekit.cli import checkpoint_cmd, devices_cmd, bundle_cmd, export_cmd, runtime_cmd, translate_cmd  # noqa: E402,F401
 
 
 def _quiet_third_party() -> None:
