@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   venv + install + tiny random-weight checkpoint + plan/export for a Pi 5 + a prompt + a prompt
+#   make demo   venv + install + tiny random-weight checkpoint + plan, export for a Pi 5, a prompt
 #   make test   venv + install + the test suite
 PYTHON ?= python3
 VENV   ?= .venv
