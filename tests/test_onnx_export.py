@@ -190,3 +190,16 @@ def test_missing_execution_provider_falls_back_with_a_warning(onnx_fp32_bundle, 
     assert logits.shape[0] == 3
     warning = capsys.readouterr().err
     assert "CUDAExecutionProvider" in warning and "CPUExecutionProvider" in warning
+
+
+def test_export_refuses_what_does_not_fit(tmp_path):
+    """Checked from config.json alone, before any weight is read (there are none here)."""
+    from edgekit.presets import PRESETS, build_config
+
+    checkpoint = tmp_path / "e2b"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(build_config(PRESETS["e2b-shape"])))
+    result = run_cli("export", str(checkpoint), "--device", "pi4-4gb", "--quant", "fp32",
+                     "-o", str(tmp_path / "b.edgekit"))
+    assert_clean_failure(result, code=5, contains="--force")
+    assert not (tmp_path / "b.edgekit").exists()

@@ -269,3 +269,12 @@ def test_cache_is_not_reused_across_different_media_of_the_same_length(onnx_fp32
     tokens_b, stats_b = ask(engine, b)
     assert stats_b.prefilled_tokens < stats_b.prompt_tokens  # the text before the clip was reused
     assert tokens_b == ask(load(onnx_fp32_bundle), b)[0]
+
+
+def test_chunked_prefill_gives_the_same_answer(onnx_fp32_bundle):
+    messages = [{"role": "user", "content": "A longer prompt, so that it spans several prefill chunks."}]
+    whole, chunked = load(onnx_fp32_bundle), load(onnx_fp32_bundle)
+    chunked.prefill_chunk = 5
+    "".join(whole.generate(messages, sampling=GREEDY))
+    "".join(chunked.generate(messages, sampling=GREEDY))
+    assert chunked.last_token_ids == whole.last_token_ids
