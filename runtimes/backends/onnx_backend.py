@@ -71,6 +71,14 @@ class OnnxBackend:
         return self._sessions[method]
 
     @cached_property
+    def _shrink_after(self):
+        """Run options for a prefill: hand the arena's prefill-sized buffers (a [S, vocab]
+        logits block alone is 128 MiB at 128 tokens) back once the call returns."""
+        options = _ort().RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        return options
+
+    @cached_property
     def _cache_shapes(self) -> dict[int, tuple[int, int]]:
         """Cache-owning layer -> (kv_heads, head_dim), read from the decoder graph's inputs."""
         shapes = {}
@@ -116,7 +124,7 @@ class OnnxBackend:
             for name in (L.PAST_KEY % layer, L.PAST_VALUE % layer):
                 feed[name] = self._past.get(name, np.zeros((1, heads, 0, dim), np.float32))
         decoder = self._session(METHOD_TEXT_DECODER)
-        outputs = decoder.run(None, feed)
+        outputs = decoder.run(None, feed, self._shrink_after if seq > 1 else None)
         names = [o.name for o in decoder.get_outputs()]
         for name, value in zip(names[1:], outputs[1:]):
             self._past[name.replace("present.", "past_key_values.")] = value
