@@ -38,10 +38,10 @@ def export(
     require("torch", extra="export")
     from edgekit.export import exporter_for
 
-    export = exporter_for(plan.format.name)
+    exporter = exporter_for(plan.format.name)
     target = output or Path(f"{checkpoint.resolve().name}-{device}.edgekit")
     started = time.perf_counter()
-    bundle = export(load(checkpoint), plan=plan, output=target, overwrite=overwrite)
+    bundle = exporter(load(checkpoint), plan=plan, output=target, overwrite=overwrite)
     seconds = time.perf_counter() - started
     size = bundle.manifest.total_size
     summary = {"bundle": str(bundle.path), "format": plan.format.name, "recipe": plan.recipe.name,
