@@ -85,7 +85,7 @@ FORMATS: Registry[Format] = Registry("format", (
         (Backend("xnnpack"),),
         # No weight-only linear recipes: IntxWeightOnlyConfig gives wrong outputs on XNNPACK
         # and no smaller file (shared/EXPORT-NOTES.md).
-        ("fp32", "fp16", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4"),
+        ("fp32", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4"),
         "8da4w-emb4",
     ),
     Format(

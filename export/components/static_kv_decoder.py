@@ -4,12 +4,13 @@ export/components/text_decoder.py passes the cache in and out as tensors (what O
 Runtime wants). An ExecuTorch program keeps it instead, as mutable buffers that persist
 between calls, so a stock runner passes only embeddings and cache positions. This module
 reuses TextDecoder's math (per-layer stream, decoder layer, softcapped tied head) and
-replaces only where K/V live and how the masks are built:
+replaces where K/V live, how the masks are built, and how attention is written (shapes
+XNNPACK delegates: -1 for the sequence dim, bmm, rotate_half as a product):
 
     inputs_embeds [1,S,H]  per_layer_inputs [1,S,L*P]  cache_position [S] (absolute positions)
         │                         │                         │ slots: global p, sliding p % R
         ▼                         ▼                         ▼
-    L x layer: cache-owning layers write K/V at their slots (index_put on a buffer), then
+    L x layer: cache-owning layers write K/V at their slots (index_copy_ on a buffer), then
                attend over the whole buffer under a mask built from the slot positions;
                shared-KV tail layers read their producer's buffer and own none
         ▼
@@ -24,6 +25,8 @@ Caches (one K and one V buffer per cache-owning layer, [1, kv_heads, slots, head
   Which position a slot holds follows from the last written position alone (positions are
   written in order), so no position buffer is kept: slot j holds last - ((last - j) mod R),
   negative meaning never written.
+Static-cache cost: attention reads every slot of the buffer each call (a global layer all
+max_context of them), masked, as ExecuTorch's own static-KV LLM exports do.
 Every call must pass consecutive positions continuing the previous call (or restarting at 0
 for a new conversation, which needs no reset: stale slots are masked by position), with
 1 <= S <= max_seq_len and positions < max_context.
@@ -155,9 +158,10 @@ class StaticKVDecoder(TextDecoder):
             v_src = attn.v_proj(x) if attn.v_proj is not None else attn.k_proj(x)
             v = attn.v_norm(v_src.view(1, -1, kv_heads, head_dim)).transpose(1, 2)
             slots = kv[kind]
-            # index_put on a buffer: ExecuTorch's reinplace pass makes it an in-place write.
-            getattr(self, f"k_cache_{i}")[:, :, slots] = k
-            getattr(self, f"v_cache_{i}")[:, :, slots] = v
+            # index_copy_ (exported as an in-place index_put_ that ExecuTorch runs as such);
+            # `cache[:, :, slots] = k` exports with a values view its kernel rejects.
+            getattr(self, f"k_cache_{i}").index_copy_(2, slots, k)
+            getattr(self, f"v_cache_{i}").index_copy_(2, slots, v)
         source = layout.source[i]
         kv_heads = layout.kv_heads[source]
         k_cache = getattr(self, f"k_cache_{source}")[0]  # [Hkv, slots, D]

@@ -107,25 +107,24 @@ def export_executorch(checkpoint: Checkpoint, *, plan, output: Path, overwrite: 
             advance(1, description="Tracing methods")
             programs = {name: export_method(build) for name, build in builds.items()}
             advance(1, description="Lowering to XNNPACK")
-            delegates = lower_to_pte(
+            lowered = lower_to_pte(
                 programs, out=writer.path_for(PTE_FILE),
-                dynamic_quant={name: any(s.startswith("8da") for s in reports[name].schemes.values())
-                               for name in builds},
                 constant_methods=constant_methods(tokens=tokens, vocab_size=text.vocab_size, max_seq_len=seq_len,
                                                   max_context=plan.context_length))
             advance(1)
         bundle_metadata.copy_tokenizer_files(checkpoint, writer)
-        manifest = _manifest(checkpoint, plan, builds, reports, delegates, tokens=tokens, seq_len=seq_len,
+        manifest = _manifest(checkpoint, plan, builds, reports, lowered, tokens=tokens, seq_len=seq_len,
                              seconds=time.monotonic() - started)
         return writer.finalize(manifest)
 
 
-def _manifest(checkpoint: Checkpoint, plan, builds, reports, delegates, *, tokens, seq_len: int,
+def _manifest(checkpoint: Checkpoint, plan, builds, reports, lowered, *, tokens, seq_len: int,
               seconds: float) -> Manifest:
     widths = M.Widths.of_config(checkpoint.text_config)
     methods = tuple(
         MethodSpec(name=name, file=PTE_FILE, inputs=b.inputs, outputs=b.outputs,
-                   extra={**b.hints, "quantization": reports[name].to_dict(), "xnnpack_delegates": delegates[name]})
+                   extra={**b.hints, "quantization": reports[name].to_dict(),
+                          "xnnpack_delegates": lowered[name].delegates, "kernels": list(lowered[name].kernels)})
         for name, b in builds.items())
     has_audio, has_vision = METHOD_AUDIO_ENCODER in builds, METHOD_VISION_ENCODER in builds
     schemes = {name: "+".join(dict.fromkeys(r.schemes.values())) for name, r in reports.items()}
@@ -144,6 +143,9 @@ def _manifest(checkpoint: Checkpoint, plan, builds, reports, delegates, *, token
             M.PACKED_LAYOUT: {"embedding": [0, widths.hidden], "per_layer_inputs": [widths.hidden, widths.packed],
                               "soft_token_rows": "pad id", "note": "embeds = concat(input embedding, PLE rows)"},
             "kv_cache_dtype": "float32",
+            # Embedding tables (the PLE table is most of E2B) are read in place from the file:
+            # load the program memory-mapped without mlock, or they become resident.
+            "program_load": "mmap",
             "export_seconds": round(seconds, 1),
         },
     )

@@ -1,6 +1,6 @@
 """torch.export every method, lower them all to XNNPACK in one call, write one .pte.
 
-    MethodBuild ─► swap_rms_norms ─► torch.export(strict=True) ─┐
+    MethodBuild ─► swap_for_xnnpack ─► torch.export(strict=True) ─┐
     MethodBuild ─► ...                                          ├─► to_edge_transform_and_lower
     constant (metadata) methods ────────────────────────────────┘      (XNNPACK partitioners per method)
         ─► to_executorch (quant fusion + const prop, reinplace, sym-shape memory planning) ─► .pte
@@ -14,18 +14,19 @@ The reinplace pass turns the KV caches' index_put into an in-place write.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from edgekit.errors import ExportError
 from edgekit.export.executorch.methods import MethodBuild
-from edgekit.export.executorch.xnnpack_rms_norm import swap_rms_norms
+from edgekit.export.executorch.xnnpack_modules import swap_for_xnnpack
 
 
 def export_method(build: MethodBuild) -> "torch.export.ExportedProgram":
-    """strict torch.export of one method (its norms swapped for XNNPACK-friendly ones)."""
-    module = swap_rms_norms(build.module, build.example_inputs)
+    """strict torch.export of one method (norms and tanh-GELU swapped for XNNPACK-friendly ones)."""
+    module = swap_for_xnnpack(build.module, build.example_inputs)
     reset = getattr(getattr(build.module, "decoder", None), "reset_cache", None)
     if reset is not None:
         reset()  # the width-recording forward wrote sample K/V into the caches
@@ -33,23 +34,32 @@ def export_method(build: MethodBuild) -> "torch.export.ExportedProgram":
         with torch.no_grad():
             return torch.export.export(module, build.example_inputs, dynamic_shapes=build.dynamic_shapes, strict=True)
     except Exception as exc:  # torch.export raises many types; the method name is what a user needs
-        raise ExportError(f"torch.export of {build.name} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ExportError(f"torch.export of {build.name} failed: {type(exc).__name__}: {first}") from exc
 
 
-def _partitioners(dynamic_quant: bool) -> list:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackDynamicallyQuantizedPartitioner, XnnpackPartitioner,
-    )
+def _partitioner():
+    """One XnnpackPartitioner with every precision enabled (fp32 and dynamically quantized).
 
-    return [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()] if dynamic_quant else [XnnpackPartitioner()]
-
-
-def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, dynamic_quant: dict[str, bool],
-                 constant_methods: dict, out: Path) -> dict[str, int]:
-    """Lower `programs` (by method name) in one call and write the .pte to `out`.
-
-    Returns the number of XNNPACK delegates per method (a fragmented partition is slow).
+    ExecuTorch's gemma4 example passes [XnnpackDynamicallyQuantizedPartitioner(),
+    XnnpackPartitioner()]; that puts every quantized linear in a delegate of its own (tiny
+    E2B 8da4w decoder: 278 delegates, 248 s to lower) where one partitioner makes 24 (156 s),
+    with the same outputs.
     """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    return XnnpackPartitioner()
+
+
+@dataclass(frozen=True)
+class LoweredMethod:
+    delegates: int  # XNNPACK delegate calls (a fragmented partition is slow to lower and to run)
+    kernels: tuple[str, ...]  # operators left to ExecuTorch's kernel libraries (the app must link them)
+
+
+def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, constant_methods: dict,
+                 out: Path) -> dict[str, LoweredMethod]:
+    """Lower `programs` (by method name) in one call and write the .pte to `out`."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from executorch.exir.capture._config import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
@@ -58,13 +68,10 @@ def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, dynamic
     try:
         edge = to_edge_transform_and_lower(
             programs,
-            partitioner={name: _partitioners(dynamic_quant[name]) for name in programs},
+            partitioner={name: [_partitioner()] for name in programs},
             constant_methods=constant_methods,
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
-        delegates = {name: sum(1 for n in edge.exported_program(name).graph.nodes
-                               if n.op == "call_function" and "call_delegate" in str(n.target))
-                     for name in programs}
         program = edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True,
             do_quant_fusion_and_const_prop=True,
@@ -75,7 +82,20 @@ def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, dynamic
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"lowering to ExecuTorch failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ExportError(f"lowering to ExecuTorch failed: {type(exc).__name__}: {first}") from exc
     with open(out, "wb") as fh:
         program.write_to_file(fh)
-    return delegates
+    return {name: _summary(program.exported_program(name)) for name in programs}
+
+
+def _summary(ep) -> LoweredMethod:
+    delegates, kernels = 0, set()
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if "call_delegate" in str(node.target):
+            delegates += 1
+        elif isinstance(node.target, torch._ops.OpOverload) or hasattr(node.target, "_schema"):
+            kernels.add(str(node.target._schema.name))
+    return LoweredMethod(delegates, tuple(sorted(kernels)))

@@ -141,8 +141,8 @@ def token_embedding(lm, *, max_seq_len: int) -> MethodBuild:
     w = Widths.of(lm)
     seq = torch.export.Dim(SEQ_LEN, min=1, max=max_seq_len)
     return MethodBuild(
-        METHOD_TOKEN_EMBEDDING, PackedTokenEmbedding(lm).eval(), (torch.ones(1, min(4, max_seq_len), dtype=torch.long),),
-        ({1: seq},),
+        METHOD_TOKEN_EMBEDDING, PackedTokenEmbedding(lm).eval(),
+        (torch.ones(1, min(4, max_seq_len), dtype=torch.long),), ({1: seq},),
         inputs=(TensorSpec("tokens", "int64", (1, SEQ_LEN)),),
         outputs=(TensorSpec("embeds", "float32", (1, SEQ_LEN, w.packed)),),
         component=METHOD_TOKEN_EMBEDDING,
@@ -161,8 +161,11 @@ def text_decoder(lm, *, max_context: int, max_seq_len: int) -> MethodBuild:
                 TensorSpec("cache_position", "int64", (SEQ_LEN,))),
         outputs=(TensorSpec("logits", "float32", (1, w.vocab)),),
         component=METHOD_TEXT_DECODER,
-        hints={"kv_cache_slots": {kind: int(n) for kind, n in decoder.cache_slots.items()},
-               "logits": "last_position"},
+        hints={"max_seq_len": max_seq_len, "max_context": max_context,
+               "kv_cache_slots": {kind: int(n) for kind, n in decoder.cache_slots.items()},
+               "logits": "last_position",
+               "cache_position": "consecutive absolute positions continuing the previous call; "
+                                 "restart at 0 for a new conversation (no reset needed)"},
     )
 
 

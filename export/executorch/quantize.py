@@ -70,28 +70,27 @@ def _config(scheme: QuantScheme, *, embedding: bool):
 
 def quantize_linears(module: nn.Module, *, recipe: Recipe, component: str, lm_head: nn.Module | None = None,
                      report: QuantReport) -> None:
-    """Quantize the nn.Linear modules of `module` by `recipe` ("<component>.linear", and
-    "<component>.lm_head" for `lm_head`)."""
+    """Quantize the nn.Linear modules of `module` by `recipe`: "<component>.lm_head" for
+    `lm_head`, "<component>.linear" for the others."""
     from torchao.quantization import quantize_
 
+    linears = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
     for kind in ("linear", "lm_head"):
-        if kind == "lm_head" and lm_head is None:
+        targets = [(name, m) for name, m in linears if (m is lm_head) == (kind == "lm_head")]
+        if not targets:
             continue
         scheme = recipe.scheme_for(component, kind)
         report.schemes[kind] = scheme.name
         if not scheme.quantized:
             continue
-        config = _config(scheme, embedding=False)
-        group = scheme.group_size
-        chosen, skipped = [], []
-        for name, child in module.named_modules():
-            if not isinstance(child, nn.Linear) or (child is lm_head) != (kind == "lm_head"):
-                continue
-            (chosen if group is None or child.in_features % group == 0 else skipped).append(child)
-            if skipped and skipped[-1] is child:
-                report.kept_float.append(f"{name or 'lm_head'} (in_features {child.in_features} % {group})")
-        ids = {id(c) for c in chosen}
-        quantize_(module, config, filter_fn=lambda m, _fqn: id(m) in ids)
+        config, group = _config(scheme, embedding=False), scheme.group_size
+        chosen = set()
+        for name, m in targets:
+            if group is None or m.in_features % group == 0:
+                chosen.add(id(m))
+            else:
+                report.kept_float.append(f"{name} (in_features {m.in_features} % {group})")
+        quantize_(module, config, filter_fn=lambda m, _fqn: id(m) in chosen)
         report.quantized += len(chosen)
 
 
@@ -107,6 +106,9 @@ def quantize_table(embedding: nn.Embedding, *, scheme: QuantScheme, report: Quan
     if not scheme.quantized:
         return embedding
     config = _config(scheme, embedding=True)
+    if scheme.group_size and embedding.weight.shape[1] % scheme.group_size:
+        report.kept_float.append(f"{kind_key} (width {embedding.weight.shape[1]} % {scheme.group_size})")
+        return embedding
     embedding.padding_idx = None  # a padding_idx blocks the quantized-embedding fusion (EXPORT-NOTES)
     if embedding.weight.numel() <= max_elements:
         quantize_(embedding, config, filter_fn=lambda m, _fqn: m is embedding)
