@@ -41,3 +41,16 @@ class Backend(Protocol):
 
     def reset(self) -> None:
         """Forget every token (start a new conversation)."""
+
+
+def pad_audio_frames(features: np.ndarray, mask: np.ndarray, *, extra: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Features [T, mels] + mask [T] -> [1, T', mels] + [1, T'] with T' what the exported
+    audio encoder takes: a multiple of `frame_multiple`, at least `min_frames` (both
+    recorded in the method's manifest entry by the exporter). Padded frames are masked out."""
+    multiple = int(extra.get("frame_multiple", 4))
+    frames = max(int(extra.get("min_frames", 0)), -(-len(features) // multiple) * multiple)
+    padded = np.zeros((1, frames, features.shape[-1]), np.float32)
+    padded[0, : len(features)] = features
+    padded_mask = np.zeros((1, frames), bool)
+    padded_mask[0, : len(mask)] = mask
+    return padded, padded_mask

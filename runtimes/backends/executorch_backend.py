@@ -12,6 +12,7 @@ import numpy as np
 
 from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, require
+from edgekit.runtimes.backends.base import pad_audio_frames
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER
 
 
@@ -83,13 +84,8 @@ class ExecutorchBackend:
         return tokens[0][valid[0].bool()].float().numpy()
 
     def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        spec = self.manifest.method(METHOD_AUDIO_ENCODER)
-        multiple = int(spec.extra.get("frame_multiple", 4))
-        frames = max(int(spec.extra.get("min_frames", 0)), -(-len(features) // multiple) * multiple)
-        padded = np.zeros((1, frames, features.shape[-1]), np.float32)
-        padded[0, : len(features)] = features
-        padded_mask = np.zeros((1, frames), bool)
-        padded_mask[0, : len(mask)] = mask
+        padded, padded_mask = pad_audio_frames(features, mask,
+                                               extra=self.manifest.method(METHOD_AUDIO_ENCODER).extra)
         tokens, valid = self._method(METHOD_AUDIO_ENCODER).execute(
             [self._torch.from_numpy(padded), self._torch.from_numpy(padded_mask)])
         return tokens[0][valid[0].bool()].float().numpy()

@@ -15,6 +15,7 @@ import numpy as np
 from edgekit import onnx_layout as L
 from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, MissingDependencyError
+from edgekit.runtimes.backends.base import pad_audio_frames
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.key")
@@ -139,13 +140,8 @@ class OnnxBackend:
         return features.reshape(-1, features.shape[-1])[valid.reshape(-1).astype(bool)]
 
     def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        spec = self.manifest.method(METHOD_AUDIO_ENCODER)
-        multiple = int(spec.extra.get("frame_multiple", 4))
-        frames = max(int(spec.extra.get("min_frames", 0)), -(-len(features) // multiple) * multiple)
-        padded = np.zeros((1, frames, features.shape[-1]), np.float32)
-        padded[0, : len(features)] = features
-        padded_mask = np.zeros((1, frames), bool)
-        padded_mask[0, : len(mask)] = mask
+        padded, padded_mask = pad_audio_frames(features, mask,
+                                               extra=self.manifest.method(METHOD_AUDIO_ENCODER).extra)
         tokens, valid = self._session(METHOD_AUDIO_ENCODER).run(None, {
             L.INPUT_FEATURES: padded, L.INPUT_FEATURES_MASK: padded_mask})
         return tokens[0][valid[0].astype(bool)]
