@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.bundle import load_bundle, update_manifest
-from edgekit.errors import VerificationError
+from edgekit.errors import InputError, VerificationError
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_VISION_ENCODER, VERIFICATION_PASSED
 from edgekit.model import Checkpoint
 from edgekit.progress import progress_bar
@@ -140,6 +140,9 @@ def verify_bundle(bundle_path: Path, checkpoint: Checkpoint, *, steps: int = 64,
         prompts = PromptBuilder.from_dir(bundle.path, special_tokens=manifest.special_tokens)
         prompt = prompts.build([{"role": "user", "content": content}], image_soft_tokens=image_counts,
                                audio_soft_tokens=audio_counts)
+        if len(prompt) + steps > manifest.max_context:
+            raise InputError(f"the verification prompt ({len(prompt)} tokens) plus {steps} steps exceeds the bundle's "
+                             f"context of {manifest.max_context} tokens; use --steps {max(manifest.max_context - len(prompt), 1)} or fewer")
         ids = torch.from_numpy(prompt.input_ids)[None]
         with torch.no_grad():
             generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
@@ -150,7 +153,7 @@ def verify_bundle(bundle_path: Path, checkpoint: Checkpoint, *, steps: int = 64,
                                **ref_inputs).logits[0, ids.shape[1] - 1:].float().numpy()
         advance()
         backend.reset()
-        got = [backend.forward(prompt.input_ids, image_features=image_feats, audio_features=audio_feats)[-1]]
+        got = [_prefill(backend, prompt.input_ids, image_feats, audio_feats, manifest.special_tokens)]
         for token in tokens[:-1]:
             got.append(backend.forward(np.asarray([token], np.int64))[-1])
             advance()
@@ -170,6 +173,28 @@ def verify_bundle(bundle_path: Path, checkpoint: Checkpoint, *, steps: int = 64,
     if save:
         update_manifest(bundle.path, verification=report)
     return report
+
+
+def _prefill(backend, ids: np.ndarray, image_feats: np.ndarray | None, audio_feats: np.ndarray | None,
+             tokens) -> np.ndarray:
+    """Feed the prompt in chunks the backend takes (an ExecuTorch decoder takes max_seq_len
+    tokens per call); each chunk gets the next soft-token rows for its placeholders.
+    Returns the last position's logits."""
+    chunk = backend.max_prefill_tokens or len(ids)
+    used = {"image": 0, "audio": 0}
+
+    def rows(kind: str, token_id: int | None, feats: np.ndarray | None, part: np.ndarray) -> np.ndarray | None:
+        n = int((part == token_id).sum()) if feats is not None and token_id is not None else 0
+        if n == 0:
+            return None
+        used[kind] += n
+        return feats[used[kind] - n: used[kind]]
+
+    for begin in range(0, len(ids), chunk):
+        part = ids[begin:begin + chunk]
+        logits = backend.forward(part, image_features=rows("image", tokens.image_token_id, image_feats, part),
+                                 audio_features=rows("audio", tokens.audio_token_id, audio_feats, part))
+    return logits[-1]
 
 
 def _failures(report: dict[str, Any], bounds: Bounds) -> list[str]:

@@ -6,6 +6,7 @@ are loaded through the same path as a downloaded checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -76,3 +77,51 @@ def onnx_int4_bundle(tiny_e4b, tmp_path_factory) -> Path:
     result = run_cli("export", str(tiny_e4b), "--device", "pi5-8gb", "-o", str(out), "--json")
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_e2b_4layers(tmp_path_factory) -> Path:
+    """tiny-e2b cut to 4 layers: a sliding, a global and a shared-KV layer."""
+    from edgekit.checkpoint_writer import make_checkpoint
+    from edgekit.presets import PRESETS
+
+    return make_checkpoint(PRESETS["tiny-e2b"], tmp_path_factory.mktemp("ckpt") / "tiny-e2b-4", seed=0, layers=4)
+
+
+# ExecuTorch bundles are exported in two concurrent processes (lowering is single-threaded
+# and slow, ~2.5 min for fp32; a failed torch.export can poison its process).
+EXECUTORCH_CONTEXT = 256  # room for verify's image + audio + text prompt and 64 steps
+EXECUTORCH_VISION_BUDGET = 70
+_EXPORT_FP32 = """
+import dataclasses, sys
+from pathlib import Path
+from edgekit.export.executorch.exporter import export_executorch
+from edgekit.model import load
+from edgekit.plan import make_plan
+from edgekit.profiles import load_profiles
+ckpt, out, context, budget = sys.argv[1:5]
+plan = make_plan(Path(ckpt), profile=load_profiles().get("android-flagship"), recipe_name="fp32",
+                 modalities="text,vision,audio", context=int(context))
+export_executorch(load(ckpt), plan=dataclasses.replace(plan, vision_token_budget=int(budget)), output=Path(out))
+"""
+
+
+@pytest.fixture(scope="session")
+def executorch_bundles(tiny_e2b, tiny_e2b_4layers, tmp_path_factory) -> dict:
+    """fp32: tiny-e2b, text + vision (budget 70) + audio, context 256: the parity reference.
+    quant: tiny-e2b-4layers, text, through `edgekit export --json` with android-flagship's own
+    recipe (8da4w-emb4); its JSON summary under "quant_summary"."""
+    from edgekit.bundle import load_bundle
+
+    pytest.importorskip("executorch.runtime")
+    out = tmp_path_factory.mktemp("et")
+    fp32 = subprocess.Popen([sys.executable, "-c", _EXPORT_FP32, str(tiny_e2b), str(out / "fp32.edgekit"),
+                             str(EXECUTORCH_CONTEXT), str(EXECUTORCH_VISION_BUDGET)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    quant = run_cli("export", str(tiny_e2b_4layers), "--device", "android-flagship", "--modalities", "text",
+                    "--context", str(EXECUTORCH_CONTEXT), "-o", str(out / "quant.edgekit"), "--json", timeout=1200)
+    log = fp32.communicate(timeout=1200)[0]
+    assert fp32.returncode == 0, f"fp32 export failed:\n{log[-4000:]}"
+    assert quant.returncode == 0, f"edgekit export failed:\n{quant.stderr[-4000:]}"
+    return {"fp32": load_bundle(out / "fp32.edgekit"), "quant": load_bundle(out / "quant.edgekit"),
+            "quant_summary": json.loads(quant.stdout)}

@@ -1,23 +1,21 @@
 """ExecuTorch exporter: bundles run through executorch.runtime against transformers and eager modules.
 
 Tiers: CPU unit tests of the export-only module swaps and table splitting (eager); then
-per-component numerical tests of two real bundles, exported ONCE per module in two
-concurrent subprocesses (a failed torch.export can poison its process; lowering is the
-slow part, ~2.5 min of CPU for the fp32 bundle):
+per-component numerical tests of two real bundles, exported once per test session
+(tests/conftest.py executorch_bundles, shared with the runner tests; ~2.5 min):
 
-- fp32, tiny-e2b, text + vision (budget 70) + audio, context 128: greedy tokens and logits
+- fp32, tiny-e2b, text + vision (budget 70) + audio, context 256: greedy tokens and logits
   vs transformers over 64 decode steps, encoders vs the eager components, an image prompt
   through the packed embeddings vs transformers, metadata methods, manifest.
-- 8da4w-emb4, tiny-e2b cut to 4 layers (sliding, global and a shared-KV layer), text: the
-  program vs the same recipe applied eagerly by torchao, and the measured distance to fp32.
+- 8da4w-emb4, tiny-e2b cut to 4 layers (sliding, global and a shared-KV layer), text, written
+  by `edgekit export --device android-flagship`: the program vs the same recipe applied
+  eagerly by torchao, and the measured distance to fp32.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,29 +25,15 @@ from edgekit.export.executorch import metadata as meta
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING,
                               METHOD_VISION_ENCODER)
 from edgekit.model import load
+from tests.conftest import EXECUTORCH_CONTEXT as CONTEXT
+from tests.conftest import EXECUTORCH_VISION_BUDGET as VISION_BUDGET
 
 runtime = pytest.importorskip("executorch.runtime")
-slow = pytest.mark.slow  # needs the exported bundles (~150 s for both, once per module)
+slow = pytest.mark.slow  # needs the exported bundles
 
-CONTEXT = 128
-VISION_BUDGET = 70
 QUANT_RECIPE = "8da4w-emb4"
 DEVICE = "android-flagship"
 DECODE_STEPS = 64
-
-_EXPORT = """
-import dataclasses, sys
-from pathlib import Path
-from edgekit.export.executorch.exporter import export_executorch
-from edgekit.model import load
-from edgekit.plan import make_plan
-from edgekit.profiles import load_profiles
-ckpt, recipe, modalities, out, context, budget = sys.argv[1:7]
-plan = make_plan(Path(ckpt), profile=load_profiles().get("%s"), recipe_name=recipe, modalities=modalities,
-                 context=int(context))
-plan = dataclasses.replace(plan, vision_token_budget=int(budget))
-export_executorch(load(ckpt), plan=plan, output=Path(out))
-""" % DEVICE
 
 
 def _plan(checkpoint: Path, recipe: str, modalities: str):
@@ -61,34 +45,7 @@ def _plan(checkpoint: Path, recipe: str, modalities: str):
     return dataclasses.replace(plan, vision_token_budget=VISION_BUDGET)
 
 
-# --- fixtures: the two bundles, exported concurrently ------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_e2b_4layers(tmp_path_factory) -> Path:
-    from edgekit.checkpoint_writer import make_checkpoint
-    from edgekit.presets import PRESETS
-
-    return make_checkpoint(PRESETS["tiny-e2b"], tmp_path_factory.mktemp("ckpt") / "tiny-e2b-4", seed=0, layers=4)
-
-
-@pytest.fixture(scope="module")
-def bundles(tiny_e2b, tiny_e2b_4layers, tmp_path_factory):
-    from edgekit.bundle import load_bundle
-
-    out = tmp_path_factory.mktemp("et")
-    jobs = {
-        "fp32": (tiny_e2b, "fp32", "text,vision,audio"),
-        "quant": (tiny_e2b_4layers, QUANT_RECIPE, "text"),
-    }
-    procs = {name: subprocess.Popen(
-        [sys.executable, "-c", _EXPORT, str(ckpt), recipe, mods, str(out / f"{name}.edgekit"), str(CONTEXT),
-         str(VISION_BUDGET)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for name, (ckpt, recipe, mods) in jobs.items()}
-    logs = {name: p.communicate(timeout=1200)[0] for name, p in procs.items()}
-    for name, p in procs.items():
-        assert p.returncode == 0, f"{name} export failed:\n{logs[name][-4000:]}"
-    return {name: load_bundle(out / f"{name}.edgekit") for name in jobs}
-
+# --- fixtures (the bundles themselves: tests/conftest.py executorch_bundles) -------------------
 
 @pytest.fixture(scope="module")
 def e2b(tiny_e2b):
@@ -102,13 +59,13 @@ def _program(bundle):
 
 
 @pytest.fixture(scope="module")
-def fp32(bundles):
-    return bundles["fp32"], _program(bundles["fp32"])
+def fp32(executorch_bundles):
+    return executorch_bundles["fp32"], _program(executorch_bundles["fp32"])
 
 
 @pytest.fixture(scope="module")
-def quant(bundles):
-    return bundles["quant"], _program(bundles["quant"])
+def quant(executorch_bundles):
+    return executorch_bundles["quant"], _program(executorch_bundles["quant"])
 
 
 class Session:
@@ -349,6 +306,37 @@ def test_image_prompt_through_packed_embeddings_matches_transformers(fp32, e2b):
 
 
 # --- quantized bundle ------------------------------------------------------------------------
+
+@slow
+@pytest.mark.parametrize("name", ["fp32", "quant"])
+def test_verify_runs_the_program_against_transformers(executorch_bundles, tiny_e2b, tiny_e2b_4layers, name):
+    """`edgekit verify` on a .pte: the ExecuTorch runtime vs eager transformers, report saved."""
+    from tests.conftest import run_cli
+
+    bundle = executorch_bundles[name]
+    reference = tiny_e2b if name == "fp32" else tiny_e2b_4layers
+    result = run_cli("verify", str(bundle.path), "--reference", str(reference), "--json", timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    decoder = report["methods"][METHOD_TEXT_DECODER]
+    saved = json.loads((bundle.path / "manifest.json").read_text())["verification"]
+    assert saved["passed"] and saved["methods"][METHOD_TEXT_DECODER] == decoder
+    if name == "fp32":
+        # image + audio + text prompt, 64 greedy steps (fp32 bounds: identical tokens, 1e-3 relative)
+        assert decoder["token_agreement"] == 1.0 and decoder["max_rel_diff"] < 1e-3, decoder
+        assert report["methods"][METHOD_VISION_ENCODER]["cosine"] > 0.9999
+        assert report["methods"][METHOD_AUDIO_ENCODER]["cosine"] > 0.9999
+    else:
+        assert report["bounds"]["min_cosine"] >= 0.9, report["bounds"]
+
+
+@slow
+def test_cli_export_uses_the_profiles_recipe(executorch_bundles):
+    summary = executorch_bundles["quant_summary"]
+    assert (summary["format"], summary["recipe"], summary["modalities"]) == ("executorch", QUANT_RECIPE, ["text"])
+    bundle = executorch_bundles["quant"]
+    assert summary["bytes"] == bundle.manifest.total_size and bundle.manifest.device == DEVICE
+
 
 @slow
 def test_quantized_program_matches_the_eager_recipe(quant, tiny_e2b_4layers):

@@ -44,7 +44,8 @@ def _speechlike(seconds: float, rate: int = 16000) -> np.ndarray:
     return test_audio(seconds, rate)
 
 
-def _reference_tokens(checkpoint: Path, messages: list[dict], *, images=(), audio=(), steps: int = 24) -> list[int]:
+def _reference_tokens(checkpoint: Path, messages: list[dict], *, images=(), audio=(), steps: int = 24,
+                      vision_budget: int | None = None) -> list[int]:
     """transformers end to end: its processor builds the inputs, generate() answers."""
     import torch
 
@@ -54,6 +55,8 @@ def _reference_tokens(checkpoint: Path, messages: list[dict], *, images=(), audi
     processor = load_reference_processor(checkpoint)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     kwargs = {"images": list(images)} if images else {}
+    if images and vision_budget:
+        kwargs["max_soft_tokens"] = vision_budget  # the bundle's budget (the processor's default: 280)
     if audio:
         kwargs["audio"] = list(audio)
     inputs = processor(text=text, return_tensors="pt", **kwargs)
@@ -77,12 +80,23 @@ def _trim(tokens: list[int], stops: set[int]) -> list[int]:
     return tokens
 
 
+@pytest.fixture(params=["onnx", "executorch"])
+def fp32_bundle(request) -> Path:
+    """The tiny-e2b fp32 bundle of each format (ONNX: pi5 profile; ExecuTorch: vision budget 70)."""
+    if request.param == "onnx":
+        return request.getfixturevalue("onnx_fp32_bundle")
+    pytest.importorskip("executorch.runtime")
+    return request.getfixturevalue("executorch_bundles")["fp32"].path
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["text", "image", "audio"])
-def test_greedy_answer_equals_transformers(onnx_fp32_bundle, tiny_e2b, tmp_path, kind):
+def test_greedy_answer_equals_transformers(fp32_bundle, tiny_e2b, tmp_path, kind):
     from edgekit.bundle import load_bundle
     from edgekit.export.verify import test_image
 
-    stops = set(load_bundle(onnx_fp32_bundle).manifest.special_tokens.eos_ids)
+    manifest = load_bundle(fp32_bundle).manifest
+    stops = set(manifest.special_tokens.eos_ids)
     if kind == "text":
         ours_msg = ref_msg = [{"role": "user", "content": "Tell me about the Raspberry Pi."}]
         ref = _reference_tokens(tiny_e2b, ref_msg)
@@ -94,7 +108,8 @@ def test_greedy_answer_equals_transformers(onnx_fp32_bundle, tiny_e2b, tmp_path,
         ref_msg = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
         from PIL import Image
 
-        ref = _reference_tokens(tiny_e2b, ref_msg, images=[Image.open(image_path).convert("RGB")])
+        ref = _reference_tokens(tiny_e2b, ref_msg, images=[Image.open(image_path).convert("RGB")],
+                                vision_budget=manifest.image_preprocessing.max_soft_tokens)
     else:
         wav = _write_wav(tmp_path / "clip.wav", _speechlike(1.7))
         ours_msg = [{"role": "user", "content": [{"type": "audio", "audio": str(wav)},
@@ -103,7 +118,7 @@ def test_greedy_answer_equals_transformers(onnx_fp32_bundle, tiny_e2b, tmp_path,
         from edgekit.runtimes.wav_io import load_audio
 
         ref = _reference_tokens(tiny_e2b, ref_msg, audio=[load_audio(wav)])
-    ours = _answer_tokens(onnx_fp32_bundle, ours_msg)
+    ours = _answer_tokens(fp32_bundle, ours_msg)
     assert _trim(ours, stops) == _trim(ref, stops)
 
 
