@@ -33,6 +33,13 @@ class Format:
     backends: tuple[Backend, ...]
     recipes: tuple[str, ...]
     default_recipe: str
+    # What the runtime holds the KV cache in, whatever the recipe: ONNX graphs keep fp32
+    # inputs/outputs (fp16 graphs too: keep_io_types), the .pte's cache buffers are fp32,
+    # Core ML states are fp16.
+    kv_cache_bits: int = 32
+    # Sliding layers' cache slots beyond the window: ExecuTorch's ring buffer takes a whole
+    # prefill chunk past the window (window + chunk - 1 slots).
+    ring_takes_a_chunk: bool = False
 
     def __post_init__(self) -> None:
         # A typo here would surface only when a user picks the recipe: fail at import.
@@ -87,6 +94,7 @@ FORMATS: Registry[Format] = Registry("format", (
         # and no smaller file (shared/EXPORT-NOTES.md).
         ("fp32", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4"),
         "8da4w-emb4",
+        ring_takes_a_chunk=True,
     ),
     Format(
         "coreml",
@@ -96,6 +104,7 @@ FORMATS: Registry[Format] = Registry("format", (
         # linear_quantize_weights int8 per channel and int4 per block work (shared/EXPORT-NOTES.md).
         ("fp32", "fp16", "int8", *_INT4),
         "int4",
+        kv_cache_bits=16,
     ),
 ))
 

@@ -173,7 +173,8 @@ def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | No
     included = [p for name, p in counts.items() if name not in _MODALITY_COMPONENT.values() or name in wanted]
     tied_lm_head = text["vocab_size"] * text["hidden_size"] if counts[METHOD_TEXT_DECODER].lm_head == 0 else 0
     components = tuple(_component_plan(p, recipe, tied_lm_head=tied_lm_head) for p in included)
-    kv = kv_cache(text, context_length=context_length, dtype_bits=recipe.kv_cache_bits)
+    ring_extra = prefill_chunk(text, context_length) - 1 if fmt.ring_takes_a_chunk else 0
+    kv = kv_cache(text, context_length=context_length, dtype_bits=fmt.kv_cache_bits, ring_extra_slots=ring_extra)
     activations = _activations(config, mods, context_length, profile.vision_token_budget)
     memory = MemoryEstimate(
         resident_weights_bytes=sum(c.size_bytes for c in components if not c.memory_mapped),
@@ -259,11 +260,18 @@ def _model_size(text: Mapping[str, Any]) -> str:
 # --- KV cache and activations ------------------------------------------------------------
 
 
-def kv_cache(text: Mapping[str, Any], *, context_length: int, dtype_bits: int) -> KVCache:
+def prefill_chunk(text: Mapping[str, Any], context_length: int) -> int:
+    """Most tokens one decoder call takes where the graph fixes it (ExecuTorch's max_seq_len):
+    PREFILL_CHUNK, never more than the context or the sliding window."""
+    return max(1, min(context_length, PREFILL_CHUNK, int(text.get("sliding_window", PREFILL_CHUNK))))
+
+
+def kv_cache(text: Mapping[str, Any], *, context_length: int, dtype_bits: int, ring_extra_slots: int = 0) -> KVCache:
     """K and V of every cache-owning layer at `context_length` tokens.
 
-    Sliding layers keep at most `sliding_window` tokens; shared-KV layers read an earlier
-    layer's cache and add nothing. Global layers use global_head_dim.
+    Sliding layers keep at most `sliding_window` tokens (+ `ring_extra_slots` where a ring
+    buffer takes a whole chunk past the window); shared-KV layers read an earlier layer's
+    cache and add nothing. Global layers use global_head_dim.
 
     Real E2B in fp16: 12 sliding layers x (1 KV head x 256 x 2 (K,V) x 2 bytes) = 12 KiB plus
     3 global layers x (1 x 512 x 2 x 2) = 6 KiB: 18 KiB (18432 B) per token — the ~18 KB of
@@ -283,7 +291,7 @@ def kv_cache(text: Mapping[str, Any], *, context_length: int, dtype_bits: int) -
         per_token += row
         if layer.kind == "sliding_attention":
             counts["sliding"] += 1
-            total += row * min(context_length, window)
+            total += row * min(context_length, window + ring_extra_slots)
         else:
             counts["global"] += 1
             per_token_global += row

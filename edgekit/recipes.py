@@ -138,7 +138,7 @@ class Recipe:
     name: str
     description: str
     rules: tuple[Rule, ...]
-    float_dtype: Literal["fp32", "fp16"] = "fp16"  # unmatched weights and the KV cache
+    float_dtype: Literal["fp32", "fp16"] = "fp16"  # unmatched weights (the KV cache dtype is the format's)
     _float: QuantScheme = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -154,11 +154,6 @@ class Recipe:
 
     def bits_for(self, component: str, kind: str) -> float:
         return self.scheme_for(component, kind).bits_per_weight
-
-    @property
-    def kv_cache_bits(self) -> int:
-        # The KV cache is kept in the float dtype: fp16 for every quantized recipe.
-        return 32 if self.float_dtype == "fp32" else 16
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -164,7 +164,17 @@ def test_plan_memory_breakdown(tmp_path):
     m = plan.memory
     assert m.total_bytes == m.resident_weights_bytes + m.kv_cache_bytes + m.activations_bytes
     assert m.budget_bytes == int(8 * 1024**3 * 0.7)
-    assert plan.kv_cache.total_bytes == 12 * 1024 * 512 + 3 * 2048 * 4096
+    # ONNX keeps the cache in fp32 graph inputs whatever the recipe: 2 KiB / 4 KiB rows.
+    assert plan.kv_cache.dtype_bits == 32
+    assert plan.kv_cache.total_bytes == 12 * 2048 * 512 + 3 * 4096 * 4096
+
+
+def test_executorch_plan_counts_the_ring_buffers(tmp_path):
+    """The .pte's sliding layers hold window + chunk - 1 slots, in fp32."""
+    plan = make_plan(_checkpoint(tmp_path), profile=PROFILES.get("android-midrange"))
+    assert plan.format.name == "executorch" and plan.kv_cache.dtype_bits == 32
+    context = plan.context_length
+    assert plan.kv_cache.total_bytes == 12 * 2048 * (512 + 511) + 3 * 4096 * context
 
 
 def test_every_profile_fits_its_recommended_model(tmp_path):

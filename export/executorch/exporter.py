@@ -28,7 +28,7 @@ from edgekit.export.executorch.quantize import QuantReport, quantize_linears, qu
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING,
                               METHOD_VISION_ENCODER, Manifest, MethodSpec)
 from edgekit.model import Checkpoint
-from edgekit.plan import PREFILL_CHUNK
+from edgekit.plan import prefill_chunk
 from edgekit.progress import progress_bar
 
 PTE_FILE = "model.pte"
@@ -45,13 +45,10 @@ def check_modalities(checkpoint: Checkpoint, modalities: tuple[str, ...]) -> Non
 
 
 def max_seq_len(text_config, context_length: int) -> int:
-    """Most tokens one text_decoder call takes: the prefill chunk.
-
-    PREFILL_CHUNK (what edgekit.plan's activation estimate assumes), and never more than
-    the sliding window, which keeps a sliding layer's ring under two windows
-    (window + chunk - 1 slots); for the released models both are 512.
-    """
-    return max(1, min(context_length, PREFILL_CHUNK, text_config.sliding_window))
+    """Most tokens one text_decoder call takes: edgekit.plan.prefill_chunk (PREFILL_CHUNK,
+    never more than the sliding window, which keeps a sliding layer's ring under two windows:
+    window + chunk - 1 slots; for the released models both are 512)."""
+    return prefill_chunk(text_config.to_dict(), context_length)
 
 
 # --- methods -------------------------------------------------------------------------------
