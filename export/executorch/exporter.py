@@ -1,7 +1,8 @@
 """ExecuTorch bundle exporter: one multi-method model.pte for XNNPACK, quantized by the plan's recipe.
 
-    checkpoint ─► transformers model (fp32) ─► method modules (methods.py)
-        ─► quantize per component (quantize.py) ─► pad-id PLE row appended to the encoders
+    checkpoint ─► transformers model, weights in the checkpoint's bf16 (lazy_upcast.py)
+        ─► method modules (methods.py) ─► quantize per component, each weight upcast to
+        fp32 just before (quantize.py) ─► pad-id PLE row appended to the encoders
         ─► strict torch.export per method ─► one to_edge_transform_and_lower ─► model.pte
         ─► bundle (manifest, tokenizer files)
 
@@ -12,6 +13,7 @@ text_decoder (export/components/static_kv_decoder.py); metadata methods: metadat
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -25,8 +27,9 @@ from edgekit.export.executorch import methods as M
 from edgekit.export.executorch.lower import export_method, lower_to_pte
 from edgekit.export.executorch.metadata import METADATA_METHODS, constant_methods
 from edgekit.export.executorch.quantize import QuantReport, quantize_linears, quantize_token_embedding
-from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING,
-                              METHOD_VISION_ENCODER, Manifest, MethodSpec)
+from edgekit.export.lazy_upcast import load_in_checkpoint_dtype, upcast_
+from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_AUDIO_PREPROCESSOR, METHOD_TEXT_DECODER,
+                              METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER, Manifest, MethodSpec)
 from edgekit.model import Checkpoint
 from edgekit.plan import prefill_chunk
 from edgekit.progress import progress_bar
@@ -54,7 +57,13 @@ def max_seq_len(text_config, context_length: int) -> int:
 # --- methods -------------------------------------------------------------------------------
 
 def build_methods(lm, plan, *, seq_len: int) -> tuple[dict[str, M.MethodBuild], dict[str, QuantReport]]:
-    """The methods `plan` asks for, quantized by its recipe (in place: `lm` is consumed)."""
+    """The methods `plan` asks for, quantized by its recipe, every float weight in fp32.
+
+    `lm` is consumed: its modules are quantized in place and its embedding tables dropped
+    once the methods hold their own. It may come in the checkpoint's bf16
+    (edgekit.export.lazy_upcast): the largest float weights are quantized first, so the
+    fp32 copies never pile up.
+    """
     recipe = plan.recipe
     reports = {name: QuantReport() for name in (METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER,
                                                  METHOD_VISION_ENCODER, METHOD_AUDIO_ENCODER)}
@@ -65,18 +74,34 @@ def build_methods(lm, plan, *, seq_len: int) -> tuple[dict[str, M.MethodBuild], 
     if "audio" in plan.modalities:
         builds[METHOD_AUDIO_ENCODER] = M.audio_encoder(lm)
 
-    quantize_token_embedding(builds[METHOD_TOKEN_EMBEDDING].module, recipe=recipe,
-                             report=reports[METHOD_TOKEN_EMBEDDING])
     decoder = builds[METHOD_TEXT_DECODER].module.decoder
     quantize_linears(decoder, recipe=recipe, component=METHOD_TEXT_DECODER, lm_head=decoder.lm_head,
                      report=reports[METHOD_TEXT_DECODER])
+    quantize_token_embedding(builds[METHOD_TOKEN_EMBEDDING].module, recipe=recipe,
+                             report=reports[METHOD_TOKEN_EMBEDDING])
+    _release_tables(lm)
+    upcast_(builds[METHOD_TOKEN_EMBEDDING].module)
     hidden = M.Widths.of(lm).hidden
     row = M.pad_row(builds[METHOD_TOKEN_EMBEDDING].module, lm.config.text_config.pad_token_id, hidden)
     for name in (METHOD_VISION_ENCODER, METHOD_AUDIO_ENCODER):
         if name in builds:
             quantize_linears(builds[name].module, recipe=recipe, component=name, report=reports[name])
             M.pack_encoder(builds[name], row)
+    for build in builds.values():
+        upcast_(build.module)  # norms, convolutions, linears a recipe keeps float
+    gc.collect()
     return builds, {name: reports[name] for name in builds}
+
+
+def _release_tables(lm) -> None:
+    """Drop the loaded model's own references to the embedding tables (and the lm_head tied
+    to one): the methods hold quantized copies now, and E2B's per-layer table alone is
+    4.7 GB in bf16."""
+    text = lm.model.language_model
+    text.embed_tokens = None
+    text.embed_tokens_per_layer = None
+    lm.lm_head = None
+    gc.collect()
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -91,7 +116,7 @@ def export_executorch(checkpoint: Checkpoint, *, plan, output: Path, overwrite: 
     if plan.recipe.name == "fp16":
         raise ExportError("the fp16 recipe is not implemented for ExecuTorch yet; use fp32 or an 8da* recipe")
     started = time.monotonic()
-    lm = checkpoint.reference_model()
+    lm = load_in_checkpoint_dtype(checkpoint)  # bf16 weights, upcast one module at a time
     text = lm.config.text_config
     seq_len = max_seq_len(text, plan.context_length)
     tokens = bundle_metadata.special_tokens(checkpoint)
@@ -101,6 +126,9 @@ def export_executorch(checkpoint: Checkpoint, *, plan, output: Path, overwrite: 
             advance(0, description="Quantizing")
             with torch.no_grad():
                 builds, reports = build_methods(lm, plan, seq_len=seq_len)
+                if "audio" in plan.modalities:  # waveform -> log-mel; no weights, nothing to quantize
+                    builds[METHOD_AUDIO_PREPROCESSOR] = M.audio_preprocessor(checkpoint)
+                    reports[METHOD_AUDIO_PREPROCESSOR] = QuantReport(schemes={"transform": "fp32"})
             advance(1, description="Tracing methods")
             programs = {name: export_method(build) for name, build in builds.items()}
             advance(1, description="Lowering to XNNPACK")

@@ -13,6 +13,10 @@ on a 0.89 B model against 18 s (shared/EXPORT-NOTES.md).
 Modules are quantized in place (the loaded model is consumed). A linear whose input width
 is not a multiple of its group size stays in float and is reported (tiny test models
 only: every released E2B/E4B linear is a multiple of 128).
+
+Weights may arrive in the checkpoint's bf16 (edgekit.export.lazy_upcast): each module is
+upcast to fp32 just before it is quantized, and a large table one column block at a time,
+so at most one module or block exists in fp32 at once.
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ import torch
 from torch import nn
 
 from edgekit.errors import ExportError
+from edgekit.export.lazy_upcast import upcast_
 from edgekit.param_count import PER_LAYER_EMBEDDING
 from edgekit.recipes import QuantScheme, Recipe
 
 # torchao's embedding quantization overflows int32 on the full 2.35 B-element E2B
 # per-layer table (shared/EXPORT-NOTES.md, after ExecuTorch's gemma4 example): tables
 # above this many elements are split by columns into parts quantized one at a time.
-MAX_TABLE_ELEMENTS = 2**30
+# 2**28 elements keeps each part's fp32 copy at 1 GiB (E2B's table: 9 parts).
+MAX_TABLE_ELEMENTS = 2**28
 
 
 @dataclass
@@ -90,7 +96,10 @@ def quantize_linears(module: nn.Module, *, recipe: Recipe, component: str, lm_he
                 chosen.add(id(m))
             else:
                 report.kept_float.append(f"{name} (in_features {m.in_features} % {group})")
-        quantize_(module, config, filter_fn=lambda m, _fqn: id(m) in chosen)
+        for _name, m in targets:  # one at a time: only this module is ever in fp32
+            if id(m) in chosen:
+                upcast_(m)
+                quantize_(module, config, filter_fn=lambda x, _fqn, m=m: x is m)
         report.quantized += len(chosen)
 
 
@@ -111,14 +120,18 @@ def quantize_table(embedding: nn.Embedding, *, scheme: QuantScheme, report: Quan
         return embedding
     embedding.padding_idx = None  # a padding_idx blocks the quantized-embedding fusion (EXPORT-NOTES)
     if embedding.weight.numel() <= max_elements:
+        upcast_(embedding)
         quantize_(embedding, config, filter_fn=lambda m, _fqn: m is embedding)
         report.quantized += 1
         return embedding
-    split = ColumnSplitEmbedding.of(embedding, max_elements=max_elements, multiple=scheme.group_size or 1)
-    for part in split.parts:
-        quantize_(part, config, filter_fn=lambda m, _fqn, part=part: m is part)
+
+    def quantized(part: nn.Embedding) -> nn.Embedding:
+        quantize_(part, config, filter_fn=lambda m, _fqn: m is part)
         report.quantized += 1
-    return split
+        return part
+
+    return ColumnSplitEmbedding.of(embedding, max_elements=max_elements, multiple=scheme.group_size or 1,
+                                   prepare=quantized)
 
 
 class ColumnSplitEmbedding(nn.Module):
@@ -134,15 +147,18 @@ class ColumnSplitEmbedding(nn.Module):
         self.scale = scale
 
     @classmethod
-    def of(cls, table: nn.Embedding, *, max_elements: int, multiple: int) -> "ColumnSplitEmbedding":
+    def of(cls, table: nn.Embedding, *, max_elements: int, multiple: int,
+           prepare=lambda part: part) -> "ColumnSplitEmbedding":
+        """`table` cut into fp32 column blocks of at most `max_elements`; each block goes
+        through `prepare` (the quantizer) before the next is made."""
         rows, cols = table.weight.shape
         width = max(multiple, (max_elements // rows) // multiple * multiple)
         parts = []
         for start in range(0, cols, width):
-            block = table.weight.detach()[:, start:start + width].clone()
+            block = table.weight.detach()[:, start:start + width].to(torch.float32, copy=True)
             part = nn.Embedding(rows, block.shape[1], _weight=block)
             part.weight.requires_grad_(False)
-            parts.append(part)
+            parts.append(prepare(part))
         scale = float(getattr(table, "scalar_embed_scale", 1.0))
         return cls(parts, scale)
 
