@@ -35,6 +35,8 @@ METHOD_TOKEN_EMBEDDING = "token_embedding"
 METHOD_TEXT_DECODER = "text_decoder"
 METHOD_AUDIO_ENCODER = "audio_encoder"
 METHOD_VISION_ENCODER = "vision_encoder"
+# waveform -> log-mel frames (no weights), so a device needs no feature code of its own.
+METHOD_AUDIO_PREPROCESSOR = "audio_preprocessor"
 
 Format = Literal["onnx", "executorch", "coreml"]
 FORMATS: tuple[str, ...] = ("onnx", "executorch", "coreml")

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from edgekit.export.executorch import metadata as meta
-from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING,
-                              METHOD_VISION_ENCODER)
+from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_AUDIO_PREPROCESSOR, METHOD_TEXT_DECODER,
+                              METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER)
 from edgekit.model import load
 from tests.conftest import EXECUTORCH_CONTEXT as CONTEXT
 from tests.conftest import EXECUTORCH_VISION_BUDGET as VISION_BUDGET
@@ -180,7 +180,7 @@ def test_manifest_describes_the_program(fp32, tiny_e2b):
     m = bundle.manifest
     assert (m.format, m.backend, m.max_context) == ("executorch", "xnnpack", CONTEXT)
     assert [x.name for x in m.methods] == [METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER, METHOD_VISION_ENCODER,
-                                          METHOD_AUDIO_ENCODER]
+                                          METHOD_AUDIO_ENCODER, METHOD_AUDIO_PREPROCESSOR]
     assert {f.path for f in m.files} >= {"model.pte", "tokenizer.json"}
     assert m.special_tokens == bundle_metadata.special_tokens(load(tiny_e2b))
     decoder = m.method(METHOD_TEXT_DECODER)
@@ -281,6 +281,35 @@ def test_audio_encoder_is_dynamic_and_matches_eager(fp32, e2b):
 
 
 @slow
+def test_waveform_to_soft_tokens_inside_the_program(fp32, e2b, tiny_e2b):
+    """audio_preprocessor -> audio_encoder, all in the .pte: features as transformers' extractor
+    computes them, soft tokens as its audio tower does."""
+    from transformers import AutoFeatureExtractor
+
+    from edgekit.export.verify import test_audio
+    from edgekit.runtimes.backends.base import pad_audio_frames
+
+    bundle, program = fp32
+    clip = test_audio(1.7)
+    padded = torch.zeros(-(-len(clip) // 128) * 128)
+    padded[: len(clip)] = torch.from_numpy(clip)
+    features, mask = program.load_method(METHOD_AUDIO_PREPROCESSOR).execute([padded, torch.tensor([len(clip)])])
+    reference = AutoFeatureExtractor.from_pretrained(str(tiny_e2b))([clip], return_tensors="pt")
+    assert torch.equal(mask, reference["input_features_mask"])
+    assert float((features - reference["input_features"]).abs().max()) < 5e-4  # fp32 DFT as a matmul
+    frames, frames_mask = pad_audio_frames(features[0].numpy(), mask[0].numpy(),
+                                           extra=bundle.manifest.method(METHOD_AUDIO_ENCODER).extra)
+    tokens, valid = program.load_method(METHOD_AUDIO_ENCODER).execute(
+        [torch.from_numpy(frames), torch.from_numpy(frames_mask)])
+    with torch.no_grad():
+        out = e2b.model.get_audio_features(reference["input_features"], reference["input_features_mask"])
+        want = out.pooler_output[out.attention_mask]
+    got = tokens[0][valid[0]][:, : e2b.config.text_config.hidden_size]
+    assert got.shape == want.shape
+    assert float(torch.nn.functional.cosine_similarity(got, want, dim=-1).min()) > 0.9999
+
+
+@slow
 def test_image_prompt_through_packed_embeddings_matches_transformers(fp32, e2b):
     """vision_encoder rows replace the placeholders in token_embedding's output; PLE rows included."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -328,6 +357,15 @@ def test_verify_runs_the_program_against_transformers(executorch_bundles, tiny_e
         assert report["methods"][METHOD_AUDIO_ENCODER]["cosine"] > 0.9999
     else:
         assert report["bounds"]["min_cosine"] >= 0.9, report["bounds"]
+
+
+@slow
+def test_verify_refuses_steps_past_the_context(executorch_bundles, tiny_e2b):
+    from tests.conftest import assert_clean_failure, run_cli
+
+    bundle = executorch_bundles["fp32"]
+    result = run_cli("verify", str(bundle.path), "--reference", str(tiny_e2b), "--steps", str(CONTEXT))
+    assert_clean_failure(result, code=2, contains=f"context of {CONTEXT} tokens; use --steps")
 
 
 @slow

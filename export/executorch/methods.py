@@ -26,6 +26,10 @@ knowing about PLE. Signatures (S dynamic, 1 <= S <= get_max_seq_len):
                                                       -> soft_tokens Float[1,N,H+L*P], valid_mask Bool[1,N]
     audio_encoder(input_features Float[1,T,128], input_features_mask Bool[1,T])
                                                       -> soft_tokens Float[1,T/4,H+L*P], token_mask Bool[1,T/4]
+    audio_preprocessor(waveform Float[N], num_samples Long[1])
+                                                      -> input_features Float[1,T,128], input_features_mask Bool[1,T]
+                      (16 kHz mono zero-padded to a multiple of 128 samples, 384 <= N <= 480000;
+                       Gemma 4's log-mel transform, so a device needs only the .pte and the tokenizer)
 
 The encoders' input contracts are those of export/components/vision_encoder.py and
 audio_encoder.py (P = budget * k^2 static; T dynamic, a multiple of 4, >= min_frames);
@@ -35,17 +39,21 @@ valid rows are a prefix. The stock runner's own image/audio inputs (raw uint8 im
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from edgekit.export import bundle_metadata
 from edgekit.export.components.audio_encoder import MAX_FRAMES, AudioEncoder
+from edgekit.export.components.audio_preprocessor import LogMelSpectrogram
 from edgekit.export.components.static_kv_decoder import StaticKVDecoder
 from edgekit.export.components.token_embedding import TokenEmbedding
 from edgekit.export.components.vision_encoder import VisionEncoder
-from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING,
-                              METHOD_VISION_ENCODER, TensorSpec)
+from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_AUDIO_PREPROCESSOR, METHOD_TEXT_DECODER,
+                              METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER, TensorSpec)
+from edgekit.runtimes.mel_features import MAX_SAMPLES, PAD_TO_MULTIPLE_OF, MelParams
 
 # Dim names in the manifest (TensorSpec shapes) for the dynamic dimensions.
 SEQ_LEN = "seq_len"
@@ -202,3 +210,38 @@ def pack_encoder(build: MethodBuild, row: torch.Tensor) -> MethodBuild:
     """`build` with the pad id's PLE row appended to its soft tokens (call after quantizing)."""
     build.module = PackedEncoder(build.module, row).eval()
     return build
+
+
+# --- audio preprocessor (no weights) -------------------------------------------------------
+
+PADDED_SAMPLES = "padded_samples"  # manifest dim name: the waveform's length, a multiple of 128
+
+
+def audio_preprocessor(checkpoint_or_params) -> MethodBuild:
+    """waveform Float[N], num_samples Long[1] -> features Float[1,T,mels], mask Bool[1,T].
+
+    `checkpoint_or_params` is an edgekit.model.Checkpoint (settings read as the manifest's
+    audio_preprocessing is, bundle_metadata.audio_preprocessing, and turned into MelParams
+    as the runner does) or a MelParams. The features feed audio_encoder after the runner pads
+    them to its frame_multiple / min_frames (zeros, mask False), as for numpy features.
+    """
+    params = checkpoint_or_params
+    if not isinstance(params, MelParams):
+        audio = bundle_metadata.audio_preprocessing(checkpoint_or_params)
+        params = MelParams.from_dict({**dataclasses.asdict(audio), **audio.extra})
+    module = LogMelSpectrogram(params).eval()
+    return MethodBuild(
+        METHOD_AUDIO_PREPROCESSOR, module, module.example_inputs(), module.dynamic_shapes(),
+        inputs=(TensorSpec("waveform", "float32", (PADDED_SAMPLES,)),
+                TensorSpec("num_samples", "int64", (1,))),
+        outputs=(TensorSpec("input_features", "float32", (1, NUM_FRAMES, module.mel_bins)),
+                 TensorSpec("input_features_mask", "bool", (1, NUM_FRAMES))),
+        component=METHOD_AUDIO_PREPROCESSOR,
+        hints={"sampling_rate": params.sampling_rate, "pad_to_multiple_of": PAD_TO_MULTIPLE_OF,
+               "padding_value": params.padding_value, "min_samples": module.min_samples,
+               "max_samples": MAX_SAMPLES,
+               "num_samples": "int64 [1]: the clip's real length before padding; frames reaching "
+                              "past it are False in the mask and zero in the features",
+               "short_clips": "pad to min_samples (the extra frames come back masked); a clip under "
+                              "one frame has no features, as in the reference"},
+    )
