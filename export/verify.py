@@ -141,8 +141,11 @@ def verify_bundle(bundle_path: Path, checkpoint: Checkpoint, *, steps: int = 64,
         prompt = prompts.build([{"role": "user", "content": content}], image_soft_tokens=image_counts,
                                audio_soft_tokens=audio_counts)
         if len(prompt) + steps > manifest.max_context:
-            raise InputError(f"the verification prompt ({len(prompt)} tokens) plus {steps} steps exceeds the bundle's "
-                             f"context of {manifest.max_context} tokens; use --steps {max(manifest.max_context - len(prompt), 1)} or fewer")
+            room = manifest.max_context - len(prompt)
+            fix = (f"use --steps {room} or fewer" if room > 0 else
+                   f"export with --context {len(prompt) + steps} or more")
+            raise InputError(f"the verification prompt ({len(prompt)} tokens with its test image and audio) plus "
+                             f"{steps} steps does not fit the bundle's context of {manifest.max_context} tokens; {fix}")
         ids = torch.from_numpy(prompt.input_ids)[None]
         with torch.no_grad():
             generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,

@@ -56,6 +56,8 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # edgekit never downloads at run time
+    # ExecuTorch's C++ runtime logs its CPU probing to fd 2 when XNNPACK first loads.
+    os.environ.setdefault("EDGEKIT_NATIVE_LOGS", "hide")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,11 @@ are those of export/executorch/methods.py, read back from the manifest.
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 
 from edgekit.bundle import Bundle
@@ -42,7 +47,12 @@ class ExecutorchBackend:
         if name not in self._methods:
             if not self.manifest.has_method(name):
                 raise BundleError(f"bundle {self.bundle.path} has no {name} method")
-            self._methods[name] = self._program.load_method(name)
+            try:
+                with _native_logs_hidden():
+                    self._methods[name] = self._program.load_method(name)
+            except RuntimeError as exc:  # e.g. an operator this runtime build lacks
+                raise BundleError(f"cannot load method {name} of {self.bundle.path.name}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else exc}") from None
         return self._methods[name]
 
     @property
@@ -89,3 +99,22 @@ class ExecutorchBackend:
         tokens, valid = self._method(METHOD_AUDIO_ENCODER).execute(
             [self._torch.from_numpy(padded), self._torch.from_numpy(padded_mask)])
         return tokens[0][valid[0].bool()].float().numpy()
+
+
+@contextmanager
+def _native_logs_hidden() -> Iterator[None]:
+    """Silence file descriptor 2 while ExecuTorch loads a method, when the CLI asks
+    (EDGEKIT_NATIVE_LOGS=hide; `--debug` leaves it): XNNPACK's first load logs a page of CPU
+    probing from C++ that would bury the CLI's one-line messages. Failures still raise."""
+    if os.environ.get("EDGEKIT_NATIVE_LOGS") != "hide":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
