@@ -23,6 +23,7 @@ class Backend:
 
     name: str
     execution_providers: tuple[str, ...] = ()
+    recipes: tuple[str, ...] = ()  # the format's recipes this backend takes (empty: all of them)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class Format:
             RECIPES.get(name)
         if self.default_recipe not in self.recipes:
             raise ValueError(f"format {self.name}: default recipe {self.default_recipe!r} is not in its recipes")
+        for backend in self.backends:
+            if not set(backend.recipes) <= set(self.recipes):
+                raise ValueError(f"format {self.name}: backend {backend.name} lists recipes the format does not")
 
     @property
     def backend_names(self) -> tuple[str, ...]:
@@ -64,6 +68,14 @@ class Format:
 
     def supports(self, recipe: str) -> bool:
         return recipe in self.recipes
+
+    def recipes_for(self, backend: str) -> tuple[str, ...]:
+        """The recipes `backend` can run, in the format's order (its default first when it can)."""
+        return self.backend(backend).recipes or self.recipes
+
+    def default_recipe_for(self, backend: str) -> str:
+        allowed = self.recipes_for(backend)
+        return self.default_recipe if self.default_recipe in allowed else allowed[0]
 
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "extension": self.extension, "backends": list(self.backend_names),
@@ -89,10 +101,15 @@ FORMATS: Registry[Format] = Registry("format", (
         "executorch",
         "one multi-method .pte for the ExecuTorch runtime (Android AAR, C++, Python with torch)",
         ".pte",
-        (Backend("xnnpack"),),
-        # No weight-only linear recipes: IntxWeightOnlyConfig gives wrong outputs on XNNPACK
-        # and no smaller file (shared/EXPORT-NOTES.md).
-        ("fp32", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4"),
+        (
+            # No weight-only linear recipes: IntxWeightOnlyConfig gives wrong outputs on XNNPACK
+            # and no smaller file (shared/EXPORT-NOTES.md).
+            Backend("xnnpack", recipes=("fp32", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4")),
+            # ExecuTorch's Core ML delegate for the text methods (iphone / mac profiles): its
+            # compute precision; the encoders stay on XNNPACK (export/executorch/coreml.py).
+            Backend("coreml", recipes=("fp16", "fp32")),
+        ),
+        ("fp32", "fp16", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4"),
         "8da4w-emb4",
         ring_takes_a_chunk=True,
     ),

@@ -161,7 +161,7 @@ def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | No
     text = config["text_config"]
     notes: list[str] = []
     fmt, backend, providers = _resolve_format(profile, format_name)
-    recipe = _resolve_recipe(profile, fmt, recipe_name)
+    recipe = _resolve_recipe(profile, fmt, backend, recipe_name)
     if fmt.name != profile.format:
         notes.append(f"format {fmt.name} instead of {profile.name}'s {profile.format}: backend {backend}"
                      + ("" if recipe_name or recipe.name == profile.recipe else f", its default recipe {recipe.name}"))
@@ -198,17 +198,21 @@ def _resolve_format(profile: DeviceProfile, format_name: str | None) -> tuple[Fo
     fmt = get_format(format_name or profile.format)
     if fmt.name == profile.format:
         return fmt, profile.backend, profile.execution_providers
-    backend = fmt.backends[0]  # another format than the profile's: its first (portable) backend
+    if profile.backend in fmt.backend_names:  # an iPhone's coreml through ExecuTorch's Core ML delegate
+        backend = fmt.backend(profile.backend)
+    else:
+        backend = fmt.backends[0]  # another format than the profile's: its first (portable) backend
     return fmt, backend.name, backend.execution_providers
 
 
-def _resolve_recipe(profile: DeviceProfile, fmt: Format, recipe_name: str | None) -> Recipe:
+def _resolve_recipe(profile: DeviceProfile, fmt: Format, backend: str, recipe_name: str | None) -> Recipe:
+    allowed = fmt.recipes_for(backend)
     if recipe_name is None:
-        return get_recipe(profile.recipe if fmt.supports(profile.recipe) else fmt.default_recipe)
+        return get_recipe(profile.recipe if profile.recipe in allowed else fmt.default_recipe_for(backend))
     recipe = get_recipe(recipe_name)
-    if not fmt.supports(recipe.name):
-        raise InputError(f"recipe {recipe.name!r} is not supported by format {fmt.name!r}; "
-                         f"choose one of: {', '.join(fmt.recipes)}")
+    if recipe.name not in allowed:
+        where = f"format {fmt.name!r}" + (f" with backend {backend!r}" if len(fmt.backends) > 1 else "")
+        raise InputError(f"recipe {recipe.name!r} is not supported by {where}; choose one of: {', '.join(allowed)}")
     return recipe
 
 

@@ -209,9 +209,9 @@ def _parse_profile(entry: Mapping[str, Any], where: _Where) -> DeviceProfile:
         raise where.fail("backend", f"{backend!r} is not a backend of format {fmt.name!r} "
                                     f"(choose one of: {', '.join(fmt.backend_names)})")
     recipe = _choice(entry, "recipe", RECIPES.names(), where)
-    if not fmt.supports(recipe):
-        raise where.fail("recipe", f"{recipe!r} is not supported by format {fmt.name!r} "
-                                   f"(supported: {', '.join(fmt.recipes)})")
+    if recipe not in fmt.recipes_for(backend):
+        raise where.fail("recipe", f"{recipe!r} is not supported by format {fmt.name!r} on {backend} "
+                                   f"(supported: {', '.join(fmt.recipes_for(backend))})")
     providers = _execution_providers(entry, fmt, backend, where)
     modalities = _string_list(entry, "modalities", where, choices=MODALITIES)
     if "text" not in modalities:

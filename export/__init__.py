@@ -23,5 +23,6 @@ def exporter_for(format_name: str) -> Callable:
             raise NotAvailableError(f"the ExecuTorch exporter has not landed yet ({exc})") from None
         return export_executorch
     if format_name == "coreml":
-        raise NotAvailableError("the Core ML exporter has not landed yet; use --format onnx or executorch")
+        raise NotAvailableError("the standalone Core ML (.mlpackage) exporter has not landed yet; use --format "
+                                "executorch (its Core ML delegate runs the text methods on iphone / mac profiles) or onnx")
     raise ExportError(f"no exporter for format {format_name!r}")

@@ -193,7 +193,7 @@ def test_manifest_describes_the_program(fp32, tiny_e2b):
     assert m.extra["packed_ple"]["per_layer_inputs"] == [64, 64 + 160]
     assert m.audio_preprocessing is not None and m.image_preprocessing.max_soft_tokens == VISION_BUDGET
     # Norm and GELU swaps keep the decoder in few XNNPACK delegates (200 without them).
-    assert decoder.extra["xnnpack_delegates"] <= 30
+    assert set(decoder.extra["delegates"]) == {"XnnpackBackend"} and decoder.extra["delegates"]["XnnpackBackend"] <= 30
     json.dumps(m.to_dict())
 
 

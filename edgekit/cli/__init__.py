@@ -51,7 +51,9 @@ def _quiet_third_party() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")  # deprecation chatter from torch/onnx; --debug shows it
-    for name in ("torchao", "torch.utils._pytree", "transformers", "onnxscript", "onnx_ir", "coremltools"):
+    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' per-pass progress bars (ours are rich)
+    os.environ.setdefault("ET_COREML_LOG_LEVEL", "ERROR")  # ExecuTorch's Core ML partitioner sets its own level
+    for name in ("torchao", "torch.utils._pytree", "transformers", "onnxscript", "onnx_ir", "coremltools", "executorch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

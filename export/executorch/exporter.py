@@ -1,4 +1,5 @@
-"""ExecuTorch bundle exporter: one multi-method model.pte for XNNPACK, quantized by the plan's recipe.
+"""ExecuTorch bundle exporter: one multi-method model.pte for XNNPACK (or Core ML's delegate for the
+text methods on iphone / mac profiles), quantized by the plan's recipe.
 
     checkpoint ─► transformers model, weights in the checkpoint's bf16 (lazy_upcast.py)
         ─► method modules (methods.py) ─► quantize per component, each weight upcast to
@@ -24,7 +25,8 @@ from edgekit.errors import ExportError
 from edgekit.formats import get_format
 from edgekit.export import bundle_metadata
 from edgekit.export.executorch import methods as M
-from edgekit.export.executorch.lower import export_method, lower_to_pte
+from edgekit.export.executorch.coreml import coreml_partitioner
+from edgekit.export.executorch.lower import export_method, lower_to_pte, xnnpack_partitioner
 from edgekit.export.executorch.metadata import METADATA_METHODS, constant_methods
 from edgekit.export.executorch.quantize import QuantReport, quantize_linears, quantize_token_embedding
 from edgekit.export.lazy_upcast import load_in_checkpoint_dtype, upcast_
@@ -35,7 +37,9 @@ from edgekit.plan import prefill_chunk
 from edgekit.progress import progress_bar
 
 PTE_FILE = "model.pte"
-BACKEND = "xnnpack"
+# With the coreml backend these go to ExecuTorch's Core ML delegate (the KV caches become
+# Core ML states); the encoders and the log-mel transform stay on XNNPACK, which iOS runs too.
+COREML_METHODS = (METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER)
 
 
 def check_modalities(checkpoint: Checkpoint, modalities: tuple[str, ...]) -> None:
@@ -109,12 +113,10 @@ def _release_tables(lm) -> None:
 def export_executorch(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool = False) -> Bundle:
     """Write an ExecuTorch bundle for `plan` to `output` and return it (loaded, files checked)."""
     check_modalities(checkpoint, plan.modalities)
-    executorch = get_format("executorch")
-    if not executorch.supports(plan.recipe.name):
-        raise ExportError(f"recipe {plan.recipe.name} is not an ExecuTorch recipe; choose one of: "
-                          f"{', '.join(executorch.recipes)}")
-    if plan.recipe.name == "fp16":
-        raise ExportError("the fp16 recipe is not implemented for ExecuTorch yet; use fp32 or an 8da* recipe")
+    allowed = get_format("executorch").recipes_for(plan.backend)
+    if plan.recipe.name not in allowed:
+        raise ExportError(f"recipe {plan.recipe.name} is not an ExecuTorch recipe for {plan.backend}; "
+                          f"choose one of: {', '.join(allowed)}")
     started = time.monotonic()
     lm = load_in_checkpoint_dtype(checkpoint)  # bf16 weights, upcast one module at a time
     text = lm.config.text_config
@@ -130,32 +132,45 @@ def export_executorch(checkpoint: Checkpoint, *, plan, output: Path, overwrite: 
                     builds[METHOD_AUDIO_PREPROCESSOR] = M.audio_preprocessor(checkpoint)
                     reports[METHOD_AUDIO_PREPROCESSOR] = QuantReport(schemes={"transform": "fp32"})
             advance(1, description="Tracing methods")
-            programs = {name: export_method(build) for name, build in builds.items()}
-            advance(1, description="Lowering to XNNPACK")
+            on_coreml = {name for name in builds if plan.backend == "coreml" and name in COREML_METHODS}
+            programs = {name: export_method(build, xnnpack_swaps=name not in on_coreml)
+                        for name, build in builds.items()}
+            advance(1, description=f"Lowering to {plan.backend}")
             lowered = lower_to_pte(
-                programs, out=writer.path_for(PTE_FILE),
+                programs, partitioners={name: _partitioner(name in on_coreml, programs[name], plan)
+                                        for name in programs},
+                out=writer.path_for(PTE_FILE),
                 constant_methods=constant_methods(tokens=tokens, vocab_size=text.vocab_size, max_seq_len=seq_len,
                                                   max_context=plan.context_length))
             advance(1)
         bundle_metadata.copy_tokenizer_files(checkpoint, writer)
         manifest = _manifest(checkpoint, plan, builds, reports, lowered, tokens=tokens, seq_len=seq_len,
-                             seconds=time.monotonic() - started)
+                             on_coreml=on_coreml, seconds=time.monotonic() - started)
         return writer.finalize(manifest)
 
 
+def _partitioner(coreml: bool, program, plan) -> list:
+    if coreml:  # fp16 / fp32 recipes: Core ML's compute precision
+        return [coreml_partitioner(range_constraints=program.range_constraints,
+                                   precision="float16" if plan.recipe.name == "fp16" else "float32")]
+    return [xnnpack_partitioner()]
+
+
 def _manifest(checkpoint: Checkpoint, plan, builds, reports, lowered, *, tokens, seq_len: int,
-              seconds: float) -> Manifest:
+              on_coreml: set[str], seconds: float) -> Manifest:
     widths = M.Widths.of_config(checkpoint.text_config)
     methods = tuple(
         MethodSpec(name=name, file=PTE_FILE, inputs=b.inputs, outputs=b.outputs,
                    extra={**b.hints, "quantization": reports[name].to_dict(),
-                          "xnnpack_delegates": lowered[name].delegates, "kernels": list(lowered[name].kernels)})
+                          "delegates": lowered[name].delegates, "kernels": list(lowered[name].kernels)})
         for name, b in builds.items())
     has_audio, has_vision = METHOD_AUDIO_ENCODER in builds, METHOD_VISION_ENCODER in builds
     schemes = {name: "+".join(dict.fromkeys(r.schemes.values())) for name, r in reports.items()}
+    if plan.recipe.name == "fp16":  # Core ML computes in fp16; XNNPACK runs the unquantized rest in fp32
+        schemes |= {name: "fp32" for name in schemes if name not in on_coreml}
     return Manifest(
         model=bundle_metadata.model_info(checkpoint, size=plan.model), device=plan.device, format="executorch",
-        backend=BACKEND, quant_recipes=schemes | {"recipe": plan.recipe.name},
+        backend=plan.backend, quant_recipes=schemes | {"recipe": plan.recipe.name},
         methods=methods, max_context=plan.context_length, special_tokens=tokens,
         audio_preprocessing=bundle_metadata.audio_preprocessing(checkpoint) if has_audio else None,
         image_preprocessing=(bundle_metadata.image_preprocessing(checkpoint, max_soft_tokens=plan.vision_token_budget)
@@ -167,7 +182,7 @@ def _manifest(checkpoint: Checkpoint, plan, builds, reports, lowered, *, tokens,
             "max_seq_len": seq_len,
             M.PACKED_LAYOUT: {"embedding": [0, widths.hidden], "per_layer_inputs": [widths.hidden, widths.packed],
                               "soft_token_rows": "pad id", "note": "embeds = concat(input embedding, PLE rows)"},
-            "kv_cache_dtype": "float32",
+            "kv_cache_dtype": "float16" if plan.backend == "coreml" else "float32",  # Core ML states are fp16
             # Embedding tables (the PLE table is most of E2B) are read in place from the file:
             # load the program memory-mapped without mlock, or they become resident.
             "program_load": "mmap",

@@ -1,8 +1,9 @@
-"""torch.export every method, lower them all to XNNPACK in one call, write one .pte.
+"""torch.export every method, lower them all in one call, write one .pte.
 
     MethodBuild ─► swap_for_xnnpack ─► torch.export(strict=True) ─┐
     MethodBuild ─► ...                                          ├─► to_edge_transform_and_lower
-    constant (metadata) methods ────────────────────────────────┘      (XNNPACK partitioners per method)
+    constant (metadata) methods ────────────────────────────────┘      (a partitioner per method:
+                                                                         XNNPACK, or Core ML: coreml.py)
         ─► to_executorch (quant fusion + const prop, reinplace, sym-shape memory planning) ─► .pte
 
 Settings that work with executorch 1.5.1 / torch 2.13 (shared/EXPORT-NOTES.md): strict export
@@ -24,9 +25,10 @@ from edgekit.export.executorch.methods import MethodBuild
 from edgekit.export.executorch.xnnpack_modules import swap_for_xnnpack
 
 
-def export_method(build: MethodBuild) -> "torch.export.ExportedProgram":
-    """strict torch.export of one method (norms and tanh-GELU swapped for XNNPACK-friendly ones)."""
-    module = swap_for_xnnpack(build.module, build.example_inputs)
+def export_method(build: MethodBuild, *, xnnpack_swaps: bool = True) -> "torch.export.ExportedProgram":
+    """strict torch.export of one method (for XNNPACK: norms and tanh-GELU swapped for
+    friendlier ones; Core ML takes the modules as they are and fails on the swaps)."""
+    module = swap_for_xnnpack(build.module, build.example_inputs) if xnnpack_swaps else build.module
     reset = getattr(getattr(build.module, "decoder", None), "reset_cache", None)
     if reset is not None:
         reset()  # the width-recording forward wrote sample K/V into the caches
@@ -38,7 +40,7 @@ def export_method(build: MethodBuild) -> "torch.export.ExportedProgram":
         raise ExportError(f"torch.export of {build.name} failed: {type(exc).__name__}: {first}") from exc
 
 
-def _partitioner():
+def xnnpack_partitioner():
     """One XnnpackPartitioner with every precision enabled (fp32 and dynamically quantized).
 
     ExecuTorch's gemma4 example passes [XnnpackDynamicallyQuantizedPartitioner(),
@@ -53,13 +55,14 @@ def _partitioner():
 
 @dataclass(frozen=True)
 class LoweredMethod:
-    delegates: int  # XNNPACK delegate calls (a fragmented partition is slow to lower and to run)
+    delegates: dict[str, int]  # delegate calls by backend (a fragmented partition is slow to lower and run)
     kernels: tuple[str, ...]  # operators left to ExecuTorch's kernel libraries (the app must link them)
 
 
 def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, constant_methods: dict,
-                 out: Path) -> dict[str, LoweredMethod]:
-    """Lower `programs` (by method name) in one call and write the .pte to `out`."""
+                 out: Path, partitioners: dict[str, list] | None = None) -> dict[str, LoweredMethod]:
+    """Lower `programs` (by method name) in one call and write the .pte to `out`.
+    `partitioners` by method name (default: XNNPACK for every method)."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from executorch.exir.capture._config import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
@@ -68,7 +71,7 @@ def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, constan
     try:
         edge = to_edge_transform_and_lower(
             programs,
-            partitioner={name: [_partitioner()] for name in programs},
+            partitioner={name: (partitioners or {}).get(name) or [xnnpack_partitioner()] for name in programs},
             constant_methods=constant_methods,
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
@@ -90,12 +93,14 @@ def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, constan
 
 
 def _summary(ep) -> LoweredMethod:
-    delegates, kernels = 0, set()
+    delegates: dict[str, int] = {}
+    kernels = set()
     for node in ep.graph.nodes:
         if node.op != "call_function":
             continue
         if "call_delegate" in str(node.target):
-            delegates += 1
+            backend = getattr(ep.graph_module, node.args[0].target).backend_id
+            delegates[backend] = delegates.get(backend, 0) + 1
         elif isinstance(node.target, torch._ops.OpOverload) or hasattr(node.target, "_schema"):
             kernels.add(str(node.target._schema.name))
     return LoweredMethod(delegates, tuple(sorted(kernels)))

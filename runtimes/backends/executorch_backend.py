@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from edgekit.bundle import Bundle
-from edgekit.errors import BundleError, require
+from edgekit.errors import BundleError, NotAvailableError, require
 from edgekit.runtimes.backends.base import pad_audio_frames
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER
 
@@ -25,6 +25,9 @@ class ExecutorchBackend:
     def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
+        if self.manifest.backend == "coreml" and sys.platform != "darwin":
+            raise NotAvailableError(f"{bundle.path.name} runs its text methods on ExecuTorch's Core ML delegate, "
+                                    "which only Apple devices have (iOS 18 / macOS 15 or later)")
         self._torch = require("torch", extra="executorch")
         runtime = require("executorch.runtime", extra="executorch")
         try:  # quantized embedding kernels register themselves on import (shared/EXPORT-NOTES.md)
