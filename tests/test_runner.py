@@ -142,6 +142,24 @@ def test_runner_needs_neither_torch_nor_transformers(onnx_fp32_bundle, tmp_path)
     assert out["stats"]["new_tokens"] >= 1 and out["stats"]["audio_seconds"] == pytest.approx(1.0, abs=0.01)
 
 
+@pytest.mark.slow
+def test_executorch_bundle_without_the_runtime_names_the_extra(executorch_bundles):
+    """An ExecuTorch bundle where the executorch package is missing: exit 10, one line, the extra."""
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "executorch":
+                    raise ImportError("No module named " + repr(name))
+                return None
+        sys.meta_path.insert(0, Block())
+        from edgekit.cli import main
+        main(["run", {str(executorch_bundles["fp32"].path)!r}, "--prompt", "Hi"])
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert_clean_failure(result, code=10, contains="pip install 'edgekit[executorch]'")
+
+
 def test_chat_reuses_the_cache_and_answers_as_a_fresh_session(onnx_fp32_bundle):
     engine = load(onnx_fp32_bundle)
     history = [{"role": "user", "content": "Hello!"}]
