@@ -1,10 +1,11 @@
-"""Full-depth `e2b-shape` (5.1 B random weights) exported with the pi5-8gb recipe, then decoded.
+"""Full-depth `e2b-shape` (5.1 B random weights) exported with a profile's recipe, then decoded.
 
     disk check (refuse below --min-free-disk-gb) ─► `edgekit make-checkpoint e2b-shape` (~10 GB bf16)
-    ─► `edgekit export --device pi5-8gb --quant int4` in a watched child:
+    ─► `edgekit export --device pi5-8gb --quant int4` (ONNX; or --device android-flagship
+       --quant 8da4w-emb4 for ExecuTorch) in a watched child:
          every 0.5 s: MemAvailable, the child tree's RSS, the files it has written so far;
          killed when MemAvailable < --min-free-mem-gb or past --timeout (the machine is shared)
-    ─► bundle size ─► decode in its own child (bench_onnx.py --child onnx): tok/s, peak RSS
+    ─► bundle size ─► decode in its own child (bench_runtimes.py --child bundle): tok/s, peak RSS
     [on failure, --fit-layers 4,8: the same recipe at two cut depths (text graphs by default),
      to show how export memory grows per layer — the full-depth figure is an extrapolation]
 
@@ -27,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (DEFAULT_WORKDIR, GIB, checkpoint_dir, dir_bytes, disk_free_bytes, ensure_bundle,  # noqa: E402
                     ensure_checkpoint, gb, header, mib, table, verdict)
 
-DEVICE = "pi5-8gb"
 BUNDLE_TARGET_BYTES = 2.5e9
 DECODE_RSS_TARGET_BYTES = 1.3e9
 EXPORT_RSS_TARGET_BYTES = 16 * GIB
@@ -69,7 +69,7 @@ class ProgressLog:
 def export_watched(args: argparse.Namespace, checkpoint: Path, bundle: Path, *, timeout_s: float,
                    modalities: str | None) -> tuple[Any, Any, ProgressLog]:
     progress = ProgressLog(args.workdir, bundle)
-    record, measured = ensure_bundle(checkpoint, device=DEVICE, quant=args.quant, modalities=modalities, bundle=bundle,
+    record, measured = ensure_bundle(checkpoint, device=args.device, quant=args.quant, modalities=modalities, bundle=bundle,
                                      fresh=args.fresh, log=args.workdir / f"{bundle.name}.log", timeout_s=timeout_s,
                                      min_free_bytes=int(args.min_free_mem_gb * GIB), on_sample=progress)
     return record, measured, progress
@@ -89,7 +89,8 @@ def _failure_report(measured, progress: ProgressLog, log: Path) -> list[str]:
 
 
 def _step_from_files(files: str) -> str:
-    """Where export_onnx was, from what it had written (edgekit/export/onnx/exporter.py order)."""
+    """Where the exporter was, from what it had written (export_onnx writes raw graphs first;
+    export_executorch writes only model.pte, at the end)."""
     if not files or files == "no output files yet":
         # The scratch directory is made right after checkpoint.reference_model() and graph_specs().
         return ("before the first graph was traced: loading the checkpoint as the fp32 transformers reference "
@@ -109,7 +110,7 @@ def fit_layers(args: argparse.Namespace, layer_counts: list[int], deadline: floa
             continue
         checkpoint, _ = ensure_checkpoint(args.workdir, layers=layers)
         suffix = (args.fit_modalities or "all").replace(",", "+")
-        bundle = args.workdir / f"{checkpoint.name}-{DEVICE}-{args.quant}-{suffix}.edgekit"
+        bundle = args.workdir / f"{checkpoint.name}-{args.device}-{args.quant}-{suffix}.edgekit"
         record, measured, progress = export_watched(args, checkpoint, bundle, timeout_s=deadline - time.time(),
                                                     modalities=args.fit_modalities)
         params = _param_count(checkpoint)
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="checkpoint and bundle (reused)")
-    parser.add_argument("--quant", default="int4", help="recipe (pi5-8gb's is int4)")
+    parser.add_argument("--device", default="pi5-8gb", help="profile (pi5-8gb: ONNX; android-flagship: ExecuTorch)")
+    parser.add_argument("--quant", default="int4", help="recipe (pi5-8gb's is int4, android-flagship's 8da4w-emb4)")
     parser.add_argument("--modalities", default=None, help="default: the profile's (text,audio,vision)")
     parser.add_argument("--min-free-disk-gb", type=float, default=40.0, help="refuse to start below this")
     parser.add_argument("--min-free-mem-gb", type=float, default=4.0,
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     deadline = time.time() + args.timeout
     args.workdir.mkdir(parents=True, exist_ok=True)
 
-    print(header("Full-depth e2b-shape export with the pi5-8gb recipe"), flush=True)
+    print(header(f"Full-depth e2b-shape export for {args.device}, recipe {args.quant}",
+                 packages=("torch", "transformers", "onnxruntime", "onnx", "executorch", "torchao")), flush=True)
     free = disk_free_bytes(args.workdir)
     print(f"- free disk at `{args.workdir}`: {gb(free)}", flush=True)
     if free < args.min_free_disk_gb * 1e9 and not (checkpoint_dir(args.workdir, None) / "config.json").is_file():
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- export: watched every 0.5 s, killed below {args.min_free_mem_gb:.0f} GiB MemAvailable or at the "
           f"deadline\n", flush=True)
     suffix = (args.modalities or "all").replace(",", "+")
-    bundle = args.workdir / f"{checkpoint.name}-{DEVICE}-{args.quant}-{suffix}.edgekit"
+    bundle = args.workdir / f"{checkpoint.name}-{args.device}-{args.quant}-{suffix}.edgekit"
     record, measured, progress = export_watched(args, checkpoint, bundle, timeout_s=deadline - time.time(),
                                                 modalities=args.modalities)
 
@@ -212,9 +215,9 @@ def main(argv: list[str] | None = None) -> None:
                      verdict(record.peak_rss_bytes <= EXPORT_RSS_TARGET_BYTES)])
         rows.append(["bundle size", "", "", "", gb(record.bundle_bytes), f"<= {gb(BUNDLE_TARGET_BYTES)}",
                      verdict(record.bundle_bytes <= BUNDLE_TARGET_BYTES)])
-        from bench_onnx import run_onnx_child
+        from bench_runtimes import run_bundle_child
 
-        decode = run_onnx_child(args, bundle)
+        decode = run_bundle_child(args, bundle)
         hwm = decode["decode_peak_rss_bytes"]
         rows.append(["decode", "ok", f"{decode['load_s']:.1f} s load",
                      f"{mib(hwm)} (anon {mib(decode['status_after_decode'].get('RssAnon'))})",

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--bundle", type=Path, help="bundle to run (default: the e2b-shape int4 text bundle that "
-                        "bench_onnx.py writes under --workdir, exported if missing)")
+                        "bench_runtimes.py writes under --workdir, exported if missing)")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--layers", type=int, default=4, help="for the default bundle")
     parser.add_argument("--quant", default="int4", help="for the default bundle")

@@ -1,18 +1,20 @@
-"""ONNX fp32 / int4 bundles against eager transformers fp32, on an `e2b-shape` checkpoint.
+"""ONNX and ExecuTorch bundles against eager transformers fp32, on one `e2b-shape` checkpoint.
 
-    e2b-shape --layers N checkpoint ─► `edgekit export --device pi5-8gb --quant fp32|int4`
+    e2b-shape --layers N checkpoint ─► `edgekit export --device pi5-8gb --quant fp32|int4` (ONNX)
+                                     ─► `edgekit export --device android-flagship --quant fp32|8da4w-emb4`
         (measured child: export time, its peak RSS) ─► bundle size on disk
-    each runtime in its own child process:
-        load (session creation / from_pretrained) ─► warm-up ─► reset
+    each runtime in its own child process, through the runner's own backend:
+        load (sessions / program + methods / from_pretrained) ─► warm-up ─► reset
         ─► prefill P random tokens ─► reset VmHWM ─► D greedy decode steps ─► VmHWM, RssAnon, RssFile
 
 Peak RSS while decoding is the child's VmHWM after `clear_refs` reset it at the start of the
 decode loop, so the load and the prefill do not count; the whole-life peak (largest VmHWM
 seen before each reset: clear_refs resets ru_maxrss too) is
-shown beside it. The issue targets: int4 decode >= 5x eager fp32 decode; peak RSS while
-decoding < 60% of the bundle size (the per-layer table should stay memory-mapped).
+shown beside it. The issues' targets: ONNX int4 and ExecuTorch 8da4w decode >= 5x eager fp32
+decode; peak RSS while decoding < 60% of the bundle size (the per-layer table should stay
+memory-mapped).
 
-Usage: .venv/bin/python bench/bench_onnx.py [--layers 4] [--repeats 3] [--investigate]
+Usage: .venv/bin/python bench/bench_runtimes.py [--layers 4] [--repeats 3] [--bundles onnx:int4,...] [--investigate]
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (DEFAULT_WORKDIR, PYTHON, REPO, emit_result, ensure_bundle, ensure_checkpoint, gb, header,  # noqa: E402
                     mapped_rss, mib, proc_status, reset_peak_rss, run_child, table, verdict)
 
-DEVICE = "pi5-8gb"
-DECODE_RATIO_TARGET = 5.0  # int4 decode tok/s over eager fp32 decode tok/s, at least
+DEVICES = {"onnx": "pi5-8gb", "executorch": "android-flagship"}  # each format's profile
+DEFAULT_BUNDLES = "onnx:fp32,onnx:int4,executorch:fp32,executorch:8da4w-emb4"
+QUANTIZED = {"onnx int4", "executorch 8da4w-emb4", "executorch 8da4w"}  # rows the decode target applies to
+DECODE_RATIO_TARGET = 5.0  # quantized decode tok/s over eager fp32 decode tok/s, at least
 RSS_SHARE_TARGET = 0.60  # peak RSS while decoding over bundle bytes, below
 PR_SET_THP_DISABLE = 41  # linux/prctl.h
 MADV_NOHUGEPAGE = 15  # asm-generic/mman-common.h
@@ -155,7 +159,8 @@ def child_table_probe(args: argparse.Namespace) -> None:
                  "file_bytes": (Path(args.bundle) / "embedding.onnx.data").stat().st_size})
 
 
-def child_onnx(args: argparse.Namespace) -> None:
+def child_bundle(args: argparse.Namespace) -> None:
+    """Any bundle through edgekit.runtimes (ONNX: onnxruntime sessions; ExecuTorch: the program)."""
     if args.no_arena or args.no_prepack:
         _patch_session_options(arena=not args.no_arena, prepacking=not args.no_prepack)
     import numpy as np
@@ -167,17 +172,20 @@ def child_onnx(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     engine = Engine.open(args.bundle, threads=args.threads)
     backend = engine.backend
-    # Sessions are created lazily on first use; create both text graphs' here so load time
-    # is session creation, not the first forward.
-    backend._session(METHOD_TOKEN_EMBEDDING)
-    backend._session(METHOD_TEXT_DECODER)
+    fmt = backend.manifest.format
+    # Sessions / methods are created lazily on first use; create the two text ones here so
+    # load time is their creation, not the first forward.
+    create = backend._session if fmt == "onnx" else backend._method
+    create(METHOD_TOKEN_EMBEDDING)
+    create(METHOD_TEXT_DECODER)
     load_s = time.perf_counter() - start
     after_load, mapped_after_load = proc_status(), mapped_rss()
     result = measure_generation(lambda ids: backend.forward(np.asarray(ids, np.int64)), backend.reset,
                                 prompt=prompt_ids(args.prompt_tokens), steps=args.decode_steps, repeats=args.repeats)
-    emit_result({"runtime": "onnx", "load_s": load_s, "status_before_load": before, "status_after_load": after_load,
+    emit_result({"runtime": fmt, "load_s": load_s, "status_before_load": before, "status_after_load": after_load,
                  "mapped_rss_after_load": mapped_after_load,
-                 "arena_disabled": bool(args.no_arena), "prepacking_disabled": bool(args.no_prepack), "torch_imported": "torch" in sys.modules, **result})
+                 "arena_disabled": bool(args.no_arena), "prepacking_disabled": bool(args.no_prepack),
+                 "torch_imported": "torch" in sys.modules, **result})
 
 
 def child_eager(args: argparse.Namespace) -> None:
@@ -222,11 +230,11 @@ def child_command(role: str, args: argparse.Namespace, **extra: Any) -> list[str
     return cmd
 
 
-def run_onnx_child(args: argparse.Namespace, bundle: Path, *, repeats: int | None = None,
-                   decode_steps: int | None = None, **flags: Any) -> dict[str, Any]:
+def run_bundle_child(args: argparse.Namespace, bundle: Path, *, repeats: int | None = None,
+                     decode_steps: int | None = None, **flags: Any) -> dict[str, Any]:
     short = argparse.Namespace(**{**vars(args), "repeats": repeats or args.repeats,
                                   "decode_steps": decode_steps or args.decode_steps})
-    result, _ = run_child(child_command("onnx", short, bundle=bundle, **flags))
+    result, _ = run_child(child_command("bundle", short, bundle=bundle, **flags))
     result["decode_steps"] = short.decode_steps
     return result
 
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="checkpoints and bundles (reused)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the e2b-shape checkpoint")
-    parser.add_argument("--quants", default="fp32,int4", help="comma list of ONNX recipes to export and run")
+    parser.add_argument("--bundles", default=DEFAULT_BUNDLES, help="comma list of FORMAT:RECIPE to export and run")
     parser.add_argument("--modalities", default="text",
                         help="modalities exported into the bundles (bundle size counts only these)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -260,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
                         "mmapped embedding tables random lookups make resident")
     parser.add_argument("--fresh", action="store_true", help="re-export bundles even if they exist")
     # children
-    parser.add_argument("--child", choices=("onnx", "eager", "table-probe"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("bundle", "eager", "table-probe"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-mode", choices=("default", "prctl", "madvise"), default="default",
                         help=argparse.SUPPRESS)
     parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
@@ -268,44 +276,48 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-arena", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-prepack", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child == "onnx":
-        return child_onnx(args)
+    if args.child == "bundle":
+        return child_bundle(args)
     if args.child == "eager":
         return child_eager(args)
     if args.child == "table-probe":
         return child_table_probe(args)
 
-    print(header(f"ONNX bundles vs eager transformers (e2b-shape, {args.layers} layers)"))
+    print(header(f"ONNX and ExecuTorch bundles vs eager transformers (e2b-shape, {args.layers} layers)",
+                 packages=("torch", "transformers", "onnxruntime", "onnx", "executorch", "torchao")))
     checkpoint, how = ensure_checkpoint(args.workdir, layers=args.layers)
     print(f"- checkpoint: `{checkpoint}` ({how})")
     print(f"- workload: {args.prompt_tokens}-token random prompt, then {args.decode_steps} greedy decode steps; "
           f"{args.threads} threads; {args.repeats} rounds per runtime, median (min-max); bundles hold "
           f"`{args.modalities}` only\n")
-    quants = [q.strip() for q in args.quants.split(",") if q.strip()]
+    wanted = [tuple(item.strip().split(":", 1)) for item in args.bundles.split(",") if item.strip()]
     bundles, records = {}, {}
-    for quant in quants:
-        bundle = args.workdir / f"{checkpoint.name}-{DEVICE}-{quant}-{args.modalities.replace(',', '+')}.edgekit"
-        record, measured = ensure_bundle(checkpoint, device=DEVICE, quant=quant, modalities=args.modalities,
+    for fmt, quant in wanted:
+        name = f"{fmt} {quant}"
+        device = DEVICES[fmt]
+        bundle = args.workdir / f"{checkpoint.name}-{device}-{quant}-{args.modalities.replace(',', '+')}.edgekit"
+        record, measured = ensure_bundle(checkpoint, device=device, quant=quant, modalities=args.modalities,
                                          bundle=bundle, fresh=args.fresh, log=args.workdir / f"{bundle.name}.log")
         if record is None:
-            raise SystemExit(f"export {quant} failed: {measured.killed_reason or measured.output[-3000:]}")
-        bundles[quant], records[quant] = bundle, record
+            raise SystemExit(f"export {name} failed: {measured.killed_reason or measured.output[-3000:]}")
+        bundles[name], records[name] = bundle, record
 
     results: dict[str, dict[str, Any]] = {}
     if not args.skip_eager:
         result, _ = run_child(child_command("eager", args, checkpoint=checkpoint))
         results["eager fp32 (transformers)"] = result
-    for quant in quants:
-        results[f"onnx {quant}"] = run_onnx_child(args, bundles[quant])
+    for name, bundle in bundles.items():
+        results[name] = run_bundle_child(args, bundle)
     probes = []
-    if args.investigate and "int4" in bundles:
-        results["onnx int4, ORT arena off (experiment)"] = run_onnx_child(args, bundles["int4"], no_arena=True)
+    if args.investigate and "onnx int4" in bundles:
+        int4 = bundles["onnx int4"]
+        results["onnx int4, ORT arena off (experiment)"] = run_bundle_child(args, int4, no_arena=True)
         # Without prepacking MatMulNBits decodes ~40x slower: one short round is enough to show it.
-        results["onnx int4, arena + prepacking off (experiment, 1 round of 16 steps)"] = run_onnx_child(
-            args, bundles["int4"], repeats=1, decode_steps=16, no_arena=True, no_prepack=True)
+        results["onnx int4, arena + prepacking off (experiment, 1 round of 16 steps)"] = run_bundle_child(
+            args, int4, repeats=1, decode_steps=16, no_arena=True, no_prepack=True)
         for mode in ("default", "prctl", "madvise"):
-            probes.append(run_child(child_command("table-probe", args, bundle=bundles["int4"], probe_mode=mode))[0])
-    raw = args.workdir / f"bench_onnx-{checkpoint.name}.json"
+            probes.append(run_child(child_command("table-probe", args, bundle=int4, probe_mode=mode))[0])
+    raw = args.workdir / f"bench_runtimes-{checkpoint.name}.json"
     raw.write_text(json.dumps({"results": results, "probes": probes}, indent=1) + "\n")
 
     print(_export_table(records))
@@ -323,18 +335,18 @@ def main(argv: list[str] | None = None) -> None:
 
 def _export_table(records) -> str:
     rows = []
-    for quant, r in records.items():
-        rows.append([quant, f"{r.seconds:.0f} s" + (" (earlier run)" if r.reused else ""), mib(r.peak_rss_bytes),
+    for name, r in records.items():
+        rows.append([name, f"{r.seconds:.0f} s" + (" (earlier run)" if r.reused else ""), mib(r.peak_rss_bytes),
                      f"{gb(r.bundle_bytes)} ({r.bundle_bytes:,} B)", f"`{r.command}`"])
     return "Export (`edgekit export` in a child; peak RSS = the child's ru_maxrss)\n\n" + table(
-        ["recipe", "export time", "export peak RSS", "bundle size on disk", "command"], rows)
+        ["bundle", "export time", "export peak RSS", "bundle size on disk", "command"], rows)
 
 
 def _bundle_bytes(name: str, bundles: dict[str, Path]) -> int | None:
     from common import dir_bytes
 
-    for quant, path in bundles.items():
-        if name.startswith(f"onnx {quant}"):
+    for bundle_name, path in bundles.items():
+        if name.startswith(bundle_name):
             return dir_bytes(path)
     return None
 
@@ -358,10 +370,10 @@ def _memory_table(results, bundles) -> str:
     for name, r in results.items():
         after, load = r["status_after_decode"], r["status_after_load"]
         mapped = r.get("mapped_rss_after_decode", {})
-        data = ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in sorted(mapped.items()) if k.endswith(".data")) or "-"
+        data = ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in sorted(mapped.items()) if k.endswith((".data", ".pte"))) or "-"
         mapped_load = r.get("mapped_rss_after_load", {})
         data_load = ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in sorted(mapped_load.items())
-                              if k.endswith(".data")) or "-"
+                              if k.endswith((".data", ".pte"))) or "-"
         rows.append([name, mib(r["status_before_load"].get("RssAnon")), mib(load.get("RssAnon")),
                      mib(load.get("RssFile")), data_load, mib(after.get("RssAnon")),
                      mib(after.get("RssFile")), data])
@@ -390,12 +402,12 @@ def _ratios(results, bundles) -> str:
     eager = results.get("eager fp32 (transformers)")
     rows = []
     for name, r in results.items():
-        if not name.startswith("onnx"):
+        if name == "eager fp32 (transformers)":
             continue
         if eager:
             ratio = _median(r["decode_tok_s"]) / _median(eager["decode_tok_s"])
-            target = f">= {DECODE_RATIO_TARGET:.0f}x" if name == "onnx int4" else "-"
-            met = verdict(ratio >= DECODE_RATIO_TARGET) if name == "onnx int4" else ""
+            target = f">= {DECODE_RATIO_TARGET:.0f}x" if name in QUANTIZED else "-"
+            met = verdict(ratio >= DECODE_RATIO_TARGET) if name in QUANTIZED else ""
             rows.append([f"{name} decode / eager fp32 decode", f"{ratio:.2f}x", target, met])
             agree = sum(a == b for a, b in zip(r["tokens"], eager["tokens"]))
             compared = min(len(r["tokens"]), len(eager["tokens"]))

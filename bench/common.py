@@ -134,7 +134,7 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def mapped_rss(suffixes: Sequence[str] = (".onnx.data", ".onnx")) -> dict[str, int]:
+def mapped_rss(suffixes: Sequence[str] = (".onnx.data", ".onnx", ".pte")) -> dict[str, int]:
     """Resident bytes of this process's file mappings whose path ends with one of `suffixes`.
 
     From /proc/self/smaps: tells weights read through mmap (file pages, shared with the page
