@@ -119,8 +119,8 @@ def export_executorch(checkpoint: Checkpoint, *, plan, output: Path, overwrite: 
                           f"choose one of: {', '.join(allowed)}")
     started = time.monotonic()
     lm = load_in_checkpoint_dtype(checkpoint)  # bf16 weights, upcast one module at a time
-    text = lm.config.text_config
-    seq_len = max_seq_len(text, plan.context_length)
+    seq_len = max_seq_len(lm.config.text_config, plan.context_length)
+    vocab_size = lm.config.text_config.vocab_size
     tokens = bundle_metadata.special_tokens(checkpoint)
     output = Path(output)
     with BundleWriter(output, overwrite=overwrite) as writer:
@@ -135,12 +135,18 @@ def export_executorch(checkpoint: Checkpoint, *, plan, output: Path, overwrite: 
             on_coreml = {name for name in builds if plan.backend == "coreml" and name in COREML_METHODS}
             programs = {name: export_method(build, xnnpack_swaps=name not in on_coreml)
                         for name, build in builds.items()}
+            # The programs hold every weight now; what the eager modules kept (E2B's quantized
+            # decoder and tables: ~3 GB) would otherwise sit beside lowering's own copies.
+            for build in builds.values():
+                build.module = None
+            del lm
+            gc.collect()
             advance(1, description=f"Lowering to {plan.backend}")
             lowered = lower_to_pte(
                 programs, partitioners={name: _partitioner(name in on_coreml, programs[name], plan)
                                         for name in programs},
                 out=writer.path_for(PTE_FILE),
-                constant_methods=constant_methods(tokens=tokens, vocab_size=text.vocab_size, max_seq_len=seq_len,
+                constant_methods=constant_methods(tokens=tokens, vocab_size=vocab_size, max_seq_len=seq_len,
                                                   max_context=plan.context_length))
             advance(1)
         bundle_metadata.copy_tokenizer_files(checkpoint, writer)

@@ -15,6 +15,7 @@ The reinplace pass turns the KV caches' index_put into an in-place write.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,12 +63,14 @@ class LoweredMethod:
 def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, constant_methods: dict,
                  out: Path, partitioners: dict[str, list] | None = None) -> dict[str, LoweredMethod]:
     """Lower `programs` (by method name) in one call and write the .pte to `out`.
-    `partitioners` by method name (default: XNNPACK for every method)."""
+    `partitioners` by method name (default: XNNPACK for every method). `programs` is consumed:
+    emptied once lowered, so their weights are freed before the emitter copies the rest."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from executorch.exir.capture._config import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+    names = list(programs)
     try:
         edge = to_edge_transform_and_lower(
             programs,
@@ -75,6 +78,8 @@ def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, constan
             constant_methods=constant_methods,
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
+        programs.clear()  # the delegates hold serialized copies of what they took
+        gc.collect()
         program = edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True,
             do_quant_fusion_and_const_prop=True,
@@ -89,7 +94,7 @@ def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, constan
         raise ExportError(f"lowering to ExecuTorch failed: {type(exc).__name__}: {first}") from exc
     with open(out, "wb") as fh:
         program.write_to_file(fh)
-    return {name: _summary(program.exported_program(name)) for name in programs}
+    return {name: _summary(program.exported_program(name)) for name in names}
 
 
 def _summary(ep) -> LoweredMethod:
