@@ -15,6 +15,7 @@ per-component numerical tests of two real bundles, exported once per test sessio
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 from pathlib import Path
 
@@ -357,6 +358,56 @@ def test_verify_runs_the_program_against_transformers(executorch_bundles, tiny_e
         assert report["methods"][METHOD_AUDIO_ENCODER]["cosine"] > 0.9999
     else:
         assert report["bounds"]["min_cosine"] >= 0.9, report["bounds"]
+
+
+@slow
+def test_tiny_e4b_exports_every_method_and_verifies(executorch_bundles, tiny_e4b):
+    """E4B's layout (other widths, 24 of 42-style KV owners, its own layer pattern) through
+    `edgekit export --device android-flagship` and `edgekit verify` (quantized bounds)."""
+    from tests.conftest import run_cli
+
+    bundle = executorch_bundles["e4b"]
+    m = bundle.manifest
+    assert [x.name for x in m.methods] == [METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER, METHOD_VISION_ENCODER,
+                                          METHOD_AUDIO_ENCODER, METHOD_AUDIO_PREPROCESSOR]
+    text = load(tiny_e4b).text_config
+    packed = text["hidden_size"] + text["num_hidden_layers"] * text["hidden_size_per_layer_input"]
+    assert m.quant_recipes["recipe"] == QUANT_RECIPE
+    assert m.method(METHOD_TEXT_DECODER).inputs[0].shape == (1, "seq_len", packed)
+    result = run_cli("verify", str(bundle.path), "--reference", str(tiny_e4b), "--json", timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["methods"][METHOD_TEXT_DECODER]["min_cosine"] >= report["bounds"]["min_cosine"]
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")])
+def test_interrupted_or_disk_full_export_leaves_nothing(tiny_e2b_4layers, tmp_path, monkeypatch, failure):
+    from edgekit.errors import ExportError
+    from edgekit.export.executorch import exporter
+
+    def half_written(programs, *, out, **kwargs):
+        out.write_bytes(b"\0" * 4096)  # the start of a .pte, then the failure
+        raise failure
+
+    monkeypatch.setattr(exporter, "lower_to_pte", half_written)
+    out = tmp_path / "out"
+    out.mkdir()
+    expected = KeyboardInterrupt if isinstance(failure, KeyboardInterrupt) else ExportError
+    with pytest.raises(expected) as info:
+        exporter.export_executorch(load(tiny_e2b_4layers), plan=_plan(tiny_e2b_4layers, "fp32", "text"),
+                                   output=out / "b.edgekit")
+    if expected is ExportError:
+        assert "disk full" in str(info.value)
+    assert sorted(p.name for p in out.iterdir()) == []  # no bundle, no temporary directory
+
+
+def test_unsupported_recipe_lists_the_executorch_ones(tiny_e2b, tmp_path):
+    from tests.conftest import assert_clean_failure, run_cli
+
+    result = run_cli("export", str(tiny_e2b), "--device", "android-flagship", "--quant", "int4",
+                     "-o", str(tmp_path / "b.edgekit"))
+    assert_clean_failure(result, code=2, contains="choose one of: fp32, 8da4w")
+    assert not (tmp_path / "b.edgekit").exists()
 
 
 @slow
