@@ -93,6 +93,7 @@ def verify_bundle(bundle_path: Path, checkpoint: Checkpoint, *, steps: int = 64,
     import torch
 
     from edgekit.runtimes.backends import open_backend
+    from edgekit.runtimes.engine import feed_prompt
     from edgekit.runtimes.image_preprocess import ImageParams, preprocess_image
     from edgekit.runtimes.mel_features import MelParams, log_mel_features
     from edgekit.runtimes.prompt import PromptBuilder
@@ -156,7 +157,8 @@ def verify_bundle(bundle_path: Path, checkpoint: Checkpoint, *, steps: int = 64,
                                **ref_inputs).logits[0, ids.shape[1] - 1:].float().numpy()
         advance()
         backend.reset()
-        got = [_prefill(backend, prompt.input_ids, image_feats, audio_feats, manifest.special_tokens)]
+        got = [feed_prompt(backend, prompt, images=[image_feats] if image_feats is not None else [],
+                           audios=[audio_feats] if audio_feats is not None else [])]
         for token in tokens[:-1]:
             got.append(backend.forward(np.asarray([token], np.int64))[-1])
             advance()
@@ -176,28 +178,6 @@ def verify_bundle(bundle_path: Path, checkpoint: Checkpoint, *, steps: int = 64,
     if save:
         update_manifest(bundle.path, verification=report)
     return report
-
-
-def _prefill(backend, ids: np.ndarray, image_feats: np.ndarray | None, audio_feats: np.ndarray | None,
-             tokens) -> np.ndarray:
-    """Feed the prompt in chunks the backend takes (an ExecuTorch decoder takes max_seq_len
-    tokens per call); each chunk gets the next soft-token rows for its placeholders.
-    Returns the last position's logits."""
-    chunk = backend.max_prefill_tokens or len(ids)
-    used = {"image": 0, "audio": 0}
-
-    def rows(kind: str, token_id: int | None, feats: np.ndarray | None, part: np.ndarray) -> np.ndarray | None:
-        n = int((part == token_id).sum()) if feats is not None and token_id is not None else 0
-        if n == 0:
-            return None
-        used[kind] += n
-        return feats[used[kind] - n: used[kind]]
-
-    for begin in range(0, len(ids), chunk):
-        part = ids[begin:begin + chunk]
-        logits = backend.forward(part, image_features=rows("image", tokens.image_token_id, image_feats, part),
-                                 audio_features=rows("audio", tokens.audio_token_id, audio_feats, part))
-    return logits[-1]
 
 
 def _failures(report: dict[str, Any], bounds: Bounds) -> list[str]:

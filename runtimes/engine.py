@@ -158,21 +158,13 @@ class Engine:
         if reuse == 0:
             self.backend.reset()
         start = time.perf_counter()
-        images = [m.features for m in media if m.kind == "image"]
-        audios = [m.features for m in media if m.kind == "audio"]
-        image_rows = _rows_by_position(prompt.image_spans, images, "image")
-        audio_rows = _rows_by_position(prompt.audio_spans, audios, "audio")
-        logits = None
-        chunk = min(self.prefill_chunk, self.backend.max_prefill_tokens or self.prefill_chunk)
-        for begin in range(reuse, len(ids), chunk):
-            end = min(begin + chunk, len(ids))
-            logits = self.backend.forward(np.asarray(ids[begin:end], np.int64),
-                                          image_features=_take(image_rows, begin, end),
-                                          audio_features=_take(audio_rows, begin, end))
+        logits = feed_prompt(self.backend, prompt, images=[m.features for m in media if m.kind == "image"],
+                             audios=[m.features for m in media if m.kind == "audio"], begin=reuse,
+                             chunk=self.prefill_chunk)
         stats.prefill_s = time.perf_counter() - start
         stats.prefilled_tokens = len(ids) - reuse
         self._cached_ids = keys
-        return logits[-1]
+        return logits
 
     def _reusable_prefix(self, ids: list) -> int:
         """How many leading prompt tokens the cache can keep: the common prefix with what it
@@ -253,6 +245,25 @@ class Engine:
     def reset(self) -> None:
         self.backend.reset()
         self._cached_ids = []
+
+
+def feed_prompt(backend, prompt: Prompt, *, images: list[np.ndarray], audios: list[np.ndarray], begin: int = 0,
+                chunk: int | None = None) -> np.ndarray:
+    """Feed `prompt` from position `begin` in chunks the backend takes (an ExecuTorch decoder
+    takes at most max_prefill_tokens per call); each chunk's soft-token positions get their
+    rows of the encoders' features. Returns the last position's logits."""
+    ids = prompt.input_ids.tolist()
+    image_rows = _rows_by_position(prompt.image_spans, images, "image")
+    audio_rows = _rows_by_position(prompt.audio_spans, audios, "audio")
+    limit = backend.max_prefill_tokens
+    chunk = min(chunk or limit or len(ids), limit or len(ids))
+    logits = None
+    for start in range(begin, len(ids), chunk):
+        end = min(start + chunk, len(ids))
+        logits = backend.forward(np.asarray(ids[start:end], np.int64),
+                                 image_features=_take(image_rows, start, end),
+                                 audio_features=_take(audio_rows, start, end))
+    return logits[-1]
 
 
 def _rows_by_position(spans: Sequence[range], features: list[np.ndarray], kind: str) -> dict[int, np.ndarray]:

@@ -88,8 +88,8 @@ def tiny_e2b_4layers(tmp_path_factory) -> Path:
     return make_checkpoint(PRESETS["tiny-e2b"], tmp_path_factory.mktemp("ckpt") / "tiny-e2b-4", seed=0, layers=4)
 
 
-# ExecuTorch bundles are exported in two concurrent processes (lowering is single-threaded
-# and slow, ~2.5 min for fp32; a failed torch.export can poison its process).
+# ExecuTorch bundles are exported in concurrent processes (lowering is single-threaded and
+# slow, ~2.5 min for fp32; a failed torch.export can poison its process).
 EXECUTORCH_CONTEXT = 256  # room for verify's image + audio + text prompt and 64 steps
 EXECUTORCH_VISION_BUDGET = 70
 _EXPORT_FP32 = """
