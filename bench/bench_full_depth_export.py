@@ -92,9 +92,8 @@ def _step_from_files(files: str) -> str:
     """Where the exporter was, from what it had written (export_onnx writes raw graphs first;
     export_executorch writes only model.pte, at the end)."""
     if not files or files == "no output files yet":
-        # The scratch directory is made right after checkpoint.reference_model() and graph_specs().
-        return ("before the first graph was traced: loading the checkpoint as the fp32 transformers reference "
-                "model (Checkpoint.reference_model -> from_pretrained(dtype=float32)) or building the graph modules")
+        # Both exporters load the checkpoint (bf16, lazy_upcast) before they write anything.
+        return "before the first graph was traced: loading the checkpoint (load_in_checkpoint_dtype)"
     last = files.split("; ")[-1]
     if last.startswith("raw"):
         return f"tracing or quantizing a graph (newest raw file: {last})"

@@ -112,9 +112,9 @@ def _w4a8(group: int) -> QuantScheme:
 
 
 def _int4_blockwise(block: int) -> QuantScheme:
-    # ONNX Runtime MatMulNBits (DefaultWeightOnlyQuantConfig, is_symmetric=False): one fp16
-    # scale and one packed 4-bit zero point per block: 4 + 20/32 = 4.625 bits at block 32.
-    return QuantScheme(f"int4-b{block}", 4, block, zero_point_bits=4)
+    # ONNX Runtime MatMulNBits / GatherBlockQuantized, symmetric (no zero points); the
+    # scales take the graph's float type, fp32 on CPU: 4 + 32/32 = 5 bits at block 32.
+    return QuantScheme(f"int4-b{block}", 4, block, scale_bits=32)
 
 
 W8A8 = QuantScheme("8da8w", 8, None, activations="int8_dynamic")  # per-channel int8

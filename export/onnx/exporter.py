@@ -1,7 +1,11 @@
 """ONNX bundle exporter: one graph per method, quantized by the plan's recipe.
 
-    checkpoint ─► transformers model (fp32) ─► components ─► torch.onnx (dynamo) ─► raw graphs
-        ─► fold transposed weights ─► quantize per component ─► bundle (+ genai_config.json)
+    checkpoint ─► transformers model (bf16 as stored) ─► per graph: upcast its modules to fp32
+        ─► torch.onnx (dynamo) ─► raw graph ─► quantize ─► bundle (+ genai_config.json)
+
+int4 graphs are quantized one weight at a time (stream_quantize.py) and the embedding
+tables never enter a graph in fp32: at full E2B depth this is what lets the export run in
+well under the 24 GiB that an fp32 load plus an in-memory quantizer needed (RESULTS.md).
 
 Raw graphs go to a scratch directory beside the bundle; only finished graphs enter the
 bundle's temporary directory, which BundleWriter renames into place at the very end.
@@ -9,13 +13,17 @@ bundle's temporary directory, which BundleWriter renames into place at the very 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import torch
+from torch import nn
 
 from edgekit import onnx_layout as L
 from edgekit.bundle import Bundle, BundleWriter
@@ -27,8 +35,9 @@ from edgekit.export.components.token_embedding import MultimodalEmbedding
 from edgekit.export.components.vision_encoder import VisionEncoder
 from edgekit.export.onnx import genai_config
 from edgekit.export.onnx.graph_export import OPSET, GraphSpec, export_graph
-from edgekit.export.onnx.passes.fold_transposed_weights_pass import fold_transposed_weights
-from edgekit.export.onnx.quantize import quantize_int4, quantize_int8_dynamic, quantize_table, to_fp16
+from edgekit.export.lazy_upcast import load_in_checkpoint_dtype, upcast_
+from edgekit.export.onnx.quantize import quantize_int8_dynamic, to_fp16
+from edgekit.export.onnx.stream_quantize import TableSource, quantize_graph_int4
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING,
                               METHOD_VISION_ENCODER, Manifest, MethodSpec, TensorSpec)
 from edgekit.model import Checkpoint
@@ -118,7 +127,8 @@ def _vision_spec(lm, *, budget: int) -> GraphSpec:
 
 def _audio_spec(lm) -> GraphSpec:
     encoder = AudioEncoder(lm).eval()
-    return GraphSpec(name=METHOD_AUDIO_ENCODER, module=encoder, args=encoder.example_inputs(),
+    # 200 frames, as the ExecuTorch method traces: a sample past min_frames is all it needs.
+    return GraphSpec(name=METHOD_AUDIO_ENCODER, module=encoder, args=encoder.example_inputs(200), strict=True,
                      input_names=(L.INPUT_FEATURES, L.INPUT_FEATURES_MASK),
                      output_names=(L.AUDIO_FEATURES, L.AUDIO_FEATURES + "_mask"),
                      dynamic_axes={L.INPUT_FEATURES: {1: L.NUM_FRAMES}, L.INPUT_FEATURES_MASK: {1: L.NUM_FRAMES},
@@ -135,37 +145,79 @@ def check_modalities(checkpoint: Checkpoint, modalities: tuple[str, ...]) -> Non
             raise ExportError(f"{checkpoint.path} has no {modality} tower; export with --modalities {others}")
 
 
-def graph_specs(lm, plan) -> dict[str, GraphSpec]:
-    """The graphs a plan asks for, keyed by method name."""
-    specs = {METHOD_TOKEN_EMBEDDING: _embedding_spec(lm), METHOD_TEXT_DECODER: _decoder_spec(lm)}
-    if "vision" in plan.modalities:
-        specs[METHOD_VISION_ENCODER] = _vision_spec(lm, budget=plan.vision_token_budget)
-    if "audio" in plan.modalities:
-        specs[METHOD_AUDIO_ENCODER] = _audio_spec(lm)
-    return specs
+# Export order: the decoder (the largest graph in fp32) last, so the loaded model can be
+# dropped before its graph is quantized.
+_SPECS = {
+    METHOD_TOKEN_EMBEDDING: lambda lm, plan: _embedding_spec(lm),
+    METHOD_VISION_ENCODER: lambda lm, plan: _vision_spec(lm, budget=plan.vision_token_budget),
+    METHOD_AUDIO_ENCODER: lambda lm, plan: _audio_spec(lm),
+    METHOD_TEXT_DECODER: lambda lm, plan: _decoder_spec(lm),
+}
+
+
+def graph_methods(plan) -> tuple[str, ...]:
+    """The graphs a plan asks for, in export order."""
+    wanted = {METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER}
+    wanted |= {METHOD_VISION_ENCODER} if "vision" in plan.modalities else set()
+    wanted |= {METHOD_AUDIO_ENCODER} if "audio" in plan.modalities else set()
+    return tuple(m for m in _SPECS if m in wanted)
 
 
 # --- quantization --------------------------------------------------------------------------
 
-def _finish_graph(raw: Path, out: Path, *, method: str, recipe) -> str:
-    """Fold, quantize by the recipe and save `raw` as `out` (+ out.data). Returns the scheme."""
+def _scheme(method: str, recipe):
     component, kind = _GRAPH_WEIGHTS[method]
     scheme = recipe.scheme_for(component, kind)
     if method == METHOD_TEXT_DECODER and recipe.scheme_for(component, "lm_head") != scheme:
         raise ExportError(f"recipe {recipe.name}: ONNX export needs the lm_head quantized like the decoder linears")
+    return scheme
+
+
+def _is_int4(scheme) -> bool:
+    return scheme.quantized and scheme.weight_bits == 4
+
+
+def _finish_graph(raw: Path, out: Path, *, method: str, recipe, tables: dict[str, TableSource]) -> str:
+    """Quantize `raw` by the recipe and save it as `out` (+ out.data). Returns the scheme.
+    `tables`: the embedding graph's placeholder tables (int4 recipes), filled in here."""
+    scheme = _scheme(method, recipe)
+    if _is_int4(scheme):
+        embedding = _GRAPH_WEIGHTS[method][1] == "embedding"
+        quantize_graph_int4(raw, out, block_size=scheme.group_size or 32, matmuls=not embedding, tables=tables)
+        return scheme.name
     if scheme.quantized and scheme.weight_bits == 8:
         quantize_int8_dynamic(raw, out)
         return scheme.name
     model = onnx.load(str(raw))
-    fold_transposed_weights(model)
-    if scheme.quantized and scheme.weight_bits == 4:
-        block = scheme.group_size or 32
-        model = (quantize_table(model, bits=4, block_size=block) if kind == "embedding"
-                 else quantize_int4(model, block_size=block))
-    elif not scheme.quantized and scheme.weight_bits == 16:
+    if not scheme.quantized and scheme.weight_bits == 16:
         model = to_fp16(model)
     _save(model, out)
     return scheme.name
+
+
+@contextlib.contextmanager
+def _placeholder_tables(spec: GraphSpec, scheme) -> Iterator[dict[str, TableSource]]:
+    """For int4 recipes, trace the embedding graph with 2-row stand-ins for its tables, so
+    neither torch.onnx nor onnx.load ever holds them in fp32 (E2B's are 11 GB as fp32): the
+    quantizer reads the real rows, still in the checkpoint's dtype, in chunks."""
+    if not (_is_int4(scheme) and _GRAPH_WEIGHTS[spec.name][1] == "embedding"):
+        yield {}
+        return
+    swapped: list[tuple[nn.Embedding, nn.Parameter, int | None]] = []
+    tables: dict[str, TableSource] = {}
+    for name, module in spec.module.named_modules():
+        if isinstance(module, nn.Embedding):
+            real, padding_idx = module.weight, module.padding_idx
+            rows, cols = real.shape
+            tables[f"{name}.weight"] = TableSource(rows, cols, lambda a, b, w=real: w.detach()[a:b].float().numpy())
+            module.weight = nn.Parameter(torch.zeros(2, cols), requires_grad=False)
+            module.padding_idx = None  # only steers gradients; 2 rows cannot hold the pad id
+            swapped.append((module, real, padding_idx))
+    try:
+        yield tables
+    finally:
+        for module, real, padding_idx in swapped:
+            module.weight, module.padding_idx = real, padding_idx
 
 
 def _save(model: onnx.ModelProto, out: Path) -> None:
@@ -210,22 +262,35 @@ def _method_spec(method: str, path: Path, hints: dict) -> MethodSpec:
 def export_onnx(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool = False) -> Bundle:
     """Write an ONNX bundle for `plan` to `output` and return it (loaded, files checked)."""
     check_modalities(checkpoint, plan.modalities)
-    lm = checkpoint.reference_model()
-    specs = graph_specs(lm, plan)
+    methods = graph_methods(plan)
+    for method in methods:
+        _scheme(method, plan.recipe)  # a recipe the format cannot write fails before the slow load
+    lm = load_in_checkpoint_dtype(checkpoint)  # bf16 weights; each graph upcasts its own modules
     output = Path(output)
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.raw-", dir=output.parent if output.parent.exists() else None))
     try:
         with BundleWriter(output, overwrite=overwrite) as writer:
             built: list[BuiltGraph] = []
-            with progress_bar("Exporting ONNX graphs", total=2 * len(specs)) as advance:
-                for method, spec in specs.items():
+            with progress_bar("Exporting ONNX graphs", total=2 * len(methods)) as advance:
+                for method in methods:
                     advance(0, description=f"Tracing {method}")
-                    raw = export_graph(spec, scratch / f"{method}.onnx")
+                    spec = _SPECS[method](lm, plan)
+                    hints = _runner_hints(getattr(spec.module, "encoder", spec.module))
+                    with _placeholder_tables(spec, _scheme(method, plan.recipe)) as tables:
+                        upcast_(spec.module)
+                        raw = export_graph(spec, scratch / f"{method}.onnx")
+                    del spec
+                    _release_exported_modules(lm, method)
+                    if method == methods[-1]:
+                        lm = None  # the decoder's fp32 weights go before its graph is quantized
+                    gc.collect()
                     advance(1, description=f"Quantizing {method}")
                     file = L.GRAPH_FILES[method]
-                    scheme = _finish_graph(raw, writer.path_for(file), method=method, recipe=plan.recipe)
-                    built.append(BuiltGraph(method, file, scheme,
-                                            _runner_hints(getattr(spec.module, "encoder", spec.module))))
+                    scheme = _finish_graph(raw, writer.path_for(file), method=method, recipe=plan.recipe, tables=tables)
+                    del tables
+                    raw.unlink()
+                    raw.with_name(raw.name + ".data").unlink(missing_ok=True)
+                    built.append(BuiltGraph(method, file, scheme, hints))
                     advance(1)
             bundle_metadata.copy_tokenizer_files(checkpoint, writer)
             manifest = _manifest(checkpoint, plan, writer.temp_dir, built)
@@ -233,6 +298,20 @@ def export_onnx(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool =
             return writer.finalize(manifest)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _release_exported_modules(lm, method: str) -> None:
+    """Drop the loaded model's modules that only `method`'s graph reads, now that it is
+    traced, so they are not held (upcast to fp32) while the decoder is exported. E2B's
+    per-layer table is 4.7 GB in bf16 (the quantizer still holds it until the embedding
+    graph is written); the towers are 1.9 GB once upcast."""
+    model = lm.model
+    if method == METHOD_TOKEN_EMBEDDING:
+        model.language_model.embed_tokens_per_layer = None  # the decoder takes its rows as an input
+    elif method == METHOD_VISION_ENCODER:
+        model.vision_tower = model.embed_vision = None
+    elif method == METHOD_AUDIO_ENCODER:
+        model.audio_tower = model.embed_audio = None
 
 
 def _manifest(checkpoint: Checkpoint, plan, root: Path, built: list[BuiltGraph]) -> Manifest:

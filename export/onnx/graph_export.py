@@ -7,6 +7,7 @@ and people read names like batch_size / sequence_length, so they are renamed aft
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ class GraphSpec:
     # torch.export dynamic_shapes when dims are related (audio frames = 4 x tokens);
     # otherwise built from dynamic_axes with Dim.DYNAMIC.
     dynamic_shapes: tuple[Any, ...] | None = None
+    # Trace with strict torch.export first: the non-strict trace torch.onnx runs itself
+    # spends tens of minutes in sympy on the real-width audio conformer's chunk arithmetic.
+    strict: bool = False
 
 
 def _dynamic_shapes(spec: GraphSpec) -> tuple[Any, ...] | None:
@@ -63,16 +67,39 @@ def export_graph(spec: GraphSpec, path: Path, *, external_data: bool = True) -> 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with torch.no_grad(), contextlib.redirect_stdout(quiet):
+            model, args = spec.module, spec.args
+            if spec.strict:
+                model = torch.export.export(model, args, dynamic_shapes=_dynamic_shapes(spec), strict=True)
+                args = ()
             torch.onnx.export(
-                spec.module, spec.args, str(path), input_names=list(spec.input_names),
-                output_names=list(spec.output_names), dynamic_shapes=_dynamic_shapes(spec),
+                model, args, str(path), input_names=list(spec.input_names),
+                output_names=list(spec.output_names),
+                dynamic_shapes=None if spec.strict else _dynamic_shapes(spec),
                 dynamo=True, opset_version=OPSET, external_data=external_data,
             )
     except Exception as exc:  # torch's own error is pages long: keep the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX export of {spec.name} failed: {first}") from exc
+    finally:
+        _release_onnxscript_matchers()
     _name_dynamic_dims(path, spec.dynamic_axes)
     return path
+
+
+def _release_onnxscript_matchers() -> None:
+    """onnxscript 0.7's rewrite rules (which torch.onnx runs on every graph) are module-level
+    objects whose SimplePatternMatcher keeps the last graph it matched, and through it every
+    weight of the traced module: at full E2B depth the decoder's 9 GB of fp32 weights would
+    outlive the export and sit beside the quantizer. Drop those references."""
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:  # a later onnxscript: nothing known to clear
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            for attr in ("_graph", "_current_node", "_tracer", "_match"):
+                if attr in obj.__dict__:
+                    obj.__dict__[attr] = None
 
 
 def _name_dynamic_dims(path: Path, dynamic_axes: dict[str, dict[int, str]]) -> None:

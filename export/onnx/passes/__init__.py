@@ -1,1 +1,0 @@
-"""ONNX graph passes, one per file (`<verb>_<noun>_pass.py`)."""
