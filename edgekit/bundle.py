@@ -132,6 +132,7 @@ class BundleWriter:
         names = _listing(tmp)
         _check_references(manifest, set(names), where="the bundle being written")
         entries = _hash_files(tmp, names)
+        _default_modes(tmp, names)
         final = dataclasses.replace(manifest, files=tuple(entries))
         _write_manifest(tmp / MANIFEST_FILE, final)
         _fsync_tree(tmp, names)
@@ -432,3 +433,13 @@ def update_manifest(bundle_path: Path | str, **changes: Any) -> Manifest:
             raise ExportError(_disk_full_message(MANIFEST_FILE, bundle.path)) from exc
         raise
     return updated
+
+
+def _default_modes(root: Path, names: list[str]) -> None:
+    """Every file readable as a newly created one is (0o666 less the umask): tools such as
+    onnxruntime's quantizer write through private temporary files (0o600), which would
+    leave a bundle other users, or an app's service account, cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in names:
+        os.chmod(root / name, 0o666 & ~umask)

@@ -68,6 +68,9 @@ def test_int4_bundle_is_quantized_smaller_and_within_bounds(onnx_int4_bundle, on
     assert manifest.quant_recipes["recipe"] == "int4"
     assert "MatMulNBits" in _ops(onnx_int4_bundle / "decoder.onnx")
     assert "GatherBlockQuantized" in _ops(onnx_int4_bundle / "embedding.onnx")
+    # int8 towers come out of onnxruntime's quantizer as private temp files: not in a bundle
+    modes = {f.name: f.stat().st_mode & 0o777 for f in onnx_int4_bundle.iterdir()}
+    assert len(set(modes.values())) == 1 and modes["manifest.json"] & 0o444 == 0o444, modes
     result = run_cli("verify", str(onnx_int4_bundle), "--reference", str(tiny_e4b), "--steps", "32", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
