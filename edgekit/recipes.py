@@ -112,9 +112,16 @@ def _w4a8(group: int) -> QuantScheme:
 
 
 def _int4_blockwise(block: int) -> QuantScheme:
-    # ONNX Runtime MatMulNBits / GatherBlockQuantized, symmetric (no zero points); the
-    # scales take the graph's float type, fp32 on CPU: 4 + 32/32 = 5 bits at block 32.
+    # ONNX Runtime MatMulNBits, symmetric (no zero points); its scales take the graph's float
+    # type, fp32 on CPU: 4 + 32/32 = 5 bits at block 32.
     return QuantScheme(f"int4-b{block}", 4, block, scale_bits=32)
+
+
+def _int4_table(block: int) -> QuantScheme:
+    # ONNX Runtime GatherBlockQuantized, symmetric, fp16 scales (the rows are cast to fp32
+    # after the lookup): 4 + 16/32 = 4.5 bits at block 32, 0.17 GB less than fp32 scales on
+    # E2B's 2.75 B table parameters.
+    return QuantScheme(f"int4-emb-b{block}", 4, block, scale_bits=16)
 
 
 W8A8 = QuantScheme("8da8w", 8, None, activations="int8_dynamic")  # per-channel int8
@@ -190,7 +197,7 @@ def _int4_recipe(block: int) -> Recipe:
         f"int4 block-wise weights (block {block}) for decoder linears, lm_head and embedding "
         "tables; audio/vision linears int8 weight-only",
         (
-            Rule("*_embedding.embedding", _int4_blockwise(block)),
+            Rule("*_embedding.embedding", _int4_table(block)),
             Rule("text_decoder.linear", _int4_blockwise(block)),
             Rule("text_decoder.lm_head", _int4_blockwise(block)),
             # The towers are ~9% of E2B: int8 keeps their error small for ~0.2 GB.

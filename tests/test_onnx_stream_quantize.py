@@ -118,6 +118,31 @@ def test_streamed_graph_equals_onnxruntime_whole_model_quantizer(tmp_path, monke
         np.testing.assert_array_equal(_initializer(out, name), _initializer(ref_path, name))
 
 
+def test_fp16_table_scales_halve_the_scale_bytes_and_keep_the_rows(tmp_path):
+    """Tables may keep fp16 scales (4.5 bits per weight at block 32 instead of 5): the same
+    int4 values, scales rounded to fp16, rows cast back to fp32 after the lookup."""
+    w = _weights()
+    raw = _save_external(_stand_in_graph(w), tmp_path / "raw.onnx")
+    source = {"table": TableSource(VOCAB, HIDDEN, lambda a, b: w["table"][a:b])}
+    fp32, fp16 = tmp_path / "fp32.onnx", tmp_path / "fp16.onnx"
+    quantize_graph_int4(raw, fp32, block_size=32, tables=dict(source))
+    quantize_graph_int4(raw, fp16, block_size=32, tables=dict(source), table_scale_bits=16)
+
+    np.testing.assert_array_equal(_initializer(fp16, "table_Q4"), _initializer(fp32, "table_Q4"))
+    scales16, scales32 = _initializer(fp16, "table_scales"), _initializer(fp32, "table_scales")
+    assert scales16.dtype == np.float16 and scales16.nbytes * 2 == scales32.nbytes
+    np.testing.assert_array_equal(scales16, scales32.astype(np.float16))
+    ids = np.array([[0, 5, VOCAB - 1, 17]], dtype=np.int64)
+    (logits16, rows16), (logits32, rows32) = _run(fp16, ids), _run(fp32, ids)
+    assert rows16.dtype == np.float32
+    np.testing.assert_allclose(rows16, rows32, rtol=1e-3, atol=1e-4)
+    # downstream, MatMulNBits (accuracy_level 4) quantizes its activations to int8, which turns
+    # the rows' fp16-sized differences into larger but still tiny logit differences
+    a, b = logits16.reshape(-1, VOCAB), logits32.reshape(-1, VOCAB)
+    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cosine.min() > 0.999, cosine
+
+
 def test_big_tensors_start_on_mappable_offsets(tmp_path, monkeypatch):
     monkeypatch.setattr(stream_quantize, "_ALIGN_FROM", 1024)
     w = _weights()

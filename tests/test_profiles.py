@@ -149,7 +149,7 @@ def test_recipe_bits_include_scale_overhead():
     assert get_recipe("8da4w").bits_for("text_decoder", "linear") == 4 + 16 / 32
     assert get_recipe("8da4w-g128").bits_for("text_decoder", "linear") == 4 + 16 / 128
     assert get_recipe("int4").bits_for("text_decoder", "linear") == 4 + 32 / 32  # symmetric, fp32 scale
-    assert get_recipe("int4-b64").bits_for("per_layer_embedding", "embedding") == 4 + 32 / 64
+    assert get_recipe("int4-b64").bits_for("per_layer_embedding", "embedding") == 4 + 16 / 64  # fp16 scales
     assert get_recipe("fp32").bits_for("vision_encoder", "other") == 32
     emb4 = get_recipe("8da4w-emb4")
     assert emb4.bits_for("token_embedding", "embedding") == 4.5

@@ -183,7 +183,8 @@ def _finish_graph(raw: Path, out: Path, *, method: str, recipe, tables: dict[str
     scheme = _scheme(method, recipe)
     if _is_int4(scheme):
         embedding = _GRAPH_WEIGHTS[method][1] == "embedding"
-        quantize_graph_int4(raw, out, block_size=scheme.group_size or 32, matmuls=not embedding, tables=tables)
+        quantize_graph_int4(raw, out, block_size=scheme.group_size or 32, matmuls=not embedding, tables=tables,
+                            table_scale_bits=scheme.scale_bits)
         return scheme.name
     if scheme.quantized and scheme.weight_bits == 8:
         quantize_int8_dynamic(raw, out)

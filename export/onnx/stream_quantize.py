@@ -48,10 +48,11 @@ class TableSource:
 
 
 def quantize_graph_int4(raw: Path, out: Path, *, block_size: int, matmuls: bool = True,
-                        tables: dict[str, TableSource] | None = None) -> dict[str, int]:
+                        tables: dict[str, TableSource] | None = None,
+                        table_scale_bits: int = 32) -> dict[str, int]:
     """Write `out` (+ `out.data`) from `raw`: MatMul weights (if `matmuls`) and the `tables`
-    (placeholder initializer name -> source) int4, symmetric, `block_size` per block.
-    Returns counts: {"matmuls": n, "tables": n}."""
+    (placeholder initializer name -> source) int4, symmetric, `block_size` per block; table
+    scales in fp16 when `table_scale_bits` is 16. Returns counts: {"matmuls": n, "tables": n}."""
     tables = dict(tables or {})
     model = onnx.load(str(raw), load_external_data=False)
     graph = model.graph
@@ -67,7 +68,8 @@ def quantize_graph_int4(raw: Path, out: Path, *, block_size: int, matmuls: bool 
         for node in graph.node:
             if node.op_type == "Gather" and node.input[0] in tables:
                 source = tables.pop(node.input[0])
-                new_nodes.append(_gather_block_quantized(node, source, block_size, data, new_inits))
+                new_nodes.extend(_gather_block_quantized(node, source, block_size, data, new_inits,
+                                                         fp16_scales=table_scale_bits == 16))
                 counts["tables"] += 1
                 continue
             weight = _constant_b(node, inits, producers, reader) if matmuls and node.op_type == "MatMul" else None
@@ -143,9 +145,10 @@ def _constant_b(node, inits, producers, reader: "_Reader") -> np.ndarray | None:
 
 
 def _gather_block_quantized(node, source: TableSource, block_size: int, data: "_DataFile",
-                            new_inits: list[TensorProto]) -> onnx.NodeProto:
+                            new_inits: list[TensorProto], *, fp16_scales: bool) -> list[onnx.NodeProto]:
     """The GatherBlockQuantized node onnxruntime's quantize_gather makes, with the table
-    quantized in row chunks straight into the data file."""
+    quantized in row chunks straight into the data file. With `fp16_scales` the scales are
+    stored in fp16 (the node then yields fp16 rows, cast back to fp32)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 
     if source.cols % 2:
@@ -159,7 +162,7 @@ def _gather_block_quantized(node, source: TableSource, block_size: int, data: "_
         for start in range(0, source.rows, step):
             rows = np.ascontiguousarray(source.read(start, min(start + step, source.rows)), dtype=np.float32)
             packed, scales, _ = DefaultWeightOnlyQuantizer.quantize_ndarray(rows, 1, block_size, True)
-            scale_chunks.append(scales)
+            scale_chunks.append(scales.astype(np.float16) if fp16_scales else scales)
             yield packed.tobytes()
 
     data.put_stream(q_tensor, packed_chunks())
@@ -168,9 +171,13 @@ def _gather_block_quantized(node, source: TableSource, block_size: int, data: "_
     data.put(scales, scales.raw_data)
     new_inits.extend([q_tensor, scales])
     axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-    return helper.make_node("GatherBlockQuantized", [q_tensor.name, node.input[1], scales.name], [node.output[0]],
-                            name=(node.name + "_Q4") if node.name else "", domain=MS_DOMAIN,
-                            gather_axis=axis, quantize_axis=1, block_size=block_size)
+    rows = node.output[0] + "_fp16" if fp16_scales else node.output[0]
+    gather = helper.make_node("GatherBlockQuantized", [q_tensor.name, node.input[1], scales.name], [rows],
+                              name=(node.name + "_Q4") if node.name else "", domain=MS_DOMAIN,
+                              gather_axis=axis, quantize_axis=1, block_size=block_size)
+    if not fp16_scales:
+        return [gather]
+    return [gather, helper.make_node("Cast", [rows], [node.output[0]], to=TensorProto.FLOAT)]
 
 
 def _import_ms_domain(model: onnx.ModelProto) -> None:
