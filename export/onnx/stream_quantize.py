@@ -91,7 +91,7 @@ def quantize_graph_int4(raw: Path, out: Path, *, block_size: int, matmuls: bool 
                 tensor.CopyFrom(made)
                 data.put(tensor, payload)
                 new_inits.append(tensor)
-            del scratch, payload
+            del scratch
             new_nodes.extend(replaced)
             counts["matmuls"] += 1
         if tables:
