@@ -177,23 +177,24 @@ def _is_int4(scheme) -> bool:
     return scheme.quantized and scheme.weight_bits == 4
 
 
-def _finish_graph(raw: Path, out: Path, *, method: str, recipe, tables: dict[str, TableSource]) -> str:
-    """Quantize `raw` by the recipe and save it as `out` (+ out.data). Returns the scheme.
+def _is_table_graph(method: str) -> bool:
+    return _GRAPH_WEIGHTS[method][1] == "embedding"
+
+
+def _finish_graph(raw: Path, out: Path, *, method: str, scheme, tables: dict[str, TableSource]) -> None:
+    """Quantize `raw` by `scheme` and save it as `out` (+ out.data).
     `tables`: the embedding graph's placeholder tables (int4 recipes), filled in here."""
-    scheme = _scheme(method, recipe)
     if _is_int4(scheme):
-        embedding = _GRAPH_WEIGHTS[method][1] == "embedding"
-        quantize_graph_int4(raw, out, block_size=scheme.group_size or 32, matmuls=not embedding, tables=tables,
-                            table_scale_bits=scheme.scale_bits)
-        return scheme.name
+        quantize_graph_int4(raw, out, block_size=scheme.group_size or 32, matmuls=not _is_table_graph(method),
+                            tables=tables, table_scale_bits=scheme.scale_bits)
+        return
     if scheme.quantized and scheme.weight_bits == 8:
         quantize_int8_dynamic(raw, out)
-        return scheme.name
+        return
     model = onnx.load(str(raw))
     if not scheme.quantized and scheme.weight_bits == 16:
         model = to_fp16(model)
     _save(model, out)
-    return scheme.name
 
 
 @contextlib.contextmanager
@@ -201,7 +202,7 @@ def _placeholder_tables(spec: GraphSpec, scheme) -> Iterator[dict[str, TableSour
     """For int4 recipes, trace the embedding graph with 2-row stand-ins for its tables, so
     neither torch.onnx nor onnx.load ever holds them in fp32 (E2B's are 11 GB as fp32): the
     quantizer reads the real rows, still in the checkpoint's dtype, in chunks."""
-    if not (_is_int4(scheme) and _GRAPH_WEIGHTS[spec.name][1] == "embedding"):
+    if not (_is_int4(scheme) and _is_table_graph(spec.name)):
         yield {}
         return
     swapped: list[tuple[nn.Embedding, nn.Parameter, int | None]] = []
@@ -264,8 +265,8 @@ def export_onnx(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool =
     """Write an ONNX bundle for `plan` to `output` and return it (loaded, files checked)."""
     check_modalities(checkpoint, plan.modalities)
     methods = graph_methods(plan)
-    for method in methods:
-        _scheme(method, plan.recipe)  # a recipe the format cannot write fails before the slow load
+    # a recipe the format cannot write fails before the slow load
+    schemes = {method: _scheme(method, plan.recipe) for method in methods}
     lm = load_in_checkpoint_dtype(checkpoint)  # bf16 weights; each graph upcasts its own modules
     output = Path(output)
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.raw-", dir=output.parent if output.parent.exists() else None))
@@ -277,7 +278,7 @@ def export_onnx(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool =
                     advance(0, description=f"Tracing {method}")
                     spec = _SPECS[method](lm, plan)
                     hints = _runner_hints(getattr(spec.module, "encoder", spec.module))
-                    with _placeholder_tables(spec, _scheme(method, plan.recipe)) as tables:
+                    with _placeholder_tables(spec, schemes[method]) as tables:
                         upcast_(spec.module)
                         raw = export_graph(spec, scratch / f"{method}.onnx")
                     del spec
@@ -287,11 +288,11 @@ def export_onnx(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool =
                     gc.collect()
                     advance(1, description=f"Quantizing {method}")
                     file = L.GRAPH_FILES[method]
-                    scheme = _finish_graph(raw, writer.path_for(file), method=method, recipe=plan.recipe, tables=tables)
+                    _finish_graph(raw, writer.path_for(file), method=method, scheme=schemes[method], tables=tables)
                     del tables
                     raw.unlink()
                     raw.with_name(raw.name + ".data").unlink(missing_ok=True)
-                    built.append(BuiltGraph(method, file, scheme, hints))
+                    built.append(BuiltGraph(method, file, schemes[method].name, hints))
                     advance(1)
             bundle_metadata.copy_tokenizer_files(checkpoint, writer)
             manifest = _manifest(checkpoint, plan, writer.temp_dir, built)
