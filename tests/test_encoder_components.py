@@ -15,7 +15,8 @@ import torch
 from torch.nn import functional as F
 
 from edgekit.export.components.audio_encoder import AudioEncoder
-from edgekit.export.components.vision_encoder import VisionEncoder, bake_clipped_linears
+from edgekit.export.components.vision_encoder import (QUERY_CHUNKED, VisionEncoder, bake_clipped_linears,
+                                                     query_chunk_for)
 from edgekit.model import load
 
 Image = pytest.importorskip("PIL.Image")
@@ -74,9 +75,10 @@ def e2b(tiny_e2b):
 
 
 # --- eager parity ------------------------------------------------------------------------
-@pytest.mark.parametrize("budget", [70, 280])
-def test_vision_matches_get_image_features(model, budget):
-    encoder = VisionEncoder(model, max_soft_tokens=budget).eval()
+@pytest.mark.parametrize("budget,query_chunk", [(70, None), (280, None), (70, 64)])
+def test_vision_matches_get_image_features(model, budget, query_chunk):
+    """query_chunk=64: 630 patches in 9 whole blocks and one of 54 (ExecuTorch's path)."""
+    encoder = VisionEncoder(model, max_soft_tokens=budget, query_chunk=query_chunk).eval()
     for size in ASPECTS:
         inputs = _image_inputs(budget, size)
         pixels, positions = inputs["pixel_values"], inputs["image_position_ids"]
@@ -116,6 +118,21 @@ def test_audio_bucket_padding_and_int_mask_keep_valid_tokens(e2b):
     assert tokens.shape[1] == 250 and int(token_mask.sum()) == int(out.attention_mask.sum())
     torch.testing.assert_close(tokens[0, token_mask[0]], out.pooler_output[0, out.attention_mask[0]],
                                atol=1e-5, rtol=1e-5)
+
+
+def test_query_chunking_leaves_the_loaded_model_alone(e2b):
+    implementation = e2b.model.vision_tower.config._attn_implementation
+    encoder = VisionEncoder(e2b, max_soft_tokens=70, query_chunk=64)
+    chunked = encoder.layers[0].self_attn
+    assert chunked.config._attn_implementation == QUERY_CHUNKED and chunked.query_chunk == 64
+    assert e2b.model.vision_tower.config._attn_implementation == implementation != QUERY_CHUNKED
+    assert e2b.model.vision_tower.encoder.layers[0].self_attn.config is e2b.model.vision_tower.config
+
+
+def test_query_chunk_keeps_one_block_of_scores_near_its_budget():
+    assert query_chunk_for(12, 5040) == 512  # E2B's tower at a 560-token budget: 118 MiB of scores
+    assert query_chunk_for(12, 630) == 630  # small images: one block
+    assert query_chunk_for(16, 100_000) == 64  # never below 64 rows
 
 
 def test_baked_clipped_linears_share_weights_and_leave_the_model_alone(e2b):
@@ -210,3 +227,33 @@ def test_audio_onnx_is_dynamic_and_matches_eager(audio_export):
     assert isinstance(session.get_inputs()[0].shape[1], str)  # a named dynamic axis
     _check_audio(encoder, lambda f, m: session.run(
         None, {"input_features": f.numpy(), "input_features_mask": m.numpy()}))
+
+
+def test_query_chunked_vision_lowers_to_executorch_with_small_activation_memory(e2b, tmp_path):
+    """The ExecuTorch path: 630 patches in blocks of 64 through XNNPACK match the unchunked
+    encoder, and memory planning reserves less than one whole [heads, P, P] score tensor
+    (sdpa's safe softmax left several of those outside the delegate)."""
+    from executorch.runtime import Runtime
+
+    from edgekit.export.executorch.lower import lower_to_pte
+
+    chunked = VisionEncoder(e2b, max_soft_tokens=70, query_chunk=64).eval()
+    reference = VisionEncoder(e2b, max_soft_tokens=70).eval()
+    with torch.no_grad():
+        program = torch.export.export(chunked, chunked.example_inputs(), strict=True)
+    out = tmp_path / "vision.pte"
+    lowered = lower_to_pte({"vision_encoder": program}, constant_methods={}, out=out)
+    heads, patches = e2b.config.vision_config.num_attention_heads, chunked.max_patches
+    assert 0 < lowered["vision_encoder"].planned_bytes < heads * patches * patches * 4
+    method = Runtime.get().load_program(out).load_method("vision_encoder")
+    for size in ASPECTS[:2]:
+        inputs = _image_inputs(70, size)
+        pixels = F.pad(inputs["pixel_values"], (0, 0, 0, patches - inputs["pixel_values"].shape[1]))
+        positions = F.pad(inputs["image_position_ids"], (0, 0, 0, patches - inputs["image_position_ids"].shape[1]),
+                          value=-1)
+        tokens, valid = method.execute([pixels, positions])
+        with torch.no_grad():
+            want_tokens, want_valid = reference(pixels, positions)
+        assert torch.equal(valid, want_valid) and int(valid.sum()) == int(inputs["num_soft_tokens_per_image"][0])
+        # XNNPACK's fp32 kernels: ~2e-4 of the largest value, chunked or not (measured)
+        assert float((tokens - want_tokens).abs().max() / want_tokens.abs().max()) < 1e-3

@@ -9,6 +9,12 @@ in whole soft tokens (k^2 patches each; see dynamic_shapes): the pooler's slot c
 derived from the input, not fixed, so dynamo keeps it symbolic.
 Parity against Gemma4Model.get_image_features: tests/test_encoder_components.py.
 
+`query_chunk` (ExecuTorch): attention one block of queries at a time, in plain matmul +
+softmax. transformers' sdpa path decomposes to a "safe" softmax whose any/where/logical_not
+run outside XNNPACK on whole [1, heads, P, P] tensors, and memory planning reserves them all:
+3.6 GB of activation memory at a 560-token budget (E2B's tower); chunked, the biggest
+intermediate is [1, heads, chunk, P].
+
 Runner contract: feed the output of transformers' Gemma4ImageProcessor(Pil) for the same
 `max_soft_tokens`, either padded (zeros, positions (-1, -1)) or trimmed to the image's
 own num_soft_tokens * k^2 patches (what onnxruntime-genai and edgekit's runner do); keep
@@ -23,7 +29,8 @@ import math
 
 import torch
 from torch import nn
-from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear
+from transformers import AttentionInterface
+from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear, repeat_kv
 
 NEG_INF = torch.finfo(torch.float32).min
 
@@ -73,12 +80,71 @@ def bake_clipped_linears(module: nn.Module) -> nn.Module:
     return clone
 
 
+# --- attention a block of queries at a time --------------------------------------------
+QUERY_CHUNKED = "edgekit_query_chunked"
+# Bytes of one chunk's attention scores (fp32) the chunk size is chosen for.
+SCORE_CHUNK_BYTES = 128 * 2**20
+
+
+def query_chunk_for(num_heads: int, num_patches: int) -> int:
+    """Queries per chunk so one chunk's scores [heads, chunk, P] stay near SCORE_CHUNK_BYTES
+    (a multiple of 64, at least 64, never more than P)."""
+    rows = SCORE_CHUNK_BYTES // (4 * num_heads * num_patches)
+    return min(num_patches, max(64, rows // 64 * 64))
+
+
+def query_chunked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None = None,
+                            dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' eager attention (the same matmul, additive mask, fp32 softmax) over
+    blocks of `module.query_chunk` queries; query [B,H,Q,D], mask [B,1,1 or Q,K].
+    Returns [B,Q,H,D] as every transformers attention function does.
+
+    3-D bmm on [B*H, ...] views, not a 4-D matmul: matmul's decomposition broadcasts through
+    expand_copy, which XNNPACK does not take, so every block's probabilities were copied
+    outside the delegate (1.7 GB planned at E2B's width).
+    """
+    batch, heads, length, dim = query.shape
+    scaling = module.head_dim**-0.5 if scaling is None else scaling
+    queries = query.reshape(batch * heads, length, dim)
+    keys_t = repeat_kv(key, module.num_key_value_groups).reshape(batch * heads, -1, dim).transpose(1, 2)
+    values = repeat_kv(value, module.num_key_value_groups).reshape(batch * heads, -1, dim)
+    mask = None if attention_mask is None else attention_mask.expand(batch, heads, -1, -1).reshape(
+        batch * heads, attention_mask.shape[-2], -1)
+    chunk = module.query_chunk
+    outputs = []
+    for start in range(0, length, chunk):
+        scores = torch.bmm(queries[:, start:start + chunk], keys_t) * scaling
+        if mask is not None:
+            scores = scores + (mask if mask.shape[1] == 1 else mask[:, start:start + chunk])
+        probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        outputs.append(torch.bmm(probs, values))
+    out = torch.cat(outputs, dim=1).reshape(batch, heads, length, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(QUERY_CHUNKED, query_chunked_attention)
+
+
+def chunk_queries(layers: nn.Module, chunk: int) -> None:
+    """Point the (cloned, see bake_clipped_linears) attention modules of `layers` at
+    query_chunked_attention through a config copy of their own: the loaded model's
+    config, and so the reference model, keeps its attention implementation."""
+    for module in layers.modules():
+        if hasattr(module, "q_proj") and hasattr(module, "config"):
+            config = copy.copy(module.config)
+            config._attn_implementation_internal = QUERY_CHUNKED
+            module.config = config
+            module.query_chunk = chunk
+
+
 # --- the encoder ---------------------------------------------------------------------
 class VisionEncoder(nn.Module):
     """Patches of one image -> soft tokens in text-embedding space, padded to the budget."""
 
-    def __init__(self, lm, max_soft_tokens: int = 280) -> None:
-        """`lm` is a loaded Gemma4ForConditionalGeneration (weights are shared, not copied)."""
+    def __init__(self, lm, max_soft_tokens: int = 280, *, query_chunk: int | None = None) -> None:
+        """`lm` is a loaded Gemma4ForConditionalGeneration (weights are shared, not copied).
+        `query_chunk`: queries per attention block (None: transformers' attention as loaded)."""
         super().__init__()
         tower = lm.model.vision_tower
         cfg = tower.config
@@ -95,6 +161,8 @@ class VisionEncoder(nn.Module):
         self.root_hidden = cfg.hidden_size**0.5
         self.max_soft_tokens = max_soft_tokens
         self.max_patches = max_soft_tokens * self.kernel**2
+        if query_chunk is not None:
+            chunk_queries(self.layers, query_chunk)
 
     def example_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A full-budget sample (a square-ish grid of patches) for tracing."""

@@ -168,7 +168,8 @@ def _manifest(checkpoint: Checkpoint, plan, builds, reports, lowered, *, tokens,
     methods = tuple(
         MethodSpec(name=name, file=PTE_FILE, inputs=b.inputs, outputs=b.outputs,
                    extra={**b.hints, "quantization": reports[name].to_dict(),
-                          "delegates": lowered[name].delegates, "kernels": list(lowered[name].kernels)})
+                          "delegates": lowered[name].delegates, "kernels": list(lowered[name].kernels),
+                          "planned_memory_bytes": lowered[name].planned_bytes})
         for name, b in builds.items())
     has_audio, has_vision = METHOD_AUDIO_ENCODER in builds, METHOD_VISION_ENCODER in builds
     schemes = {name: "+".join(dict.fromkeys(r.schemes.values())) for name, r in reports.items()}

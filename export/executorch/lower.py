@@ -58,6 +58,7 @@ def xnnpack_partitioner():
 class LoweredMethod:
     delegates: dict[str, int]  # delegate calls by backend (a fragmented partition is slow to lower and run)
     kernels: tuple[str, ...]  # operators left to ExecuTorch's kernel libraries (the app must link them)
+    planned_bytes: int  # memory-planned activations: a runtime allocates this when it loads the method
 
 
 def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, constant_methods: dict,
@@ -94,10 +95,11 @@ def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, constan
         raise ExportError(f"lowering to ExecuTorch failed: {type(exc).__name__}: {first}") from exc
     with open(out, "wb") as fh:
         program.write_to_file(fh)
-    return {name: _summary(program.exported_program(name)) for name in names}
+    planned = {plan.name: sum(plan.non_const_buffer_sizes) for plan in program.executorch_program.execution_plan}
+    return {name: _summary(program.exported_program(name), planned[name]) for name in names}
 
 
-def _summary(ep) -> LoweredMethod:
+def _summary(ep, planned_bytes: int) -> LoweredMethod:
     delegates: dict[str, int] = {}
     kernels = set()
     for node in ep.graph.nodes:
@@ -108,4 +110,4 @@ def _summary(ep) -> LoweredMethod:
             delegates[backend] = delegates.get(backend, 0) + 1
         elif isinstance(node.target, torch._ops.OpOverload) or hasattr(node.target, "_schema"):
             kernels.add(str(node.target._schema.name))
-    return LoweredMethod(delegates, tuple(sorted(kernels)))
+    return LoweredMethod(delegates, tuple(sorted(kernels)), planned_bytes)

@@ -50,7 +50,7 @@ from edgekit.export.components.audio_encoder import MAX_FRAMES, AudioEncoder
 from edgekit.export.components.audio_preprocessor import LogMelSpectrogram
 from edgekit.export.components.static_kv_decoder import StaticKVDecoder
 from edgekit.export.components.token_embedding import TokenEmbedding
-from edgekit.export.components.vision_encoder import VisionEncoder
+from edgekit.export.components.vision_encoder import VisionEncoder, query_chunk_for
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_AUDIO_PREPROCESSOR, METHOD_TEXT_DECODER,
                               METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER, TensorSpec)
 from edgekit.runtimes.mel_features import MAX_SAMPLES, PAD_TO_MULTIPLE_OF, MelParams
@@ -179,7 +179,9 @@ def text_decoder(lm, *, max_context: int, max_seq_len: int) -> MethodBuild:
 
 def vision_encoder(lm, *, budget: int) -> MethodBuild:
     w = Widths.of(lm)
-    encoder = VisionEncoder(lm, max_soft_tokens=budget).eval()
+    tower = lm.config.vision_config
+    chunk = query_chunk_for(tower.num_attention_heads, budget * tower.pooling_kernel_size**2)
+    encoder = VisionEncoder(lm, max_soft_tokens=budget, query_chunk=chunk).eval()
     pixels, positions = encoder.example_inputs()
     return MethodBuild(
         METHOD_VISION_ENCODER, encoder, (pixels, positions), None,
@@ -188,7 +190,7 @@ def vision_encoder(lm, *, budget: int) -> MethodBuild:
         outputs=(TensorSpec("soft_tokens", "float32", (1, budget, w.packed)),
                  TensorSpec("valid_mask", "bool", (1, budget))),
         component=METHOD_VISION_ENCODER,
-        hints={"max_soft_tokens": budget, "max_patches": encoder.max_patches},
+        hints={"max_soft_tokens": budget, "max_patches": encoder.max_patches, "attention_query_chunk": chunk},
     )
 
 
