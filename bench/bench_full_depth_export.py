@@ -71,7 +71,8 @@ def export_watched(args: argparse.Namespace, checkpoint: Path, bundle: Path, *, 
     progress = ProgressLog(args.workdir, bundle)
     record, measured = ensure_bundle(checkpoint, device=args.device, quant=args.quant, modalities=modalities, bundle=bundle,
                                      fresh=args.fresh, log=args.workdir / f"{bundle.name}.log", timeout_s=timeout_s,
-                                     min_free_bytes=int(args.min_free_mem_gb * GIB), on_sample=progress)
+                                     min_free_bytes=int(args.min_free_mem_gb * GIB), on_sample=progress,
+                                     extra_args=["--external-weights"] if getattr(args, "external_weights", False) else [])
     return record, measured, progress
 
 
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fresh", action="store_true", help="re-export even if the bundle exists")
+    parser.add_argument("--external-weights", action="store_true",
+                        help="ExecuTorch: export with --external-weights (weights in model.ptd)")
     args = parser.parse_args(argv)
     deadline = time.time() + args.timeout
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{_param_count(checkpoint) / 1e9:.3f} B parameters)", flush=True)
     print(f"- export: watched every 0.5 s, killed below {args.min_free_mem_gb:.0f} GiB MemAvailable or at the "
           f"deadline\n", flush=True)
-    suffix = (args.modalities or "all").replace(",", "+")
+    suffix = (args.modalities or "all").replace(",", "+") + ("-ptd" if args.external_weights else "")
     bundle = args.workdir / f"{checkpoint.name}-{args.device}-{args.quant}-{suffix}.edgekit"
     record, measured, progress = export_watched(args, checkpoint, bundle, timeout_s=deadline - time.time(),
                                                 modalities=args.modalities)

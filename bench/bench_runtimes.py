@@ -31,7 +31,8 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (DEFAULT_WORKDIR, PYTHON, REPO, emit_result, ensure_bundle, ensure_checkpoint, gb, header,  # noqa: E402
-                    mapped_rss, mib, proc_status, reset_peak_rss, run_child, table, verdict)
+                    mapped_rss, mib, proc_status, reset_peak_rss, run_child, table, verdict,
+                    without_mlock_privilege)
 
 DEVICES = {"onnx": "pi5-8gb", "executorch": "android-flagship"}  # each format's profile
 DEFAULT_BUNDLES = "onnx:fp32,onnx:int4,executorch:fp32,executorch:8da4w-emb4"
@@ -234,7 +235,7 @@ def run_bundle_child(args: argparse.Namespace, bundle: Path, *, repeats: int | N
                      decode_steps: int | None = None, **flags: Any) -> dict[str, Any]:
     short = argparse.Namespace(**{**vars(args), "repeats": repeats or args.repeats,
                                   "decode_steps": decode_steps or args.decode_steps})
-    result, _ = run_child(child_command("bundle", short, bundle=bundle, **flags))
+    result, _ = run_child([*without_mlock_privilege(), *child_command("bundle", short, bundle=bundle, **flags)])
     result["decode_steps"] = short.decode_steps
     return result
 

@@ -134,7 +134,7 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def mapped_rss(suffixes: Sequence[str] = (".onnx.data", ".onnx", ".pte")) -> dict[str, int]:
+def mapped_rss(suffixes: Sequence[str] = (".onnx.data", ".onnx", ".pte", ".ptd")) -> dict[str, int]:
     """Resident bytes of this process's file mappings whose path ends with one of `suffixes`.
 
     From /proc/self/smaps: tells weights read through mmap (file pages, shared with the page
@@ -324,6 +324,19 @@ def _exited(pid: int) -> bool:
     return state in ("Z", "X")
 
 
+def without_mlock_privilege() -> list[str]:
+    """A command prefix that runs a child without CAP_IPC_LOCK when this is root.
+
+    ExecuTorch's Python runtime maps a program with MmapDataLoader(UseMlockIgnoreErrors): as
+    root (CAP_IPC_LOCK) the whole constant segment is locked resident; an app or a user on a
+    device has RLIMIT_MEMLOCK (8 MiB here), mlock fails, is ignored, and the weights stay
+    mapped on demand. Dropping the capability measures what a device sees.
+    """
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return []
+    return ["setpriv", "--inh-caps", "-ipc_lock", "--bounding-set", "-ipc_lock"]
+
+
 def run_child(cmd: Sequence[str], **kwargs: Any) -> tuple[dict[str, Any], Measured]:
     """Run a measurement child and parse its `emit_result` line; raise with its output on failure."""
     measured = run_measured(cmd, **kwargs)
@@ -381,7 +394,7 @@ def record_path(bundle: Path) -> Path:
 
 def ensure_bundle(checkpoint: Path, *, device: str, quant: str, modalities: str | None, bundle: Path,
                   fresh: bool = False, log: Path | None = None, timeout_s: float | None = None,
-                  min_free_bytes: int | None = None,
+                  min_free_bytes: int | None = None, extra_args: Sequence[str] = (),
                   on_sample: Callable[[dict[str, Any]], None] | None = None) -> tuple[ExportRecord | None, Measured | None]:
     """Export `checkpoint` with `edgekit export` in a measured child, unless done before.
 
@@ -395,6 +408,7 @@ def ensure_bundle(checkpoint: Path, *, device: str, quant: str, modalities: str 
            "--json"]
     if modalities:
         cmd += ["--modalities", modalities]
+    cmd += list(extra_args)
     measured = run_measured(cmd, log=log, timeout_s=timeout_s, min_free_bytes=min_free_bytes, on_sample=on_sample,
                             env={"EDGEKIT_PROGRESS": "0"})
     if not measured.ok:

@@ -41,6 +41,8 @@ class Format:
     # Sliding layers' cache slots beyond the window: ExecuTorch's ring buffer takes a whole
     # prefill chunk past the window (window + chunk - 1 slots).
     ring_takes_a_chunk: bool = False
+    # The vision encoder's attention runs a block of queries at a time (edgekit.plan.vision_query_chunk).
+    vision_query_chunked: bool = False
 
     def __post_init__(self) -> None:
         # A typo here would surface only when a user picks the recipe: fail at import.
@@ -112,6 +114,7 @@ FORMATS: Registry[Format] = Registry("format", (
         ("fp32", "fp16", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4"),
         "8da4w-emb4",
         ring_takes_a_chunk=True,
+        vision_query_chunked=True,
     ),
     Format(
         "coreml",

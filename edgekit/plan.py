@@ -97,6 +97,7 @@ class ExportPlan:
     kv_cache: KVCache
     memory: MemoryEstimate
     notes: tuple[str, ...] = ()
+    external_weights: bool = False  # ExecuTorch: weights in model.ptd beside the program
 
     @property
     def device(self) -> str:
@@ -151,7 +152,7 @@ class ExportPlan:
 
 def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | None = None,
               recipe_name: str | None = None, modalities: str | None = None,
-              context: int | None = None) -> ExportPlan:
+              context: int | None = None, external_weights: bool = False) -> ExportPlan:
     """Plan a bundle of `checkpoint` for `profile`; overrides default to the profile's choices."""
     checkpoint = Path(checkpoint)
     try:
@@ -162,6 +163,9 @@ def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | No
     notes: list[str] = []
     fmt, backend, providers = _resolve_format(profile, format_name)
     recipe = _resolve_recipe(profile, fmt, backend, recipe_name)
+    if external_weights and fmt.name != "executorch":
+        raise InputError(f"--external-weights is for executorch bundles; {fmt.name} bundles always keep "
+                         "their weights in external data files")
     if fmt.name != profile.format:
         notes.append(f"format {fmt.name} instead of {profile.name}'s {profile.format}: backend {backend}"
                      + ("" if recipe_name or recipe.name == profile.recipe else f", its default recipe {recipe.name}"))
@@ -175,7 +179,8 @@ def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | No
     components = tuple(_component_plan(p, recipe, tied_lm_head=tied_lm_head) for p in included)
     ring_extra = prefill_chunk(text, context_length) - 1 if fmt.ring_takes_a_chunk else 0
     kv = kv_cache(text, context_length=context_length, dtype_bits=fmt.kv_cache_bits, ring_extra_slots=ring_extra)
-    activations = _activations(config, mods, context_length, profile.vision_token_budget)
+    activations = _activations(config, mods, context_length, profile.vision_token_budget,
+                               chunked_vision=fmt.vision_query_chunked)
     memory = MemoryEstimate(
         resident_weights_bytes=sum(c.size_bytes for c in components if not c.memory_mapped),
         mapped_weights_bytes=sum(c.size_bytes for c in components if c.memory_mapped),
@@ -191,6 +196,7 @@ def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | No
         execution_providers=providers, recipe=recipe, context_length=context_length, modalities=mods,
         vision_token_budget=profile.vision_token_budget, components=components,
         checkpoint_parameters=sum(p.total for p in counts.values()), kv_cache=kv, memory=memory, notes=tuple(notes),
+        external_weights=external_weights,
     )
 
 
@@ -270,6 +276,18 @@ def prefill_chunk(text: Mapping[str, Any], context_length: int) -> int:
     return max(1, min(context_length, PREFILL_CHUNK, int(text.get("sliding_window", PREFILL_CHUNK))))
 
 
+# Bytes of one block of vision attention scores (fp32) where the format chunks queries.
+VISION_SCORE_CHUNK_BYTES = 128 * 2**20
+
+
+def vision_query_chunk(num_heads: int, num_patches: int) -> int:
+    """Queries per block of the vision encoder's attention (ExecuTorch): one block's scores
+    [heads, chunk, P] stay near VISION_SCORE_CHUNK_BYTES; a multiple of 64, at least 64,
+    never more than P."""
+    rows = VISION_SCORE_CHUNK_BYTES // (ACTIVATION_BYTES * num_heads * num_patches)
+    return min(num_patches, max(64, rows // 64 * 64))
+
+
 def kv_cache(text: Mapping[str, Any], *, context_length: int, dtype_bits: int, ring_extra_slots: int = 0) -> KVCache:
     """K and V of every cache-owning layer at `context_length` tokens.
 
@@ -304,11 +322,12 @@ def kv_cache(text: Mapping[str, Any], *, context_length: int, dtype_bits: int, r
                    per_token, per_token_global, total)
 
 
-def _activations(config: Mapping[str, Any], modalities: tuple[str, ...], context: int, vision_tokens: int) -> int:
+def _activations(config: Mapping[str, Any], modalities: tuple[str, ...], context: int, vision_tokens: int,
+                 *, chunked_vision: bool = False) -> int:
     """Peak working memory: the stages (audio, vision, decoder) run one after another."""
     stages = [_decoder_activations(config["text_config"], context)]
     if "vision" in modalities:
-        stages.append(_vision_activations(config["vision_config"], vision_tokens))
+        stages.append(_vision_activations(config["vision_config"], vision_tokens, chunked=chunked_vision))
     if "audio" in modalities:
         stages.append(_audio_activations(config["audio_config"]))
     return max(stages)
@@ -331,14 +350,16 @@ def _decoder_activations(text: Mapping[str, Any], context: int) -> int:
     return values * ACTIVATION_BYTES
 
 
-def _vision_activations(vision: Mapping[str, Any], soft_tokens: int) -> int:
+def _vision_activations(vision: Mapping[str, Any], soft_tokens: int, *, chunked: bool = False) -> int:
     # Each soft token pools a k x k block of 16 px patches (pooling_kernel_size 3: 9 patches).
     patches = soft_tokens * vision.get("pooling_kernel_size", 3) ** 2
     # Defaults as in param_count (transformers' Gemma4VisionConfig / Gemma4AudioConfig).
     h, heads = vision.get("hidden_size", 768), vision.get("num_attention_heads", 12)
-    # Exported graphs materialise the attention matrix: it dominates at large budgets.
+    # The attention scores dominate at large budgets: the whole matrix where a graph
+    # materialises it (ONNX), one block of queries where the format chunks them.
     values = patches * (3 * vision.get("patch_size", 16) ** 2 + 4 * h + 2 * vision.get("intermediate_size", 3072))
-    return (values + heads * patches * patches) * ACTIVATION_BYTES
+    queries = vision_query_chunk(heads, patches) if chunked else patches
+    return (values + heads * queries * patches) * ACTIVATION_BYTES
 
 
 def _audio_activations(audio: Mapping[str, Any]) -> int:

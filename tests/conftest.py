@@ -120,7 +120,7 @@ def executorch_bundles(tiny_e2b, tiny_e4b, tmp_path_factory) -> dict:
                              str(EXECUTORCH_CONTEXT), str(EXECUTORCH_VISION_BUDGET)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     e4b = run_cli("export", str(tiny_e4b), "--device", "android-flagship", "--context", str(EXECUTORCH_CONTEXT * 4),
-                  "-o", str(out / "e4b.edgekit"), "--json", timeout=1200)
+                  "-o", str(out / "e4b.edgekit"), "--json", "--external-weights", timeout=1200)
     log = fp32.communicate(timeout=1200)[0]
     assert fp32.returncode == 0, f"fp32 export failed:\n{log[-4000:]}"
     assert e4b.returncode == 0, f"edgekit export failed:\n{e4b.stderr[-4000:]}"

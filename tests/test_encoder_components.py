@@ -15,8 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from edgekit.export.components.audio_encoder import AudioEncoder
-from edgekit.export.components.vision_encoder import (QUERY_CHUNKED, VisionEncoder, bake_clipped_linears,
-                                                     query_chunk_for)
+from edgekit.export.components.vision_encoder import QUERY_CHUNKED, VisionEncoder, bake_clipped_linears
 from edgekit.model import load
 
 Image = pytest.importorskip("PIL.Image")
@@ -127,12 +126,6 @@ def test_query_chunking_leaves_the_loaded_model_alone(e2b):
     assert chunked.config._attn_implementation == QUERY_CHUNKED and chunked.query_chunk == 64
     assert e2b.model.vision_tower.config._attn_implementation == implementation != QUERY_CHUNKED
     assert e2b.model.vision_tower.encoder.layers[0].self_attn.config is e2b.model.vision_tower.config
-
-
-def test_query_chunk_keeps_one_block_of_scores_near_its_budget():
-    assert query_chunk_for(12, 5040) == 512  # E2B's tower at a 560-token budget: 118 MiB of scores
-    assert query_chunk_for(12, 630) == 630  # small images: one block
-    assert query_chunk_for(16, 100_000) == 64  # never below 64 rows
 
 
 def test_baked_clipped_linears_share_weights_and_leave_the_model_alone(e2b):

@@ -56,7 +56,9 @@ def e2b(tiny_e2b):
 def _program(bundle):
     import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels)
 
-    return runtime.Runtime.get().load_program(str(bundle.file("model.pte")))
+    data = bundle.manifest.extra.get("program_data")  # --external-weights
+    return runtime.Runtime.get().load_program(str(bundle.file("model.pte")),
+                                              data_path=str(bundle.file(data)) if data else None)
 
 
 @pytest.fixture(scope="module")
@@ -422,6 +424,23 @@ def test_cli_export_uses_the_profiles_recipe(executorch_bundles):
     assert set(summary["modalities"]) == {"text", "audio", "vision"}  # the profile's default
     bundle = executorch_bundles["e4b"]
     assert summary["bytes"] == bundle.manifest.total_size and bundle.manifest.device == DEVICE
+
+
+@slow
+def test_external_weights_live_in_the_ptd(executorch_bundles):
+    """--external-weights: the XNNPACK-packed weights and the quantized embedding tables go
+    to model.ptd; the .pte alone cannot run a method, with the .ptd it does (every e4b test)."""
+    import executorch.kernels.quantized  # noqa: F401
+
+    bundle = executorch_bundles["e4b"]
+    assert bundle.manifest.extra["program_data"] == "model.ptd"
+    ptd, pte = bundle.file("model.ptd"), bundle.file("model.pte")
+    assert ptd.stat().st_size > 0 and "model.ptd" in {f.path for f in bundle.manifest.files}
+    alone = runtime.Runtime.get().load_program(str(pte))
+    for method in (METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER):
+        with pytest.raises(RuntimeError):
+            alone.load_method(method)
+    assert executorch_bundles["fp32"].manifest.extra.get("program_data") is None  # the default: one .pte
 
 
 @slow

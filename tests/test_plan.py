@@ -15,7 +15,7 @@ import pytest
 
 from edgekit.errors import CheckpointError, DeviceProfileError, DoesNotFitError, InputError
 from edgekit.param_count import PER_LAYER_EMBEDDING, count_parameters, total_parameters
-from edgekit.plan import kv_cache, make_plan
+from edgekit.plan import kv_cache, make_plan, vision_query_chunk
 from edgekit.presets import PRESETS, build_config
 from edgekit.profiles import load_profiles
 from tests.conftest import assert_clean_failure, run_cli
@@ -252,6 +252,24 @@ def test_cli_plan_that_does_not_fit_still_exits_zero(tmp_path):
     assert "does NOT fit on pi4-4gb" in result.stdout
 
 
+def test_vision_query_chunk_keeps_one_block_of_scores_near_its_budget():
+    assert vision_query_chunk(12, 5040) == 512  # E2B's tower at a 560-token budget: 118 MiB of scores
+    assert vision_query_chunk(12, 630) == 630  # small images: one block
+    assert vision_query_chunk(16, 100_000) == 64  # never below 64 rows
+
+
+def test_executorch_plans_vision_attention_one_block_of_queries_at_a_time(tmp_path):
+    """android-flagship (560 soft tokens = 5040 patches): the ONNX graph's whole score matrix
+    is 1.2 GB; ExecuTorch's chunked block a tenth of that, so the decoder's prefill (0.33 GB
+    at 8192 tokens of context) is the peak stage again."""
+    ckpt, profile = _checkpoint(tmp_path), PROFILES.get("android-flagship")
+    chunked = make_plan(ckpt, profile=profile, format_name="executorch", modalities="text,vision")
+    whole = make_plan(ckpt, profile=profile, format_name="onnx", recipe_name="int4", modalities="text,vision")
+    scores = 12 * 5040 * 5040 * 4
+    assert whole.memory.activations_bytes > scores > chunked.memory.activations_bytes
+    assert chunked.memory.activations_bytes < scores / 3
+
+
 def test_cli_plan_unknown_device_fails_cleanly(tmp_path):
     result = run_cli("plan", str(_checkpoint(tmp_path)), "--device", "pi3", timeout=60)
     assert_clean_failure(result, code=DeviceProfileError.exit_code, contains="unknown device 'pi3'")
@@ -261,3 +279,11 @@ def test_cli_plan_missing_checkpoint_fails_cleanly(tmp_path):
     result = run_cli("plan", str(tmp_path / "nope"), "--device", "pi5-8gb", timeout=60)
     assert_clean_failure(result, code=CheckpointError.exit_code, contains="does not exist")
 
+
+
+def test_cli_export_external_weights_is_for_executorch_only(tmp_path):
+    out = tmp_path / "b.edgekit"
+    result = run_cli("export", str(_checkpoint(tmp_path)), "--device", "pi5-8gb", "--external-weights",
+                     "-o", str(out), timeout=60)
+    assert_clean_failure(result, code=InputError.exit_code, contains="--external-weights is for executorch bundles")
+    assert not out.exists()

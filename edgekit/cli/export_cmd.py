@@ -19,6 +19,8 @@ def export(
     modalities: str = typer.Option(None, "--modalities", help="Comma list of text,audio,vision."),
     context: int = typer.Option(None, "--context", help="Override the profile's maximum context length."),
     output: Path = typer.Option(None, "--output", "-o", help="Bundle directory to write (NAME.edgekit)."),
+    external_weights: bool = typer.Option(
+        False, "--external-weights", help="ExecuTorch: write the weights to model.ptd beside model.pte."),
     force: bool = typer.Option(False, "--force", help="Export even if the plan says it does not fit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),
@@ -33,7 +35,7 @@ def export(
 
     profile = load_profiles().get(device)
     plan = make_plan(checkpoint, profile=profile, format_name=format, recipe_name=quant, modalities=modalities,
-                     context=context)
+                     context=context, external_weights=external_weights)
     plan.check_fits(force=force)
     require("torch", extra="export")
     from edgekit.export import exporter_for

@@ -82,17 +82,6 @@ def bake_clipped_linears(module: nn.Module) -> nn.Module:
 
 # --- attention a block of queries at a time --------------------------------------------
 QUERY_CHUNKED = "edgekit_query_chunked"
-# Bytes of one chunk's attention scores (fp32) the chunk size is chosen for.
-SCORE_CHUNK_BYTES = 128 * 2**20
-
-
-def query_chunk_for(num_heads: int, num_patches: int) -> int:
-    """Queries per chunk so one chunk's scores [heads, chunk, P] stay near SCORE_CHUNK_BYTES
-    (a multiple of 64, at least 64, never more than P)."""
-    rows = SCORE_CHUNK_BYTES // (4 * num_heads * num_patches)
-    return min(num_patches, max(64, rows // 64 * 64))
-
-
 def query_chunked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, scaling: float | None = None,
                             dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:

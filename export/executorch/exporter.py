@@ -37,6 +37,7 @@ from edgekit.plan import prefill_chunk
 from edgekit.progress import progress_bar
 
 PTE_FILE = "model.pte"
+PTD_FILE = "model.ptd"  # --external-weights: ExecuTorch's named data, loaded beside the program
 # With the coreml backend these go to ExecuTorch's Core ML delegate (the KV caches become
 # Core ML states); the encoders and the log-mel transform stay on XNNPACK, which iOS runs too.
 COREML_METHODS = (METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER)
@@ -145,7 +146,7 @@ def export_executorch(checkpoint: Checkpoint, *, plan, output: Path, overwrite: 
             lowered = lower_to_pte(
                 programs, partitioners={name: _partitioner(name in on_coreml, programs[name], plan)
                                         for name in programs},
-                out=writer.path_for(PTE_FILE),
+                out=writer.path_for(PTE_FILE), external_weights=plan.external_weights,
                 constant_methods=constant_methods(tokens=tokens, vocab_size=vocab_size, max_seq_len=seq_len,
                                                   max_context=plan.context_length))
             advance(1)
@@ -185,6 +186,7 @@ def _manifest(checkpoint: Checkpoint, plan, builds, reports, lowered, *, tokens,
         extra={
             "modalities": list(plan.modalities),
             "program": PTE_FILE,
+            **({"program_data": PTD_FILE} if plan.external_weights else {}),
             "metadata_methods": list(METADATA_METHODS),
             "max_seq_len": seq_len,
             M.PACKED_LAYOUT: {"embedding": [0, widths.hidden], "per_layer_inputs": [widths.hidden, widths.packed],

@@ -61,17 +61,58 @@ class LoweredMethod:
     planned_bytes: int  # memory-planned activations: a runtime allocates this when it loads the method
 
 
+def tag_weights_external(program: "torch.export.ExportedProgram", tag: str) -> None:
+    """Mark every weight of `program` (parameters, constant buffers, lifted constants; not the
+    KV caches it mutates) for the `tag`.ptd file: the XNNPACK delegate then stores what it
+    packs under that tag in ExecuTorch's named data instead of inside the .pte."""
+    signature = program.graph_signature
+    mutated = set(signature.buffers_to_mutate.values())
+    weights = (set(signature.inputs_to_parameters) | set(signature.inputs_to_lifted_tensor_constants)
+               | {name for name, buffer in signature.inputs_to_buffers.items() if buffer not in mutated})
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in weights:
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = tag
+
+
+class ExternalConstantTags:
+    """ExecuTorch's `external_constants` callable for the weights left outside delegates (the
+    quantized embedding tables): tag a constant of MIN_BYTES or more for the .ptd the first
+    time its name appears. The .ptd keys such constants by name, and names like
+    `_prop_tensor_constant0` recur in every method: a second method's tensor under the same key
+    fails to load (InvalidExternalData), so later ones stay in the .pte."""
+
+    MIN_BYTES = 64 << 10
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self._seen: set[str] = set()
+
+    def __call__(self, node: "torch.fx.Node") -> str | None:
+        name, value = str(node.target), node.meta.get("val")
+        first = name not in self._seen
+        self._seen.add(name)
+        big = isinstance(value, torch.Tensor) and value.numel() * value.element_size() >= self.MIN_BYTES
+        return self.tag if first and big else None
+
+
 def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, constant_methods: dict,
-                 out: Path, partitioners: dict[str, list] | None = None) -> dict[str, LoweredMethod]:
+                 out: Path, partitioners: dict[str, list] | None = None,
+                 external_weights: bool = False) -> dict[str, LoweredMethod]:
     """Lower `programs` (by method name) in one call and write the .pte to `out`.
     `partitioners` by method name (default: XNNPACK for every method). `programs` is consumed:
-    emptied once lowered, so their weights are freed before the emitter copies the rest."""
+    emptied once lowered, so their weights are freed before the emitter copies the rest.
+    `external_weights`: the weights go to `out`.ptd beside it (ExecuTorch's named data: a
+    runtime loads the .pte with that data file); the .pte keeps the program and small constants."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from executorch.exir.capture._config import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
     names = list(programs)
+    tag = out.stem if external_weights else None
+    if tag:
+        for program in programs.values():
+            tag_weights_external(program, tag)
     try:
         edge = to_edge_transform_and_lower(
             programs,
@@ -87,6 +128,7 @@ def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, constan
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
             run_reinplace_pass=True,
+            external_constants=ExternalConstantTags(tag) if tag else False,
         ))
     except ExportError:
         raise
@@ -95,6 +137,8 @@ def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, constan
         raise ExportError(f"lowering to ExecuTorch failed: {type(exc).__name__}: {first}") from exc
     with open(out, "wb") as fh:
         program.write_to_file(fh)
+    if tag:
+        program.write_tensor_data_to_file(str(out.parent))  # -> out.ptd
     planned = {plan.name: sum(plan.non_const_buffer_sizes) for plan in program.executorch_program.execution_plan}
     return {name: _summary(program.exported_program(name), planned[name]) for name in names}
 

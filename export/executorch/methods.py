@@ -50,7 +50,8 @@ from edgekit.export.components.audio_encoder import MAX_FRAMES, AudioEncoder
 from edgekit.export.components.audio_preprocessor import LogMelSpectrogram
 from edgekit.export.components.static_kv_decoder import StaticKVDecoder
 from edgekit.export.components.token_embedding import TokenEmbedding
-from edgekit.export.components.vision_encoder import VisionEncoder, query_chunk_for
+from edgekit.export.components.vision_encoder import VisionEncoder
+from edgekit.plan import vision_query_chunk
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_AUDIO_PREPROCESSOR, METHOD_TEXT_DECODER,
                               METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER, TensorSpec)
 from edgekit.runtimes.mel_features import MAX_SAMPLES, PAD_TO_MULTIPLE_OF, MelParams
@@ -180,7 +181,7 @@ def text_decoder(lm, *, max_context: int, max_seq_len: int) -> MethodBuild:
 def vision_encoder(lm, *, budget: int) -> MethodBuild:
     w = Widths.of(lm)
     tower = lm.config.vision_config
-    chunk = query_chunk_for(tower.num_attention_heads, budget * tower.pooling_kernel_size**2)
+    chunk = vision_query_chunk(tower.num_attention_heads, budget * tower.pooling_kernel_size**2)
     encoder = VisionEncoder(lm, max_soft_tokens=budget, query_chunk=chunk).eval()
     pixels, positions = encoder.example_inputs()
     return MethodBuild(

@@ -35,8 +35,10 @@ class ExecutorchBackend:
         except ImportError:
             pass
         pte = bundle.file(self.manifest.method(METHOD_TEXT_DECODER).file)
+        data = self.manifest.extra.get("program_data")  # the weights, when exported with --external-weights
         try:
-            self._program = runtime.Runtime.get().load_program(str(pte))
+            self._program = runtime.Runtime.get().load_program(
+                str(pte), data_path=str(bundle.file(data)) if data else None)
         except Exception as exc:
             raise BundleError(f"cannot load {pte.name}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         self._methods: dict = {}
