@@ -428,8 +428,9 @@ def test_cli_export_uses_the_profiles_recipe(executorch_bundles):
 
 @slow
 def test_external_weights_live_in_the_ptd(executorch_bundles):
-    """--external-weights: the XNNPACK-packed weights and the quantized embedding tables go
-    to model.ptd; the .pte alone cannot run a method, with the .ptd it does (every e4b test)."""
+    """--external-weights: the quantized embedding tables (and the decoder's constants outside
+    XNNPACK) go to model.ptd; the .pte alone cannot load those methods, with the .ptd every
+    e4b test runs."""
     import executorch.kernels.quantized  # noqa: F401
 
     bundle = executorch_bundles["e4b"]

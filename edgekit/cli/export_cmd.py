@@ -20,7 +20,7 @@ def export(
     context: int = typer.Option(None, "--context", help="Override the profile's maximum context length."),
     output: Path = typer.Option(None, "--output", "-o", help="Bundle directory to write (NAME.edgekit)."),
     external_weights: bool = typer.Option(
-        False, "--external-weights", help="ExecuTorch: write the weights to model.ptd beside model.pte."),
+        False, "--external-weights", help="ExecuTorch: put the embedding tables (the weights outside delegates) in model.ptd beside model.pte."),
     force: bool = typer.Option(False, "--force", help="Export even if the plan says it does not fit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),

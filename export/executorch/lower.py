@@ -64,7 +64,9 @@ class LoweredMethod:
 def tag_weights_external(program: "torch.export.ExportedProgram", tag: str) -> None:
     """Mark every weight of `program` (parameters, constant buffers, lifted constants; not the
     KV caches it mutates) for the `tag`.ptd file: the XNNPACK delegate then stores what it
-    packs under that tag in ExecuTorch's named data instead of inside the .pte."""
+    packs under that tag in ExecuTorch's named data instead of inside the .pte. Measured with
+    executorch 1.5.1: fp32 weights move; torchao-quantized ones reach XNNPACK's serializer
+    without the tag and stay in the .pte (full-depth E2B 8da4w: 1.8 GB)."""
     signature = program.graph_signature
     mutated = set(signature.buffers_to_mutate.values())
     weights = (set(signature.inputs_to_parameters) | set(signature.inputs_to_lifted_tensor_constants)
@@ -101,8 +103,9 @@ def lower_to_pte(programs: dict[str, "torch.export.ExportedProgram"], *, constan
     """Lower `programs` (by method name) in one call and write the .pte to `out`.
     `partitioners` by method name (default: XNNPACK for every method). `programs` is consumed:
     emptied once lowered, so their weights are freed before the emitter copies the rest.
-    `external_weights`: the weights go to `out`.ptd beside it (ExecuTorch's named data: a
-    runtime loads the .pte with that data file); the .pte keeps the program and small constants."""
+    `external_weights`: weights go to `out`.ptd beside it (ExecuTorch's named data: a runtime
+    loads the .pte with that data file): those outside delegates (the quantized embedding
+    tables) and fp32 delegates' weights; see tag_weights_external."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from executorch.exir.capture._config import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
