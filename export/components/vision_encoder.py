@@ -9,7 +9,7 @@ in whole soft tokens (k^2 patches each; see dynamic_shapes): the pooler's slot c
 derived from the input, not fixed, so dynamo keeps it symbolic.
 Parity against Gemma4Model.get_image_features: tests/test_encoder_components.py.
 
-`query_chunk` (ExecuTorch): attention one block of queries at a time, in plain matmul +
+`query_chunk` (ExecuTorch): attention one block of queries at a time, in 3-D bmm + plain
 softmax. transformers' sdpa path decomposes to a "safe" softmax whose any/where/logical_not
 run outside XNNPACK on whole [1, heads, P, P] tensors, and memory planning reserves them all:
 3.6 GB of activation memory at a 560-token budget (E2B's tower); chunked, the biggest
@@ -81,7 +81,9 @@ def bake_clipped_linears(module: nn.Module) -> nn.Module:
 
 
 # --- attention a block of queries at a time --------------------------------------------
-QUERY_CHUNKED = "edgekit_query_chunked"
+QUERY_CHUNKED = "edgekit_query_chunked"  # the name transformers' AttentionInterface knows it by
+
+
 def query_chunked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, scaling: float | None = None,
                             dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
