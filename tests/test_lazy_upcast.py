@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -63,3 +65,34 @@ def test_quantizing_from_bf16_equals_quantizing_from_fp32(tiny_e2b):
                            from_fp32[METHOD_TEXT_DECODER].module(embeds, positions))
     for build in from_bf16.values():
         assert all(t.dtype == torch.float32 for t in build.module.state_dict().values() if t.is_floating_point())
+
+
+def _resident_bytes(path) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    total, current = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+            current = len(fields) >= 6 and fields[5] == str(path)
+        elif current and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_PAGEOUT) is Linux's")
+def test_upcast_releases_the_mapped_checkpoint_pages_it_read(tmp_path):
+    """A bf16 weight mapped from a file (as transformers maps safetensors): once upcast, its
+    file pages leave this process's RSS, and reading it again still gives the same values."""
+    from edgekit.export.lazy_upcast import upcast_
+
+    path = tmp_path / "weights.bin"
+    values = torch.randn(4096, 2048).to(torch.bfloat16)  # 16 MiB
+    values.view(torch.int16).numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=True, size=values.numel(), dtype=torch.bfloat16).view(4096, 2048)
+    linear = torch.nn.Linear(2048, 4096, bias=False)
+    linear.weight = torch.nn.Parameter(mapped, requires_grad=False)
+    assert torch.equal(mapped, values) and _resident_bytes(path) >= 15 * 2**20  # read: all resident
+    upcast_(linear)
+    assert linear.weight.dtype == torch.float32 and torch.equal(linear.weight, values.float())
+    assert _resident_bytes(path) < 2**20  # paged out
+    assert torch.equal(mapped, values)  # and read back from the file when touched again

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from edgekit.errors import ExportError
-from edgekit.export.lazy_upcast import upcast_
+from edgekit.export.lazy_upcast import release_pages, upcast_
 from edgekit.param_count import PER_LAYER_EMBEDDING
 from edgekit.recipes import QuantScheme, Recipe
 
@@ -156,6 +156,7 @@ class ColumnSplitEmbedding(nn.Module):
         parts = []
         for start in range(0, cols, width):
             block = table.weight.detach()[:, start:start + width].to(torch.float32, copy=True)
+            release_pages(table.weight)  # the bf16 rows just read (a mapped checkpoint's pages)
             part = nn.Embedding(rows, block.shape[1], _weight=block)
             part.weight.requires_grad_(False)
             parts.append(prepare(part))
