@@ -96,7 +96,7 @@ FORMATS: Registry[Format] = Registry("format", (
             Backend("cuda", ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")),
         ),
         # MatMulNBits int4 (shared/EXPORT-NOTES.md: 4x faster than fp32 decode at E2B width).
-        ("fp32", "fp16", "int8", *_INT4),
+        ("fp32", "fp16", "int8", *_INT4, "int4-ple2"),
         "int4",
     ),
     Format(
@@ -106,12 +106,12 @@ FORMATS: Registry[Format] = Registry("format", (
         (
             # No weight-only linear recipes: IntxWeightOnlyConfig gives wrong outputs on XNNPACK
             # and no smaller file (shared/EXPORT-NOTES.md).
-            Backend("xnnpack", recipes=("fp32", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4")),
+            Backend("xnnpack", recipes=("fp32", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4", "8da4w-ple2")),
             # ExecuTorch's Core ML delegate for the text methods (iphone / mac profiles): its
             # compute precision; the encoders stay on XNNPACK (export/executorch/coreml.py).
             Backend("coreml", recipes=("fp16", "fp32")),
         ),
-        ("fp32", "fp16", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4"),
+        ("fp32", "fp16", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4", "8da4w-ple2"),
         "8da4w-emb4",
         ring_takes_a_chunk=True,
         vision_query_chunked=True,

@@ -21,6 +21,7 @@ from fnmatch import fnmatchcase
 from typing import Callable, Generic, Iterable, Iterator, Literal, TypeVar
 
 from edgekit.errors import EdgekitError, InputError
+from edgekit.param_count import PER_LAYER_EMBEDDING
 
 WeightKind = Literal["embedding", "linear", "lm_head", "other"]
 WEIGHT_KINDS: tuple[str, ...] = ("embedding", "linear", "lm_head", "other")
@@ -127,6 +128,10 @@ def _int4_table(block: int) -> QuantScheme:
 W8A8 = QuantScheme("8da8w", 8, None, activations="int8_dynamic")  # per-channel int8
 INT8_WEIGHT_ONLY = QuantScheme("int8", 8, None)  # per-channel (per-row for tables)
 INT4_EMB_G32 = QuantScheme("int4-emb-g32", 4, 32)  # symmetric 4-bit rows, fp16 scale per 32
+# Symmetric 2-bit rows (levels -2..1), fp16 scale per 64: 2.25 bits. Loses far more than
+# 4-bit (a Gaussian row keeps cosine ~0.89 against ~0.995), so only the size-first recipe
+# uses it, on the per-layer table alone (ExecuTorch's embedding_2bit kernel).
+INT2_EMB_G64 = QuantScheme("int2-emb-g64", 2, 64)
 
 
 # --- recipes ------------------------------------------------------------------------------
@@ -232,6 +237,22 @@ RECIPES: Registry[Recipe] = Registry("quantization recipe", (
             Rule("vision_encoder.linear", W8A8),
         ),
     ),
+    # Size first: E2B with every tower in <= 2.5 GB (the class of LiteRT-LM's 2.58 GB bundle).
+    # 4-bit everywhere still leaves E2B at ~3 GB (its 2.35 B per-layer table alone is 1.2 GB);
+    # only 2-bit per-layer rows get under, plus group 128 and 4-bit audio linears.
+    Recipe(
+        "8da4w-ple2",
+        "size first: per-layer table int2 (group 64), token table int4 (group 32), decoder and "
+        "audio 8da4w (group 128 / 32), vision 8da8w",
+        (
+            Rule(f"{PER_LAYER_EMBEDDING}.embedding", INT2_EMB_G64),
+            Rule("*_embedding.embedding", INT4_EMB_G32),
+            Rule("text_decoder.linear", _w4a8(128)),
+            Rule("text_decoder.lm_head", _w4a8(128)),
+            Rule("audio_encoder.linear", _w4a8(32)),
+            Rule("vision_encoder.linear", W8A8),
+        ),
+    ),
     Recipe(
         "int8",
         "int8 per-channel weight-only for every linear and embedding table",
@@ -241,6 +262,20 @@ RECIPES: Registry[Recipe] = Registry("quantization recipe", (
     _int4_recipe(32),
     _int4_recipe(64),
     _int4_recipe(128),
+    # ONNX's size-first recipe, as 8da4w-ple2 is ExecuTorch's: 2-bit per-layer rows
+    # (GatherBlockQuantized bits=2) and every linear int4, the encoders too.
+    Recipe(
+        "int4-ple2",
+        "size first: per-layer table int2 (block 64), token table int4 (block 32), decoder int4 "
+        "(block 128), audio/vision int4 (block 32)",
+        (
+            Rule(f"{PER_LAYER_EMBEDDING}.embedding", INT2_EMB_G64),
+            Rule("*_embedding.embedding", _int4_table(32)),
+            Rule("text_decoder.linear", _int4_blockwise(128)),
+            Rule("text_decoder.lm_head", _int4_blockwise(128)),
+            Rule("*_encoder.linear", _int4_blockwise(32)),
+        ),
+    ),
 ))
 
 

@@ -151,6 +151,18 @@ def test_e2b_quantized_fits_pi5(tmp_path, format_name, recipe):
     assert plan.format.name == (format_name or "onnx")
 
 
+def test_size_first_recipe_puts_e2b_under_2_5_gb(tmp_path):
+    """8da4w-ple2 (2-bit per-layer rows) is the ExecuTorch recipe that fits E2B with every tower
+    in 2.5 GB; the profile's 4-bit one does not (full-depth files: bench/RESULTS.md)."""
+    ckpt = _checkpoint(tmp_path)
+    small = make_plan(ckpt, profile=PROFILES.get("android-flagship"), recipe_name="8da4w-ple2")
+    default = make_plan(ckpt, profile=PROFILES.get("android-flagship"))
+    assert small.modalities == default.modalities == ("text", "audio", "vision")
+    assert small.bundle_size_bytes < 2.5e9 < default.bundle_size_bytes
+    by_name = {c.name: c for c in small.components}
+    assert by_name[PER_LAYER_EMBEDDING].bits_per_weight == 2 + 16 / 64
+
+
 def test_plan_memory_breakdown(tmp_path):
     plan = make_plan(_checkpoint(tmp_path), profile=PROFILES.get("pi5-8gb"))
     by_name = {c.name: c for c in plan.components}

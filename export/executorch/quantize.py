@@ -2,7 +2,7 @@
 
     scheme (edgekit.recipes)                     torchao config
     int4/int8 weights + int8 dynamic activations Int8DynamicActivationIntxWeightConfig (linears)
-    int4/int8 weights, float activations          IntxWeightOnlyConfig (embedding tables only)
+    int2/int4/int8 weights, float activations     IntxWeightOnlyConfig (embedding tables only)
     fp32                                          untouched
 
 Weight-only linears are refused: on XNNPACK they give wrong outputs and no smaller file
@@ -14,9 +14,14 @@ Modules are quantized in place (the loaded model is consumed). A linear whose in
 is not a multiple of its group size stays in float and is reported (tiny test models
 only: every released E2B/E4B linear is a multiple of 128).
 
-Weights may arrive in the checkpoint's bf16 (edgekit.export.lazy_upcast): each module is
-upcast to fp32 just before it is quantized, and a large table one column block at a time,
-so at most one module or block exists in fp32 at once.
+Tables keep their scales in the scheme's scale width: a 16-bit scheme stores the table as fp16
+(fp16 scales, fp16 rows cast to fp32 after the lookup), which ExecuTorch fuses into
+`embedding_{2,4}bit.dtype` / `embedding_byte.dtype`. (fp16 scales under an fp32 table pick the
+plain `embedding_4bit` kernel, which reads the fp16 scales as fp32: inf/nan out.)
+
+Weights may arrive in the checkpoint's bf16 (edgekit.export.lazy_upcast): each linear is
+upcast to fp32 just before it is quantized, and a table one column block at a time (to its
+storage type), so at most one module or block exists upcast at once.
 """
 
 from __future__ import annotations
@@ -58,9 +63,10 @@ def _config(scheme: QuantScheme, *, embedding: bool):
         IntxChooseQParamsAlgorithm,
     )
 
-    dtype = {4: torch.int4, 8: torch.int8}.get(scheme.weight_bits)
-    if dtype is None:
-        raise ExportError(f"scheme {scheme.name}: ExecuTorch export supports 4- or 8-bit weights")
+    dtype = {2: torch.int2, 4: torch.int4, 8: torch.int8}.get(scheme.weight_bits)
+    if dtype is None or (dtype is torch.int2 and not embedding):
+        raise ExportError(f"scheme {scheme.name}: ExecuTorch export supports 4- or 8-bit linears and "
+                          "2-, 4- or 8-bit embedding tables")
     granularity = PerGroup(scheme.group_size) if scheme.group_size else PerAxis(0)
     affine = IntxChooseQParamsAlgorithm.AFFINE
     if scheme.activations == "int8_dynamic":
@@ -71,7 +77,13 @@ def _config(scheme: QuantScheme, *, embedding: bool):
     if not embedding:
         raise ExportError(f"scheme {scheme.name} is weight-only; on XNNPACK weight-only linears give wrong "
                           "outputs (use an 8da4w / 8da8w recipe)")
-    return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity, intx_choose_qparams_algorithm=affine)
+    return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity, intx_choose_qparams_algorithm=affine,
+                                scale_dtype=table_dtype(scheme))
+
+
+def table_dtype(scheme: QuantScheme) -> torch.dtype:
+    """The float type a quantized table is stored and looked up in: its scales' width."""
+    return torch.float16 if scheme.scale_bits == 16 else torch.float32
 
 
 def quantize_linears(module: nn.Module, *, recipe: Recipe, component: str, lm_head: nn.Module | None = None,
@@ -105,10 +117,9 @@ def quantize_linears(module: nn.Module, *, recipe: Recipe, component: str, lm_he
 
 def quantize_table(embedding: nn.Embedding, *, scheme: QuantScheme, report: QuantReport, kind_key: str,
                    max_elements: int = MAX_TABLE_ELEMENTS) -> nn.Module:
-    """A quantized version of an embedding table (returned; the caller puts it in place).
-
-    Tables over `max_elements` come back as a ColumnSplitEmbedding of quantized parts.
-    """
+    """A quantized version of an embedding table (returned; the caller puts it in place):
+    a ColumnSplitEmbedding of quantized column blocks, one block when the table is under
+    `max_elements`."""
     from torchao.quantization import quantize_
 
     report.schemes[kind_key] = scheme.name
@@ -118,12 +129,6 @@ def quantize_table(embedding: nn.Embedding, *, scheme: QuantScheme, report: Quan
     if scheme.group_size and embedding.weight.shape[1] % scheme.group_size:
         report.kept_float.append(f"{kind_key} (width {embedding.weight.shape[1]} % {scheme.group_size})")
         return embedding
-    embedding.padding_idx = None  # a padding_idx blocks the quantized-embedding fusion (EXPORT-NOTES)
-    if embedding.weight.numel() <= max_elements:
-        upcast_(embedding)
-        quantize_(embedding, config, filter_fn=lambda m, _fqn: m is embedding)
-        report.quantized += 1
-        return embedding
 
     def quantized(part: nn.Embedding) -> nn.Embedding:
         quantize_(part, config, filter_fn=lambda m, _fqn: m is part)
@@ -131,14 +136,14 @@ def quantize_table(embedding: nn.Embedding, *, scheme: QuantScheme, report: Quan
         return part
 
     return ColumnSplitEmbedding.of(embedding, max_elements=max_elements, multiple=scheme.group_size or 1,
-                                   prepare=quantized)
+                                   dtype=table_dtype(scheme), prepare=quantized)
 
 
 class ColumnSplitEmbedding(nn.Module):
     """An embedding table stored as column blocks, each under the quantizer's size limit.
 
-    Looks up every block and concatenates, times the table's own scale (Gemma 4's tables
-    scale their rows: Gemma4TextScaledWordEmbedding.embed_scale).
+    Looks up every block and concatenates, casts to fp32 and multiplies by the table's own
+    scale (Gemma 4's tables scale their rows: Gemma4TextScaledWordEmbedding.embed_scale).
     """
 
     def __init__(self, parts: list[nn.Embedding], scale: float) -> None:
@@ -147,15 +152,15 @@ class ColumnSplitEmbedding(nn.Module):
         self.scale = scale
 
     @classmethod
-    def of(cls, table: nn.Embedding, *, max_elements: int, multiple: int,
+    def of(cls, table: nn.Embedding, *, max_elements: int, multiple: int, dtype: torch.dtype = torch.float32,
            prepare=lambda part: part) -> "ColumnSplitEmbedding":
-        """`table` cut into fp32 column blocks of at most `max_elements`; each block goes
+        """`table` cut into `dtype` column blocks of at most `max_elements`; each block goes
         through `prepare` (the quantizer) before the next is made."""
         rows, cols = table.weight.shape
         width = max(multiple, (max_elements // rows) // multiple * multiple)
         parts = []
         for start in range(0, cols, width):
-            block = table.weight.detach()[:, start:start + width].to(torch.float32, copy=True)
+            block = table.weight.detach()[:, start:start + width].to(dtype, copy=True)
             release_pages(table.weight)  # the bf16 rows just read (a mapped checkpoint's pages)
             part = nn.Embedding(rows, block.shape[1], _weight=block)
             part.weight.requires_grad_(False)
@@ -164,7 +169,8 @@ class ColumnSplitEmbedding(nn.Module):
         return cls(parts, scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(ids) for part in self.parts], dim=-1) * self.scale
+        rows = self.parts[0](ids) if len(self.parts) == 1 else torch.cat([part(ids) for part in self.parts], dim=-1)
+        return rows.float() * self.scale
 
 
 def quantize_token_embedding(packed, *, recipe: Recipe, report: QuantReport,
