@@ -103,7 +103,8 @@ def test_streamed_graph_equals_onnxruntime_whole_model_quantizer(tmp_path, monke
         return w["table"][a:b]
 
     out = tmp_path / "out.onnx"
-    counts = quantize_graph_int4(raw, out, block_size=block, tables={"table": TableSource(VOCAB, HIDDEN, read)})
+    counts = quantize_graph_int4(raw, out, block_size=block,
+                                 tables={"table": TableSource(VOCAB, HIDDEN, read, block_size=block, fp16_scales=False)})
 
     assert counts == {"matmuls": 3, "tables": 1}
     assert len(reads) == -(-VOCAB // 7) and reads[-1][1] == VOCAB
@@ -123,10 +124,12 @@ def test_fp16_table_scales_halve_the_scale_bytes_and_keep_the_rows(tmp_path):
     int4 values, scales rounded to fp16, rows cast back to fp32 after the lookup."""
     w = _weights()
     raw = _save_external(_stand_in_graph(w), tmp_path / "raw.onnx")
-    source = {"table": TableSource(VOCAB, HIDDEN, lambda a, b: w["table"][a:b])}
+    def source(fp16_scales: bool) -> dict[str, TableSource]:
+        return {"table": TableSource(VOCAB, HIDDEN, lambda a, b: w["table"][a:b], fp16_scales=fp16_scales)}
+
     fp32, fp16 = tmp_path / "fp32.onnx", tmp_path / "fp16.onnx"
-    quantize_graph_int4(raw, fp32, block_size=32, tables=dict(source))
-    quantize_graph_int4(raw, fp16, block_size=32, tables=dict(source), table_scale_bits=16)
+    quantize_graph_int4(raw, fp32, block_size=32, tables=source(False))
+    quantize_graph_int4(raw, fp16, block_size=32, tables=source(True))
 
     np.testing.assert_array_equal(_initializer(fp16, "table_Q4"), _initializer(fp32, "table_Q4"))
     scales16, scales32 = _initializer(fp16, "table_scales"), _initializer(fp32, "table_scales")
@@ -141,6 +144,36 @@ def test_fp16_table_scales_halve_the_scale_bytes_and_keep_the_rows(tmp_path):
     a, b = logits16.reshape(-1, VOCAB), logits32.reshape(-1, VOCAB)
     cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     assert cosine.min() > 0.999, cosine
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_two_bit_table_rows_are_the_nearest_levels(tmp_path, monkeypatch, block):
+    """A 2-bit table (onnxruntime's MatMulNBits packing, read by GatherBlockQuantized bits=2):
+    a quarter of the int4 bytes, every value one of the four levels -2..1 x its block's scale
+    and within one level of the fp32 value, rows still pointing the fp32 way. Streamed in
+    chunks of 7 rows, as a real table is."""
+    w = _weights()
+    raw = _save_external(_stand_in_graph(w), tmp_path / "raw.onnx")
+    monkeypatch.setattr(stream_quantize, "_TABLE_CHUNK_ELEMENTS", 7 * HIDDEN)
+    out = tmp_path / "out.onnx"
+    quantize_graph_int4(raw, out, block_size=32, matmuls=False,
+                        tables={"table": TableSource(VOCAB, HIDDEN, lambda a, b: w["table"][a:b], bits=2,
+                                                     block_size=block)})
+    node = next(n for n in onnx.load(str(out), load_external_data=False).graph.node
+                if n.op_type == "GatherBlockQuantized")
+    assert {a.name: a.i for a in node.attribute}["bits"] == 2
+    assert _initializer(out, "table_Q2").shape == (VOCAB, HIDDEN // 4)
+    scales = _initializer(out, "table_scales").astype(np.float32)
+    assert scales.shape == (VOCAB, HIDDEN // block)
+    ids = np.arange(VOCAB, dtype=np.int64)[None]
+    rows = _run(out, ids)[1][0]
+    step = np.repeat(scales, block, axis=1)
+    levels = rows / step
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+    assert set(np.unique(np.round(levels))) <= {-2.0, -1.0, 0.0, 1.0}
+    assert (np.abs(rows - w["table"]) <= np.abs(step) * 1.01 + 1e-6).all()
+    cosine = (rows * w["table"]).sum(-1) / np.linalg.norm(rows, axis=-1) / np.linalg.norm(w["table"], axis=-1)
+    assert cosine.mean() > 0.85, cosine.mean()
 
 
 def test_big_tensors_start_on_mappable_offsets(tmp_path, monkeypatch):

@@ -41,6 +41,7 @@ from edgekit.export.onnx.stream_quantize import TableSource, quantize_graph_int4
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING,
                               METHOD_VISION_ENCODER, Manifest, MethodSpec, TensorSpec)
 from edgekit.model import Checkpoint
+from edgekit.param_count import PER_LAYER_EMBEDDING
 from edgekit.progress import progress_bar
 
 # Which recipe key governs the big weights of each graph (edgekit.recipes weight keys).
@@ -186,7 +187,7 @@ def _finish_graph(raw: Path, out: Path, *, method: str, scheme, tables: dict[str
     `tables`: the embedding graph's placeholder tables (int4 recipes), filled in here."""
     if _is_int4(scheme):
         quantize_graph_int4(raw, out, block_size=scheme.group_size or 32, matmuls=not _is_table_graph(method),
-                            tables=tables, table_scale_bits=scheme.scale_bits)
+                            tables=tables)
         return
     if scheme.quantized and scheme.weight_bits == 8:
         quantize_int8_dynamic(raw, out)
@@ -197,11 +198,20 @@ def _finish_graph(raw: Path, out: Path, *, method: str, scheme, tables: dict[str
     _save(model, out)
 
 
+def _recorded_scheme(method: str, scheme, recipe) -> str:
+    """The scheme the manifest names for a graph: for the embedding graph, both tables'."""
+    if not _is_table_graph(method):
+        return scheme.name
+    tables = (recipe.scheme_for(c, "embedding").name for c in (METHOD_TOKEN_EMBEDDING, PER_LAYER_EMBEDDING))
+    return "+".join(dict.fromkeys(tables))
+
+
 @contextlib.contextmanager
-def _placeholder_tables(spec: GraphSpec, scheme) -> Iterator[dict[str, TableSource]]:
+def _placeholder_tables(spec: GraphSpec, scheme, recipe) -> Iterator[dict[str, TableSource]]:
     """For int4 recipes, trace the embedding graph with 2-row stand-ins for its tables, so
     neither torch.onnx nor onnx.load ever holds them in fp32 (E2B's are 11 GB as fp32): the
-    quantizer reads the real rows, still in the checkpoint's dtype, in chunks."""
+    quantizer reads the real rows, still in the checkpoint's dtype, in chunks, each table by
+    its own scheme (the per-layer table may take 2 bits)."""
     if not (_is_int4(scheme) and _is_table_graph(spec.name)):
         yield {}
         return
@@ -209,9 +219,16 @@ def _placeholder_tables(spec: GraphSpec, scheme) -> Iterator[dict[str, TableSour
     tables: dict[str, TableSource] = {}
     for name, module in spec.module.named_modules():
         if isinstance(module, nn.Embedding):
+            table = recipe.scheme_for(PER_LAYER_EMBEDDING if "per_layer" in name else METHOD_TOKEN_EMBEDDING,
+                                      "embedding")
+            if table.weight_bits not in (2, 4):
+                raise ExportError(f"recipe {recipe.name}: ONNX int4 bundles store tables in 2 or 4 bits, "
+                                  f"not {table.name} ({name})")
             real, padding_idx = module.weight, module.padding_idx
             rows, cols = real.shape
-            tables[f"{name}.weight"] = TableSource(rows, cols, lambda a, b, w=real: w.detach()[a:b].float().numpy())
+            tables[f"{name}.weight"] = TableSource(rows, cols, lambda a, b, w=real: w.detach()[a:b].float().numpy(),
+                                                   bits=table.weight_bits, block_size=table.group_size or 32,
+                                                   fp16_scales=table.scale_bits == 16)
             module.weight = nn.Parameter(torch.zeros(2, cols), requires_grad=False)
             module.padding_idx = None  # only steers gradients; 2 rows cannot hold the pad id
             swapped.append((module, real, padding_idx))
@@ -278,7 +295,7 @@ def export_onnx(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool =
                     advance(0, description=f"Tracing {method}")
                     spec = _SPECS[method](lm, plan)
                     hints = _runner_hints(getattr(spec.module, "encoder", spec.module))
-                    with _placeholder_tables(spec, schemes[method]) as tables:
+                    with _placeholder_tables(spec, schemes[method], plan.recipe) as tables:
                         upcast_(spec.module)
                         raw = export_graph(spec, scratch / f"{method}.onnx")
                     del spec
@@ -292,7 +309,8 @@ def export_onnx(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool =
                     del tables
                     raw.unlink()
                     raw.with_name(raw.name + ".data").unlink(missing_ok=True)
-                    built.append(BuiltGraph(method, file, schemes[method].name, hints))
+                    built.append(BuiltGraph(method, file, _recorded_scheme(method, schemes[method], plan.recipe),
+                                            hints))
                     advance(1)
             bundle_metadata.copy_tokenizer_files(checkpoint, writer)
             manifest = _manifest(checkpoint, plan, writer.temp_dir, built)

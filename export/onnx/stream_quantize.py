@@ -9,12 +9,16 @@ section 3); the embedding tables would be another 11 GB of fp32 before quantizat
                                  │  per-node step MatMulNBitsQuantizer runs) ─► MatMulNBits
                                  ├─ Gather of a placeholder table: rows read in chunks from the
                                  │  caller (the bf16 checkpoint), onnxruntime's quantize_ndarray
-                                 │  ─► GatherBlockQuantized
+                                 │  (4-bit) or its MatMulNBits packer (2-bit) ─► GatherBlockQuantized
                                  └─ everything else: bytes copied
                                       └─► out.onnx + out.onnx.data, appended as each is made
 
 Row-chunking a table gives the same bytes as quantizing it whole: blocks run along a row
-(quantize_axis 1) and every row holds an even number of int4 values.
+(quantize_axis 1) and every row fills whole bytes.
+
+2-bit tables use GatherBlockQuantized's uint8 form, which reads MatMulNBits' layout ([rows,
+blocks, packed block], values offset by 2): onnxruntime's MatMulNBits quantizer writes exactly
+that for the table's transpose (its N = the table's rows).
 """
 
 from __future__ import annotations
@@ -40,19 +44,22 @@ _TABLE_CHUNK_ELEMENTS = 1 << 24  # rows per chunk: ~64 MB of fp32 at a time
 
 @dataclass(frozen=True)
 class TableSource:
-    """An embedding table the raw graph holds as a small placeholder initializer."""
+    """An embedding table the raw graph holds as a small placeholder initializer, and how to
+    store it: `bits` (2 or 4) per value, one scale per `block_size`, fp16 or fp32 scales."""
 
     rows: int
     cols: int
     read: Callable[[int, int], np.ndarray]  # (start, stop) -> fp32 rows [stop - start, cols]
+    bits: int = 4
+    block_size: int = 32
+    fp16_scales: bool = True
 
 
 def quantize_graph_int4(raw: Path, out: Path, *, block_size: int, matmuls: bool = True,
-                        tables: dict[str, TableSource] | None = None,
-                        table_scale_bits: int = 32) -> dict[str, int]:
-    """Write `out` (+ `out.data`) from `raw`: MatMul weights (if `matmuls`) and the `tables`
-    (placeholder initializer name -> source) int4, symmetric, `block_size` per block; table
-    scales in fp16 when `table_scale_bits` is 16. Returns counts: {"matmuls": n, "tables": n}."""
+                        tables: dict[str, TableSource] | None = None) -> dict[str, int]:
+    """Write `out` (+ `out.data`) from `raw`: MatMul weights (if `matmuls`) int4, symmetric,
+    `block_size` per block, and the `tables` (placeholder initializer name -> source) as each
+    source says. Returns counts: {"matmuls": n, "tables": n}."""
     tables = dict(tables or {})
     model = onnx.load(str(raw), load_external_data=False)
     graph = model.graph
@@ -68,8 +75,7 @@ def quantize_graph_int4(raw: Path, out: Path, *, block_size: int, matmuls: bool 
         for node in graph.node:
             if node.op_type == "Gather" and node.input[0] in tables:
                 source = tables.pop(node.input[0])
-                new_nodes.extend(_gather_block_quantized(node, source, block_size, data, new_inits,
-                                                         fp16_scales=table_scale_bits == 16))
+                new_nodes.extend(_gather_block_quantized(node, source, data, new_inits))
                 counts["tables"] += 1
                 continue
             weight = _constant_b(node, inits, producers, reader) if matmuls and node.op_type == "MatMul" else None
@@ -144,25 +150,33 @@ def _constant_b(node, inits, producers, reader: "_Reader") -> np.ndarray | None:
     return array
 
 
-def _gather_block_quantized(node, source: TableSource, block_size: int, data: "_DataFile",
-                            new_inits: list[TensorProto], *, fp16_scales: bool) -> list[onnx.NodeProto]:
+def _gather_block_quantized(node, source: TableSource, data: "_DataFile",
+                            new_inits: list[TensorProto]) -> list[onnx.NodeProto]:
     """The GatherBlockQuantized node onnxruntime's quantize_gather makes, with the table
-    quantized in row chunks straight into the data file. With `fp16_scales` the scales are
-    stored in fp16 (the node then yields fp16 rows, cast back to fp32)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
-
-    if source.cols % 2:
+    quantized in row chunks straight into the data file. With fp16 scales the node yields
+    fp16 rows, cast back to fp32."""
+    bits, block = source.bits, source.block_size
+    if bits not in (2, 4):
+        raise ExportError(f"{node.input[0]}: ONNX tables take 2- or 4-bit schemes, not {bits}-bit")
+    if bits == 4 and source.cols % 2:
         raise ExportError(f"{node.input[0]}: int4 rows need an even width, got {source.cols}")
+    if bits == 2 and source.cols % block:  # MatMulNBits' packing pads a partial block
+        raise ExportError(f"{node.input[0]}: 2-bit rows need whole blocks: width {source.cols}, block {block}")
     name = node.input[0]
-    q_tensor = TensorProto(name=name + "_Q4", data_type=TensorProto.INT4, dims=[source.rows, source.cols])
+    if bits == 4:
+        q_tensor = TensorProto(name=name + "_Q4", data_type=TensorProto.INT4, dims=[source.rows, source.cols])
+        quantize = _int4_rows
+    else:
+        q_tensor = TensorProto(name=name + "_Q2", data_type=TensorProto.UINT8, dims=[source.rows, source.cols // 4])
+        quantize = _uint2_rows
     scale_chunks: list[np.ndarray] = []
 
     def packed_chunks() -> Iterator[bytes]:
         step = max(1, _TABLE_CHUNK_ELEMENTS // source.cols)
         for start in range(0, source.rows, step):
             rows = np.ascontiguousarray(source.read(start, min(start + step, source.rows)), dtype=np.float32)
-            packed, scales, _ = DefaultWeightOnlyQuantizer.quantize_ndarray(rows, 1, block_size, True)
-            scale_chunks.append(scales.astype(np.float16) if fp16_scales else scales)
+            packed, scales = quantize(rows, block)
+            scale_chunks.append(scales.astype(np.float16) if source.fp16_scales else scales)
             yield packed.tobytes()
 
     data.put_stream(q_tensor, packed_chunks())
@@ -171,13 +185,31 @@ def _gather_block_quantized(node, source: TableSource, block_size: int, data: "_
     data.put(scales, scales.raw_data)
     new_inits.extend([q_tensor, scales])
     axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-    rows = node.output[0] + "_fp16" if fp16_scales else node.output[0]
-    gather = helper.make_node("GatherBlockQuantized", [q_tensor.name, node.input[1], scales.name], [rows],
-                              name=(node.name + "_Q4") if node.name else "", domain=MS_DOMAIN,
-                              gather_axis=axis, quantize_axis=1, block_size=block_size)
-    if not fp16_scales:
+    rows_out = node.output[0] + "_fp16" if source.fp16_scales else node.output[0]
+    gather = helper.make_node("GatherBlockQuantized", [q_tensor.name, node.input[1], scales.name], [rows_out],
+                              name=(node.name + q_tensor.name[-3:]) if node.name else "", domain=MS_DOMAIN,
+                              gather_axis=axis, quantize_axis=1, block_size=block, bits=bits)
+    if not source.fp16_scales:
         return [gather]
-    return [gather, helper.make_node("Cast", [rows], [node.output[0]], to=TensorProto.FLOAT)]
+    return [gather, helper.make_node("Cast", [rows_out], [node.output[0]], to=TensorProto.FLOAT)]
+
+
+def _int4_rows(rows: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """onnxruntime's quantize_gather step: signed int4 values, two per byte; scales [rows, blocks]."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    packed, scales, _ = DefaultWeightOnlyQuantizer.quantize_ndarray(rows, 1, block, True)
+    return packed, scales
+
+
+def _uint2_rows(rows: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """onnxruntime's MatMulNBits quantizer at 2 bits on the rows' transpose: [rows, blocks,
+    block / 4] bytes (values + 2), scales [rows, blocks]."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=2))
+    packed, scales, _ = quantizer.qbits_block_quant(np.ascontiguousarray(rows.T))
+    return packed, scales
 
 
 def _import_ms_domain(model: onnx.ModelProto) -> None:
