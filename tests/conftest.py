@@ -6,6 +6,7 @@ are loaded through the same path as a downloaded checkpoint.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -88,8 +89,9 @@ def tiny_e2b_4layers(tmp_path_factory) -> Path:
     return make_checkpoint(PRESETS["tiny-e2b"], tmp_path_factory.mktemp("ckpt") / "tiny-e2b-4", seed=0, layers=4)
 
 
-# ExecuTorch bundles are exported in concurrent processes (lowering is single-threaded and
-# slow, ~2.5 min for fp32; a failed torch.export can poison its process).
+# ExecuTorch bundles are exported in background processes, all started with the test session
+# (lowering is single-threaded and slow: ~3 min for fp32, ~4.5 for e4b, ~45 s for the Core ML
+# one; a failed torch.export can poison its process), so they overlap the tests before theirs.
 EXECUTORCH_CONTEXT = 256  # room for verify's image + audio + text prompt and 64 steps
 EXECUTORCH_VISION_BUDGET = 70
 _EXPORT_FP32 = """
@@ -106,23 +108,104 @@ export_executorch(load(ckpt), plan=dataclasses.replace(plan, vision_token_budget
 """
 
 
-@pytest.fixture(scope="session")
-def executorch_bundles(tiny_e2b, tiny_e4b, tmp_path_factory) -> dict:
-    """Two bundles, exported concurrently:
-    fp32: tiny-e2b, text + vision (budget 70) + audio, context 256: the parity reference.
-    e4b: tiny-e4b, every method, through `edgekit export --json` with android-flagship's own
-    recipe (8da4w-emb4); its JSON summary under "e4b_summary"."""
-    from edgekit.bundle import load_bundle
+class ExportJob:
+    """One export in a child process; its output goes to files (no pipe to fill up)."""
 
+    def __init__(self, argv: list[str], out: Path) -> None:
+        self.out = out
+        self._log = out.with_suffix(".log")
+        self._err = out.with_suffix(".stderr")
+        with open(self._log, "w") as log, open(self._err, "w") as err:
+            self._proc = subprocess.Popen(argv, stdout=log, stderr=err, text=True, cwd=ROOT)
+
+    def result(self, timeout: float = 1500) -> tuple[str, str]:
+        """(stdout, stderr) once it exits 0; fails the test with the log's tail otherwise."""
+        code = self._proc.wait(timeout=timeout)
+        stdout, stderr = self._log.read_text(), self._err.read_text()
+        assert code == 0, f"export of {self.out.name} failed ({code}):\n{(stdout + stderr)[-4000:]}"
+        return stdout, stderr
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+class ExportJobs:
+    """Named export jobs, each started once: when the session starts (those the collected
+    tests use) or when first asked for."""
+
+    def __init__(self, factories: dict) -> None:
+        self._factories = factories
+        self._jobs: dict[str, ExportJob] = {}
+
+    def get(self, name: str) -> ExportJob:
+        if name not in self._jobs:
+            self._jobs[name] = self._factories[name]()
+        return self._jobs[name]
+
+    def kill_all(self) -> None:
+        for job in self._jobs.values():
+            job.kill()
+
+
+@pytest.fixture(scope="session")
+def executorch_exports(request, tiny_e2b, tiny_e4b, tiny_e2b_4layers, tmp_path_factory) -> ExportJobs:
+    """The ExecuTorch test bundles' exports; those the collected tests use start at once."""
     pytest.importorskip("executorch.runtime")
     out = tmp_path_factory.mktemp("et")
-    fp32 = subprocess.Popen([sys.executable, "-c", _EXPORT_FP32, str(tiny_e2b), str(out / "fp32.edgekit"),
-                             str(EXECUTORCH_CONTEXT), str(EXECUTORCH_VISION_BUDGET)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    e4b = run_cli("export", str(tiny_e4b), "--device", "android-flagship", "--context", str(EXECUTORCH_CONTEXT * 4),
-                  "-o", str(out / "e4b.edgekit"), "--json", "--external-weights", timeout=1200)
-    log = fp32.communicate(timeout=1200)[0]
-    assert fp32.returncode == 0, f"fp32 export failed:\n{log[-4000:]}"
-    assert e4b.returncode == 0, f"edgekit export failed:\n{e4b.stderr[-4000:]}"
-    return {"fp32": load_bundle(out / "fp32.edgekit"), "e4b": load_bundle(out / "e4b.edgekit"),
-            "e4b_summary": json.loads(e4b.stdout)}
+    cli = [sys.executable, "-m", "edgekit", "export"]
+    jobs = ExportJobs({
+        "fp32": lambda: ExportJob([sys.executable, "-c", _EXPORT_FP32, str(tiny_e2b), str(out / "fp32.edgekit"),
+                                   str(EXECUTORCH_CONTEXT), str(EXECUTORCH_VISION_BUDGET)], out / "fp32.edgekit"),
+        "e4b": lambda: ExportJob([*cli, str(tiny_e4b), "--device", "android-flagship", "--context",
+                                  str(EXECUTORCH_CONTEXT * 4), "-o", str(out / "e4b.edgekit"), "--json",
+                                  "--external-weights"], out / "e4b.edgekit"),
+        "iphone": lambda: ExportJob([*cli, str(tiny_e2b_4layers), "--device", "iphone-15-pro", "--format",
+                                     "executorch", "--modalities", "text", "--context", "64",
+                                     "-o", str(out / "iphone.edgekit"), "--json"], out / "iphone.edgekit"),
+    })
+    used = _fixtures_in_use(request)
+    if "executorch_bundles" in used:
+        jobs.get("e4b"), jobs.get("fp32")
+    if "iphone_bundle" in used and importlib.util.find_spec("coremltools") is not None:
+        jobs.get("iphone")
+    yield jobs
+    jobs.kill_all()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_executorch_exports_early(request) -> None:
+    """Start the ExecuTorch exports with the session, so they overlap the tests before theirs."""
+    wanted = {"executorch_bundles", "iphone_bundle"} & _fixtures_in_use(request)
+    if wanted and importlib.util.find_spec("executorch.runtime") is not None:
+        request.getfixturevalue("executorch_exports")
+
+
+def _fixtures_in_use(request) -> set[str]:
+    """Every fixture some collected test asks for (directly or through other fixtures)."""
+    return {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+
+
+@pytest.fixture(scope="session")
+def executorch_bundles(executorch_exports) -> dict:
+    """Two bundles:
+    fp32: tiny-e2b, text + vision (budget 70) + audio, context 256: the parity reference.
+    e4b: tiny-e4b, every method, through `edgekit export --json --external-weights` with
+    android-flagship's own recipe (8da4w-emb4); its JSON summary under "e4b_summary"."""
+    from edgekit.bundle import load_bundle
+
+    fp32, e4b = executorch_exports.get("fp32"), executorch_exports.get("e4b")
+    fp32.result()
+    summary, _ = e4b.result()
+    return {"fp32": load_bundle(fp32.out), "e4b": load_bundle(e4b.out), "e4b_summary": json.loads(summary)}
+
+
+@pytest.fixture(scope="session")
+def iphone_bundle(executorch_exports) -> tuple[Path, str]:
+    """(bundle path, its export's stderr): tiny-e2b cut to 4 layers, text, through `edgekit
+    export --device iphone-15-pro --format executorch` (the text methods on Core ML)."""
+    pytest.importorskip("coremltools")
+    job = executorch_exports.get("iphone")
+    _, stderr = job.result()
+    return job.out, stderr

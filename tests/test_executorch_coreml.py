@@ -90,25 +90,15 @@ def test_coreml_model_takes_one_token_and_keeps_the_caches(lowered):
     assert len(spec.description.state) == 4  # K and V of the sliding and the global layer
 
 
-@pytest.fixture(scope="module")
-def iphone_bundle(tiny_e2b_4layers, tmp_path_factory):
-    pytest.importorskip("coremltools")
-    from tests.conftest import run_cli
-
-    out = tmp_path_factory.mktemp("coreml-bundle") / "iphone.edgekit"
-    result = run_cli("export", str(tiny_e2b_4layers), "--device", "iphone-15-pro", "--format", "executorch",
-                     "--modalities", "text", "--context", "64", "-o", str(out), "--json")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.strip() == ""  # coremltools' and ExecuTorch's chatter stays hidden
-    return out
-
-
 @pytest.mark.slow
 def test_iphone_profile_puts_the_text_methods_on_core_ml(iphone_bundle):
+    """tests/conftest.py iphone_bundle: `edgekit export --device iphone-15-pro --format executorch`."""
     from edgekit.bundle import load_bundle
     from edgekit.manifest import METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING
 
-    m = load_bundle(iphone_bundle).manifest
+    path, stderr = iphone_bundle
+    assert stderr.strip() == ""  # coremltools' and ExecuTorch's chatter stays hidden
+    m = load_bundle(path).manifest
     assert (m.format, m.backend, m.quant_recipes["recipe"]) == ("executorch", "coreml", "fp16")
     for name in (METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER):
         assert m.method(name).extra["delegates"] == {"CoreMLBackend": 1} and not m.method(name).extra["kernels"]
@@ -119,7 +109,8 @@ def test_iphone_profile_puts_the_text_methods_on_core_ml(iphone_bundle):
 def test_core_ml_bundle_says_where_it_runs(iphone_bundle):
     from tests.conftest import assert_clean_failure, run_cli
 
-    assert_clean_failure(run_cli("run", str(iphone_bundle), "-p", "hi"), code=69, contains="only Apple devices")
+    path, _ = iphone_bundle
+    assert_clean_failure(run_cli("run", str(path), "-p", "hi"), code=69, contains="only Apple devices")
 
 
 def test_core_ml_backend_takes_only_float_recipes(tiny_e2b, tmp_path):
