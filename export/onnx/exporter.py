@@ -229,7 +229,9 @@ def _placeholder_tables(spec: GraphSpec, scheme, recipe) -> Iterator[dict[str, T
             tables[f"{name}.weight"] = TableSource(rows, cols, lambda a, b, w=real: w.detach()[a:b].float().numpy(),
                                                    bits=table.weight_bits, block_size=table.group_size or 32,
                                                    fp16_scales=table.scale_bits == 16)
-            module.weight = nn.Parameter(torch.zeros(2, cols), requires_grad=False)
+            # A value of its own per stand-in: the exporter merges equal initializers, and two
+            # tables of one width (hidden == layers x per-layer width) would become one Gather input.
+            module.weight = nn.Parameter(torch.full((2, cols), float(len(tables))), requires_grad=False)
             module.padding_idx = None  # only steers gradients; 2 rows cannot hold the pad id
             swapped.append((module, real, padding_idx))
     try:
