@@ -91,7 +91,7 @@ def tiny_e2b_4layers(tmp_path_factory) -> Path:
 
 # ExecuTorch bundles are exported in background processes, all started with the test session
 # (lowering is single-threaded and slow: ~3 min for fp32, ~4.5 for e4b, ~45 s for the Core ML
-# one; a failed torch.export can poison its process), so they overlap the tests before theirs.
+# one; a failed torch.export can poison its process), and the tests that wait for them run last.
 EXECUTORCH_CONTEXT = 256  # room for verify's image + audio + text prompt and 64 steps
 EXECUTORCH_VISION_BUDGET = 70
 _EXPORT_FP32 = """
@@ -165,7 +165,7 @@ def executorch_exports(request, tiny_e2b, tiny_e4b, tiny_e2b_4layers, tmp_path_f
                                      "executorch", "--modalities", "text", "--context", "64",
                                      "-o", str(out / "iphone.edgekit"), "--json"], out / "iphone.edgekit"),
     })
-    used = _fixtures_in_use(request)
+    used = _waited_for(request)
     if "executorch_bundles" in used:
         jobs.get("e4b"), jobs.get("fp32")
     if "iphone_bundle" in used and importlib.util.find_spec("coremltools") is not None:
@@ -174,17 +174,31 @@ def executorch_exports(request, tiny_e2b, tiny_e4b, tiny_e2b_4layers, tmp_path_f
     jobs.kill_all()
 
 
+def _bundles_waited_for(item) -> set[str]:
+    """Which background-exported bundle fixtures a test waits for (by name, or through a
+    parameter marked `executorch_bundles` that looks them up at run time)."""
+    used = {"executorch_bundles", "iphone_bundle"} & set(getattr(item, "fixturenames", ()))
+    if item.get_closest_marker("executorch_bundles") is not None:
+        used.add("executorch_bundles")
+    return used
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Tests that wait for the background ExecuTorch exports run last, so every other test
+    runs while the exports do (same relative order otherwise)."""
+    waits = [bool(_bundles_waited_for(item)) for item in items]
+    items[:] = [i for i, w in zip(items, waits) if not w] + [i for i, w in zip(items, waits) if w]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _start_executorch_exports_early(request) -> None:
-    """Start the ExecuTorch exports with the session, so they overlap the tests before theirs."""
-    wanted = {"executorch_bundles", "iphone_bundle"} & _fixtures_in_use(request)
-    if wanted and importlib.util.find_spec("executorch.runtime") is not None:
+    """Start the ExecuTorch exports with the session, so they overlap every other test."""
+    if _waited_for(request) and importlib.util.find_spec("executorch.runtime") is not None:
         request.getfixturevalue("executorch_exports")
 
 
-def _fixtures_in_use(request) -> set[str]:
-    """Every fixture some collected test asks for (directly or through other fixtures)."""
-    return {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+def _waited_for(request) -> set[str]:
+    return {name for item in request.session.items for name in _bundles_waited_for(item)}
 
 
 @pytest.fixture(scope="session")

@@ -80,7 +80,7 @@ def _trim(tokens: list[int], stops: set[int]) -> list[int]:
     return tokens
 
 
-@pytest.fixture(params=["onnx", "executorch"])
+@pytest.fixture(params=["onnx", pytest.param("executorch", marks=pytest.mark.executorch_bundles)])
 def fp32_bundle(request) -> Path:
     """The tiny-e2b fp32 bundle of each format (ONNX: pi5 profile; ExecuTorch: vision budget 70)."""
     if request.param == "onnx":
