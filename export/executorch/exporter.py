@@ -37,7 +37,9 @@ from edgekit.plan import prefill_chunk
 from edgekit.progress import progress_bar
 
 PTE_FILE = "model.pte"
-PTD_FILE = "model.ptd"  # --external-weights: ExecuTorch's named data, loaded beside the program
+# --external-weights: ExecuTorch's named data, loaded beside the program; lower_to_pte writes
+# it as the .pte's stem + ".ptd" (the external-constant tag), so the name is derived, not repeated.
+PTD_FILE = str(Path(PTE_FILE).with_suffix(".ptd"))
 # With the coreml backend these go to ExecuTorch's Core ML delegate (the KV caches become
 # Core ML states); the encoders and the log-mel transform stay on XNNPACK, which iOS runs too.
 COREML_METHODS = (METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER)
