@@ -70,7 +70,7 @@ def measure_generation(forward: Callable[[list[int]], Any], reset: Callable[[], 
     for _ in range(repeats):
         reset()
         start = time.perf_counter()
-        logits = forward(prompt)
+        logits = forward(prompt)[-1:].copy()  # what the runner keeps of a prefill (engine.prefill)
         prefill_s.append(time.perf_counter() - start)
         life_peak = max(life_peak, proc_status().get("VmHWM", 0))
         hwm_reset = reset_peak_rss() and hwm_reset
@@ -106,17 +106,21 @@ def _disable_thp() -> bool:
 
 
 def _patch_session_options(*, arena: bool, prepacking: bool) -> None:
-    """Experiment only: every SessionOptions the backend makes gets these settings."""
+    """Experiment only: the backend's sessions get these settings (the runner's: arena off,
+    prepacking on)."""
     import onnxruntime
 
+    from edgekit.runtimes.backends.onnx_backend import OnnxBackend
+
+    OnnxBackend.memory_arena = arena
+    if prepacking:
+        return
     base = onnxruntime.SessionOptions
 
     class PatchedOptions(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
             super().__init__()
-            self.enable_cpu_mem_arena = arena
-            if not prepacking:
-                self.add_session_config_entry("session.disable_prepacking", "1")
+            self.add_session_config_entry("session.disable_prepacking", "1")
 
     onnxruntime.SessionOptions = PatchedOptions
 
@@ -162,8 +166,8 @@ def child_table_probe(args: argparse.Namespace) -> None:
 
 def child_bundle(args: argparse.Namespace) -> None:
     """Any bundle through edgekit.runtimes (ONNX: onnxruntime sessions; ExecuTorch: the program)."""
-    if args.no_arena or args.no_prepack:
-        _patch_session_options(arena=not args.no_arena, prepacking=not args.no_prepack)
+    if args.arena or args.no_prepack:
+        _patch_session_options(arena=args.arena, prepacking=not args.no_prepack)
     import numpy as np
 
     from edgekit.manifest import METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING
@@ -185,7 +189,7 @@ def child_bundle(args: argparse.Namespace) -> None:
                                 prompt=prompt_ids(args.prompt_tokens), steps=args.decode_steps, repeats=args.repeats)
     emit_result({"runtime": fmt, "load_s": load_s, "status_before_load": before, "status_after_load": after_load,
                  "mapped_rss_after_load": mapped_after_load,
-                 "arena_disabled": bool(args.no_arena), "prepacking_disabled": bool(args.no_prepack),
+                 "arena_enabled": bool(args.arena), "prepacking_disabled": bool(args.no_prepack),
                  "torch_imported": "torch" in sys.modules, **result})
 
 
@@ -264,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
     parser.add_argument("--skip-eager", action="store_true", help="leave out the transformers baseline")
     parser.add_argument("--investigate", action="store_true",
-                        help="also run the int4 bundle with the ORT arena off (and prepacking off), and probe "
+                        help="also run the int4 bundle with the ORT arena on (and with prepacking off), and probe "
                         "how much of the "
                         "mmapped embedding tables random lookups make resident")
     parser.add_argument("--fresh", action="store_true", help="re-export bundles even if they exist")
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=argparse.SUPPRESS)
     parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--no-arena", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--arena", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-prepack", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child == "bundle":
@@ -312,10 +316,11 @@ def main(argv: list[str] | None = None) -> None:
     probes = []
     if args.investigate and "onnx int4" in bundles:
         int4 = bundles["onnx int4"]
-        results["onnx int4, ORT arena off (experiment)"] = run_bundle_child(args, int4, no_arena=True)
+        results["onnx int4, ORT arena on (experiment; the runner's setting before session 6)"] = run_bundle_child(
+            args, int4, arena=True)
         # Without prepacking MatMulNBits decodes ~40x slower: one short round is enough to show it.
-        results["onnx int4, arena + prepacking off (experiment, 1 round of 16 steps)"] = run_bundle_child(
-            args, int4, repeats=1, decode_steps=16, no_arena=True, no_prepack=True)
+        results["onnx int4, prepacking off (experiment, 1 round of 16 steps)"] = run_bundle_child(
+            args, int4, repeats=1, decode_steps=16, no_prepack=True)
         for mode in ("default", "prctl", "madvise"):
             probes.append(run_child(child_command("table-probe", args, bundle=int4, probe_mode=mode))[0])
     raw = args.workdir / f"bench_runtimes-{checkpoint.name}.json"

@@ -263,7 +263,7 @@ def feed_prompt(backend, prompt: Prompt, *, images: list[np.ndarray], audios: li
         logits = backend.forward(np.asarray(ids[start:end], np.int64),
                                  image_features=_take(image_rows, start, end),
                                  audio_features=_take(audio_rows, start, end))
-    return logits[-1]
+    return logits[-1].copy()  # a view would keep the chunk's whole [chunk, vocab] block alive while decoding
 
 
 def _rows_by_position(spans: Sequence[range], features: list[np.ndarray], kind: str) -> dict[int, np.ndarray]:

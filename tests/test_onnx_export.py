@@ -220,6 +220,28 @@ def test_missing_execution_provider_falls_back_with_a_warning(onnx_fp32_bundle, 
     assert "CUDAExecutionProvider" in warning and "CPUExecutionProvider" in warning
 
 
+def test_runner_sessions_keep_no_cpu_arena(onnx_fp32_bundle, monkeypatch):
+    """The arena would keep a prefill's [S, vocab] buffers for the whole session; without it
+    the logits are the same (bench/RESULTS.md section 9 has the memory)."""
+    import numpy as np
+
+    from edgekit.runtimes.backends.onnx_backend import OnnxBackend
+
+    def prefill_then_decode(backend):
+        prefill = backend.forward(np.array([2, 10, 11, 12], np.int64))
+        return prefill, backend.forward(np.array([int(prefill[-1].argmax())], np.int64))
+
+    runner = OnnxBackend(load_bundle(onnx_fp32_bundle))
+    without = prefill_then_decode(runner)
+    assert runner._sessions and all(not s.get_session_options().enable_cpu_mem_arena for s in runner._sessions.values())
+    monkeypatch.setattr(OnnxBackend, "memory_arena", True)
+    with_arena = OnnxBackend(load_bundle(onnx_fp32_bundle))
+    expected = prefill_then_decode(with_arena)
+    assert all(s.get_session_options().enable_cpu_mem_arena for s in with_arena._sessions.values())
+    for got, want in zip(without, expected):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_export_refuses_what_does_not_fit(tmp_path):
     """Checked from config.json alone, before any weight is read (there are none here)."""
     from edgekit.presets import PRESETS, build_config

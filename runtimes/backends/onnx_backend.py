@@ -43,6 +43,12 @@ def usable_providers(wanted: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class OnnxBackend:
+    # onnxruntime's CPU arena keeps the largest buffers a call ever asked for: after one
+    # 128-token prefill, ~250 MiB of logits and activations stayed for the whole session at
+    # full E2B depth (bench/RESULTS.md section 9). Without it, decode allocations are small
+    # and go back to the heap; decode speed was the same within noise.
+    memory_arena: bool = False
+
     def __init__(self, bundle: Bundle, *, providers: tuple[str, ...] | None = None,
                  threads: int | None = None) -> None:
         self.bundle = bundle
@@ -62,6 +68,7 @@ class OnnxBackend:
             ort = _ort()
             options = ort.SessionOptions()
             options.log_severity_level = 3
+            options.enable_cpu_mem_arena = self.memory_arena
             if self._threads:
                 options.intra_op_num_threads = self._threads
             path = self.bundle.file(self.manifest.method(method).file)
@@ -73,8 +80,10 @@ class OnnxBackend:
 
     @cached_property
     def _shrink_after(self):
-        """Run options for a prefill: hand the arena's prefill-sized buffers (a [S, vocab]
-        logits block alone is 128 MiB at 128 tokens) back once the call returns."""
+        """Run options for a prefill when the arena is on: hand its prefill-sized buffers back
+        once the call returns (those still held by the outputs stay)."""
+        if not self.memory_arena:
+            return None
         options = _ort().RunOptions()
         options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         return options
