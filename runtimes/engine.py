@@ -23,6 +23,7 @@ import numpy as np
 from edgekit.bundle import Bundle, load_bundle
 from edgekit.errors import InputError
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_VISION_ENCODER
+from edgekit.plan import PREFILL_CHUNK
 from edgekit.runtimes.backends import Backend, open_backend
 from edgekit.runtimes.image_preprocess import ImageParams, preprocess_image
 from edgekit.runtimes.mel_features import MelParams, log_mel_features
@@ -31,7 +32,8 @@ from edgekit.runtimes.sampling import Sampler, SamplingParams
 from edgekit.runtimes.text_stream import TextStreamer
 from edgekit.runtimes.wav_io import load_audio
 
-DEFAULT_PREFILL_CHUNK = 256  # bounds the [chunk, vocab] logits buffer (256 MB at 262144 vocab)
+# Also bounds the [chunk, vocab] logits an ONNX prefill returns (128 MiB at 262144 vocab).
+DEFAULT_PREFILL_CHUNK = PREFILL_CHUNK
 
 
 @dataclass

@@ -15,7 +15,7 @@ import pytest
 
 from edgekit.errors import CheckpointError, DeviceProfileError, DoesNotFitError, InputError
 from edgekit.param_count import PER_LAYER_EMBEDDING, count_parameters, total_parameters
-from edgekit.plan import kv_cache, make_plan, vision_query_chunk
+from edgekit.plan import PREFILL_CHUNK, kv_cache, make_plan, vision_query_chunk
 from edgekit.presets import PRESETS, build_config
 from edgekit.profiles import load_profiles
 from tests.conftest import assert_clean_failure, run_cli
@@ -186,7 +186,7 @@ def test_executorch_plan_counts_the_ring_buffers(tmp_path):
     plan = make_plan(_checkpoint(tmp_path), profile=PROFILES.get("android-midrange"))
     assert plan.format.name == "executorch" and plan.kv_cache.dtype_bits == 32
     context = plan.context_length
-    assert plan.kv_cache.total_bytes == 12 * 2048 * (512 + 511) + 3 * 4096 * context
+    assert plan.kv_cache.total_bytes == 12 * 2048 * (512 + PREFILL_CHUNK - 1) + 3 * 4096 * context
 
 
 def test_every_profile_fits_its_recommended_model(tmp_path):
