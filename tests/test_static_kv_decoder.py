@@ -45,10 +45,11 @@ def test_ring_slots_hold_the_latest_positions():
     assert slot_positions(torch.tensor(1), 4).tolist() == [0, 1, -2, -1]  # never written: negative
 
 
-def test_prefill_then_decode_around_the_ring_matches_transformers(model):
+@pytest.mark.parametrize("chunks_per_window", [1, 4], ids=["chunk=window", "chunk=window/4"])
+def test_prefill_then_decode_around_the_ring_matches_transformers(model, chunks_per_window):
     text = model.config.text_config
     window = text.sliding_window
-    seq = window  # the exporter's chunk: at most the window
+    seq = window // chunks_per_window  # the exporter's chunk: at most the window (E2B: 128 of 512)
     decoder = StaticKVDecoder(model, max_context=MAX_CONTEXT, max_seq_len=seq, last_logits_only=False).eval()
     ring = decoder.cache_slots["sliding_attention"]
     assert ring == window + seq - 1 < MAX_CONTEXT
