@@ -4,7 +4,8 @@
                                      ─► `edgekit export --device android-flagship --quant fp32|8da4w-emb4`
         (measured child: export time, its peak RSS) ─► bundle size on disk
     each runtime in its own child process, through the runner's own backend:
-        load (sessions / program + methods / from_pretrained) ─► warm-up ─► reset
+        bundle evicted from the page cache ─► load (sessions / program + methods / from_pretrained)
+        ─► warm-up ─► reset
         ─► prefill P random tokens ─► reset VmHWM ─► D greedy decode steps ─► VmHWM, RssAnon, RssFile
 
 Peak RSS while decoding is the child's VmHWM after `clear_refs` reset it at the start of the
@@ -30,8 +31,8 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (DEFAULT_WORKDIR, PYTHON, REPO, emit_result, ensure_bundle, ensure_checkpoint, gb, header,  # noqa: E402
-                    mapped_rss, mib, proc_status, reset_peak_rss, run_child, table, verdict,
+from common import (DEFAULT_WORKDIR, PYTHON, REPO, drop_from_page_cache, emit_result, ensure_bundle,  # noqa: E402
+                    ensure_checkpoint, gb, header, mapped_rss, mib, proc_status, reset_peak_rss, run_child, table, verdict,
                     without_mlock_privilege)
 
 DEVICES = {"onnx": "pi5-8gb", "executorch": "android-flagship"}  # each format's profile
@@ -239,6 +240,7 @@ def run_bundle_child(args: argparse.Namespace, bundle: Path, *, repeats: int | N
                      decode_steps: int | None = None, **flags: Any) -> dict[str, Any]:
     short = argparse.Namespace(**{**vars(args), "repeats": repeats or args.repeats,
                                   "decode_steps": decode_steps or args.decode_steps})
+    drop_from_page_cache(bundle)
     result, _ = run_child([*without_mlock_privilege(), *child_command("bundle", short, bundle=bundle, **flags)])
     result["decode_steps"] = short.decode_steps
     return result
@@ -322,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         results["onnx int4, prepacking off (experiment, 1 round of 16 steps)"] = run_bundle_child(
             args, int4, repeats=1, decode_steps=16, no_prepack=True)
         for mode in ("default", "prctl", "madvise"):
+            drop_from_page_cache(int4)
             probes.append(run_child(child_command("table-probe", args, bundle=int4, probe_mode=mode))[0])
     raw = args.workdir / f"bench_runtimes-{checkpoint.name}.json"
     raw.write_text(json.dumps({"results": results, "probes": probes}, indent=1) + "\n")

@@ -426,6 +426,22 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def drop_from_page_cache(path: Path) -> None:
+    """Evict a bundle's clean pages (POSIX_FADV_DONTNEED), so every measured run maps it cold.
+
+    A bundle the export has just written sits in the page cache in 2 MiB folios, and each
+    looked-up table row then makes ~2 MiB resident instead of ~0.2 (RESULTS.md section 1):
+    without this a run's RSS depends on what ran before it.
+    """
+    for file in Path(path).rglob("*"):
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def disk_free_bytes(path: Path) -> int:
     probe = Path(path)
     while not probe.exists():
