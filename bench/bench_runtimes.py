@@ -169,6 +169,10 @@ def child_bundle(args: argparse.Namespace) -> None:
     """Any bundle through edgekit.runtimes (ONNX: onnxruntime sessions; ExecuTorch: the program)."""
     if args.arena or args.no_prepack:
         _patch_session_options(arena=args.arena, prepacking=not args.no_prepack)
+    if args.keep_pages:  # experiment: leave the pages prepacking read resident, as before session 6
+        from edgekit.runtimes.backends import onnx_backend
+
+        onnx_backend.release_file_pages = lambda path: 0
     import numpy as np
 
     from edgekit.manifest import METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING
@@ -190,7 +194,7 @@ def child_bundle(args: argparse.Namespace) -> None:
                                 prompt=prompt_ids(args.prompt_tokens), steps=args.decode_steps, repeats=args.repeats)
     emit_result({"runtime": fmt, "load_s": load_s, "status_before_load": before, "status_after_load": after_load,
                  "mapped_rss_after_load": mapped_after_load,
-                 "arena_enabled": bool(args.arena), "prepacking_disabled": bool(args.no_prepack),
+                 "arena_enabled": bool(args.arena), "pages_kept": bool(args.keep_pages), "prepacking_disabled": bool(args.no_prepack),
                  "torch_imported": "torch" in sys.modules, **result})
 
 
@@ -270,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
     parser.add_argument("--skip-eager", action="store_true", help="leave out the transformers baseline")
     parser.add_argument("--investigate", action="store_true",
-                        help="also run the int4 bundle with the ORT arena on (and with prepacking off), and probe "
+                        help="also run the int4 bundle with the ORT arena on, with its prepacked weights' pages kept, with "
+                        "prepacking off, and probe "
                         "how much of the "
                         "mmapped embedding tables random lookups make resident")
     parser.add_argument("--fresh", action="store_true", help="re-export bundles even if they exist")
@@ -281,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--arena", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--keep-pages", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-prepack", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child == "bundle":
@@ -320,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
         int4 = bundles["onnx int4"]
         results["onnx int4, ORT arena on (experiment; the runner's setting before session 6)"] = run_bundle_child(
             args, int4, arena=True)
+        results["onnx int4, prepacked weights' mapped pages kept (experiment; before session 6)"] = (
+            run_bundle_child(args, int4, keep_pages=True))
         # Without prepacking MatMulNBits decodes ~40x slower: one short round is enough to show it.
         results["onnx int4, prepacking off (experiment, 1 round of 16 steps)"] = run_bundle_child(
             args, int4, repeats=1, decode_steps=16, no_prepack=True)

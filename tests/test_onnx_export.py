@@ -242,6 +242,34 @@ def test_runner_sessions_keep_no_cpu_arena(onnx_fp32_bundle, monkeypatch):
         np.testing.assert_array_equal(got, want)
 
 
+def test_runner_gives_back_the_weight_pages_prepacking_copied(onnx_int4_bundle, monkeypatch):
+    """onnxruntime maps decoder.onnx.data and MatMulNBits copies what it reads into its
+    prepacked buffers; the runner drops the mapped pages left resident, and decodes the same."""
+    import numpy as np
+
+    from edgekit.runtimes.backends import onnx_backend
+    from edgekit.runtimes.backends.onnx_backend import OnnxBackend
+    from edgekit.runtimes.mapped_pages import file_mappings
+
+    data = onnx_int4_bundle / "decoder.onnx.data"
+
+    def decoder_resident_bytes_and_logits():
+        backend = OnnxBackend(load_bundle(onnx_int4_bundle))
+        backend._session("text_decoder")
+        mappings = file_mappings(data)
+        assert mappings, "onnxruntime no longer maps the external data"
+        resident = sum(m.resident_bytes for m in mappings)
+        prefill = backend.forward(np.array([2, 10, 11, 12], np.int64))
+        return resident, prefill, backend.forward(np.array([int(prefill[-1].argmax())], np.int64))
+
+    released = decoder_resident_bytes_and_logits()
+    monkeypatch.setattr(onnx_backend, "release_file_pages", lambda path: 0)
+    kept = decoder_resident_bytes_and_logits()
+    assert released[0] == 0 < kept[0]
+    for got, want in zip(released[1:], kept[1:]):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_export_refuses_what_does_not_fit(tmp_path):
     """Checked from config.json alone, before any weight is read (there are none here)."""
     from edgekit.presets import PRESETS, build_config

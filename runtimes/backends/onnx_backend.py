@@ -16,6 +16,7 @@ from edgekit import onnx_layout as L
 from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, MissingDependencyError
 from edgekit.runtimes.backends.base import pad_audio_frames
+from edgekit.runtimes.mapped_pages import release_file_pages
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.key")
@@ -76,6 +77,8 @@ class OnnxBackend:
                 self._sessions[method] = ort.InferenceSession(str(path), options, providers=list(self._providers))
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
                 raise BundleError(f"cannot load {path.name}: {str(exc).splitlines()[0]}") from None
+            # Prepacking has copied what it read of the weights; those mapped pages stay unread.
+            release_file_pages(path.with_name(path.name + ".data"))
         return self._sessions[method]
 
     @cached_property

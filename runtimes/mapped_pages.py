@@ -1,0 +1,71 @@
+"""Give back the resident pages of a memory-mapped file the process will not read again (Linux).
+
+onnxruntime maps each external-data initializer of a graph (one private mapping per tensor)
+and `MatMulNBits` reads its weights and scales once, to prepack them into its own buffers.
+What runs afterwards is the prepacked copy, but the pages that were read stay resident and
+count in RSS: the fp32 scales of a full-depth E2B int4 decoder are 271 MiB
+(bench/RESULTS.md section 9). `MADV_DONTNEED` on those mappings drops the pages; a page read
+again is faulted back in from the file, so nothing changes but the RSS. Mappings holding
+copy-on-write pages are left alone (dropping those would lose what was written).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+MADV_DONTNEED = 4
+_RANGE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s+(.*)$")
+
+
+@dataclass(frozen=True)
+class Mapping:
+    start: int
+    end: int
+    path: str
+    resident_bytes: int
+    private_copies_bytes: int  # "Anonymous:" in smaps: pages written since the mapping was made
+
+
+def file_mappings(path: Path, smaps: Path = Path("/proc/self/smaps")) -> list[Mapping]:
+    """This process's mappings of `path`, from /proc/self/smaps ([] where there is none)."""
+    wanted = str(Path(path).resolve())
+    found, current = [], None
+    try:
+        lines = smaps.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        match = _RANGE.match(line)
+        if match:
+            current = None
+            if match.group(3) == wanted:
+                current = {"start": int(match.group(1), 16), "end": int(match.group(2), 16), "path": wanted,
+                           "resident_bytes": 0, "private_copies_bytes": 0}
+                found.append(current)
+        elif current is not None:
+            key, _, value = line.partition(":")
+            if key == "Rss":
+                current["resident_bytes"] = int(value.split()[0]) * 1024
+            elif key == "Anonymous":
+                current["private_copies_bytes"] = int(value.split()[0]) * 1024
+    return [Mapping(**m) for m in found]
+
+
+def release_file_pages(path: Path) -> int:
+    """Drop this process's resident pages of `path`'s mappings that hold no written pages;
+    returns the resident bytes released (0 off Linux, or where madvise is refused)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    for mapping in file_mappings(path):
+        if mapping.private_copies_bytes or not mapping.resident_bytes:
+            continue
+        if libc.madvise(mapping.start, mapping.end - mapping.start, MADV_DONTNEED) == 0:
+            released += mapping.resident_bytes
+    return released
