@@ -32,8 +32,8 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (DEFAULT_WORKDIR, PYTHON, REPO, drop_from_page_cache, emit_result, ensure_bundle,  # noqa: E402
-                    ensure_checkpoint, gb, header, mapped_rss, mib, proc_status, reset_peak_rss, run_child, table, verdict,
-                    without_mlock_privilege)
+                    ensure_checkpoint, gb, header, mapped_rss, mib, proc_status, reset_peak_rss, run_child, table,
+                    verdict, without_mlock_privilege)
 
 DEVICES = {"onnx": "pi5-8gb", "executorch": "android-flagship"}  # each format's profile
 DEFAULT_BUNDLES = "onnx:fp32,onnx:int4,executorch:fp32,executorch:8da4w-emb4"
@@ -194,7 +194,8 @@ def child_bundle(args: argparse.Namespace) -> None:
                                 prompt=prompt_ids(args.prompt_tokens), steps=args.decode_steps, repeats=args.repeats)
     emit_result({"runtime": fmt, "load_s": load_s, "status_before_load": before, "status_after_load": after_load,
                  "mapped_rss_after_load": mapped_after_load,
-                 "arena_enabled": bool(args.arena), "pages_kept": bool(args.keep_pages), "prepacking_disabled": bool(args.no_prepack),
+                 "arena_enabled": bool(args.arena), "pages_kept": bool(args.keep_pages),
+                 "prepacking_disabled": bool(args.no_prepack),
                  "torch_imported": "torch" in sys.modules, **result})
 
 
@@ -274,10 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
     parser.add_argument("--skip-eager", action="store_true", help="leave out the transformers baseline")
     parser.add_argument("--investigate", action="store_true",
-                        help="also run the int4 bundle with the ORT arena on, with its prepacked weights' pages kept, with "
-                        "prepacking off, and probe "
-                        "how much of the "
-                        "mmapped embedding tables random lookups make resident")
+                        help="also run the int4 bundle with the ORT arena on, with its prepacked weights' pages "
+                        "kept, with prepacking off, and probe how much of the mmapped embedding tables random "
+                        "lookups make resident")
     parser.add_argument("--fresh", action="store_true", help="re-export bundles even if they exist")
     # children
     parser.add_argument("--child", choices=("bundle", "eager", "table-probe"), help=argparse.SUPPRESS)

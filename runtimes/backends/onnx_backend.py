@@ -45,7 +45,7 @@ def usable_providers(wanted: tuple[str, ...]) -> tuple[str, ...]:
 
 class OnnxBackend:
     # onnxruntime's CPU arena keeps the largest buffers a call ever asked for: after one
-    # 128-token prefill, ~250 MiB of logits and activations stayed for the whole session at
+    # 128-token prefill, ~290 MiB of logits and activations stayed for the whole session at
     # full E2B depth (bench/RESULTS.md section 9). Without it, decode allocations are small
     # and go back to the heap; decode speed was the same within noise.
     memory_arena: bool = False
@@ -77,7 +77,8 @@ class OnnxBackend:
                 self._sessions[method] = ort.InferenceSession(str(path), options, providers=list(self._providers))
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
                 raise BundleError(f"cannot load {path.name}: {str(exc).splitlines()[0]}") from None
-            # Prepacking has copied what it read of the weights; those mapped pages stay unread.
+            # Prepacking copied what it read of the weights; almost none of those mapped pages
+            # is read again (one that is comes back from the file).
             release_file_pages(path.with_name(path.name + ".data"))
         return self._sessions[method]
 
