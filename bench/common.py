@@ -135,25 +135,19 @@ def reset_peak_rss() -> bool:
 
 
 def mapped_rss(suffixes: Sequence[str] = (".onnx.data", ".onnx", ".pte", ".ptd")) -> dict[str, int]:
-    """Resident bytes of this process's file mappings whose path ends with one of `suffixes`.
+    """Resident bytes of this process's file mappings whose path ends with one of `suffixes`,
+    by file name.
 
     From /proc/self/smaps: tells weights read through mmap (file pages, shared with the page
     cache, droppable) from weights copied into the heap (anonymous, counted in RssAnon).
     """
+    from edgekit.runtimes.mapped_pages import mappings
+
     out: dict[str, int] = {}
-    current = None
-    try:
-        lines = Path("/proc/self/smaps").read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        fields = line.split()
-        if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
-            path = fields[5] if len(fields) >= 6 else ""
-            current = path if path.endswith(tuple(suffixes)) else None
-        elif current and fields and fields[0] == "Rss:":
-            name = Path(current).name
-            out[name] = out.get(name, 0) + int(fields[1]) * 1024
+    for mapping in mappings():
+        if mapping.path.endswith(tuple(suffixes)):
+            name = Path(mapping.path).name
+            out[name] = out.get(name, 0) + mapping.resident_bytes
     return out
 
 

@@ -18,9 +18,6 @@ checkpoint stores are upcast from the file's values, as an fp32 load reads them.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import sys
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -28,6 +25,7 @@ import torch
 from torch import nn
 
 from edgekit.model import Checkpoint
+from edgekit.runtimes.mapped_pages import linux_libc
 
 
 def load_in_checkpoint_dtype(checkpoint: Checkpoint) -> nn.Module:
@@ -75,7 +73,7 @@ def release_pages(tensor: torch.Tensor) -> None:
     is not destructive: clean file pages are read again if touched, anonymous ones without
     swap stay. A no-op off Linux or where the call fails.
     """
-    if tensor.device.type != "cpu" or tensor.numel() == 0 or _libc() is None:
+    if tensor.device.type != "cpu" or tensor.numel() == 0 or linux_libc() is None:
         return
     page = 4096
     start = tensor.data_ptr()
@@ -83,17 +81,7 @@ def release_pages(tensor: torch.Tensor) -> None:
     end = start + extent * tensor.element_size()
     first, last = -(-start // page) * page, end // page * page
     if last > first:
-        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
-
-
-@functools.cache
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
+        linux_libc().madvise(first, last - first, _MADV_PAGEOUT)
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:

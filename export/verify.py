@@ -54,8 +54,7 @@ BOUNDS: dict[str, Bounds] = {
     "fp16": Bounds(0.95, None, 0.9999, 0.9999),
     "int8": Bounds(0.9, None, 0.998, 0.998),
     "quantized": Bounds(0.75, None, 0.90, 0.995),  # int4 / 8da4w families
-    "int4-ple2": Bounds(0.75, None, 0.85, 0.93),
-    "8da4w-ple2": Bounds(0.75, None, 0.85, 0.93),
+    **dict.fromkeys(("int4-ple2", "8da4w-ple2"), Bounds(0.75, None, 0.85, 0.93)),  # size first
 }
 
 

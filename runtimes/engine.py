@@ -32,9 +32,6 @@ from edgekit.runtimes.sampling import Sampler, SamplingParams
 from edgekit.runtimes.text_stream import TextStreamer
 from edgekit.runtimes.wav_io import load_audio
 
-# Also bounds the [chunk, vocab] logits an ONNX prefill returns (128 MiB at 262144 vocab).
-DEFAULT_PREFILL_CHUNK = PREFILL_CHUNK
-
 
 @dataclass
 class GenerationStats:
@@ -81,7 +78,7 @@ class Engine:
     bundle: Bundle
     backend: Backend
     prompts: PromptBuilder
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefill_chunk: int = PREFILL_CHUNK  # also bounds an ONNX prefill's [chunk, vocab] logits
     last_stats: GenerationStats = field(default_factory=GenerationStats)
     last_token_ids: list[int] = field(default_factory=list)  # the last answer's tokens, stop token included
     _cached_ids: list = field(default_factory=list)  # what the backend's cache holds, per position

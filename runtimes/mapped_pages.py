@@ -12,13 +12,16 @@ copy-on-write pages are left alone (dropping those would lose what was written).
 from __future__ import annotations
 
 import ctypes
+import functools
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 MADV_DONTNEED = 4
-_RANGE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s+(.*)$")
+# A mapping's header line in smaps: range, perms, offset, device, inode, then the path (none
+# for anonymous memory).
+_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+(?:\s+(.*))?$")
 
 
 @dataclass(frozen=True)
@@ -30,20 +33,20 @@ class Mapping:
     private_copies_bytes: int  # "Anonymous:" in smaps: pages written since the mapping was made
 
 
-def file_mappings(path: Path, smaps: Path = Path("/proc/self/smaps")) -> list[Mapping]:
-    """This process's mappings of `path`, from /proc/self/smaps ([] where there is none)."""
-    wanted = str(Path(path).resolve())
+def mappings(smaps: Path = Path("/proc/self/smaps")) -> list[Mapping]:
+    """Every file-backed mapping of this process, from /proc/self/smaps ([] where unreadable)."""
     found, current = [], None
     try:
         lines = smaps.read_text().splitlines()
     except OSError:
         return []
     for line in lines:
-        match = _RANGE.match(line)
-        if match:
+        header = _HEADER.match(line)
+        if header:
+            path = (header.group(3) or "").strip()
             current = None
-            if match.group(3) == wanted:
-                current = {"start": int(match.group(1), 16), "end": int(match.group(2), 16), "path": wanted,
+            if path.startswith("/"):
+                current = {"start": int(header.group(1), 16), "end": int(header.group(2), 16), "path": path,
                            "resident_bytes": 0, "private_copies_bytes": 0}
                 found.append(current)
         elif current is not None:
@@ -55,13 +58,18 @@ def file_mappings(path: Path, smaps: Path = Path("/proc/self/smaps")) -> list[Ma
     return [Mapping(**m) for m in found]
 
 
+def file_mappings(path: Path) -> list[Mapping]:
+    """This process's mappings of `path`."""
+    wanted = str(Path(path).resolve())
+    return [m for m in mappings() if m.path == wanted]
+
+
 def release_file_pages(path: Path) -> int:
     """Drop this process's resident pages of `path`'s mappings that hold no written pages;
     returns the resident bytes released (0 off Linux, or where madvise is refused)."""
-    if not sys.platform.startswith("linux"):
+    libc = linux_libc()
+    if libc is None:
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     released = 0
     for mapping in file_mappings(path):
         if mapping.private_copies_bytes or not mapping.resident_bytes:
@@ -69,3 +77,16 @@ def release_file_pages(path: Path) -> int:
         if libc.madvise(mapping.start, mapping.end - mapping.start, MADV_DONTNEED) == 0:
             released += mapping.resident_bytes
     return released
+
+
+@functools.cache
+def linux_libc():
+    """The C library, for madvise; None off Linux or where it cannot be loaded."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc

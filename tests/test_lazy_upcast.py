@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from edgekit.model import load
+from edgekit.runtimes.mapped_pages import file_mappings
 
 pytest.importorskip("torchao")
 
@@ -71,14 +72,7 @@ def test_quantizing_from_bf16_equals_quantizing_from_fp32(tiny_e2b):
 
 def _resident_bytes(path) -> int:
     """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
-    total, current = 0, False
-    for line in open("/proc/self/smaps"):
-        fields = line.split()
-        if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
-            current = len(fields) >= 6 and fields[5] == str(path)
-        elif current and fields[0] == "Rss:":
-            total += int(fields[1]) * 1024
-    return total
+    return sum(m.resident_bytes for m in file_mappings(path))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_PAGEOUT) is Linux's")
