@@ -34,7 +34,8 @@ class XnnpackRMSNorm(nn.Module):
 
     def __init__(self, src: Gemma4RMSNorm, dim: int) -> None:
         super().__init__()
-        self.eps = src.eps
+        # transformers 5.25 renamed Gemma4RMSNorm.eps to variance_epsilon.
+        self.eps = src.variance_epsilon if hasattr(src, "variance_epsilon") else src.eps
         self.weight = src.weight if src.with_scale else None
         # A buffer, not an nn.Linear: quantizers leave it alone.
         self.register_buffer("mean_row", torch.full((1, dim), 1.0 / dim), persistent=False)
