@@ -164,8 +164,11 @@ class StaticKVDecoder(TextDecoder):
             getattr(self, f"v_cache_{i}").index_copy_(2, slots, v)
         source = layout.source[i]
         kv_heads = layout.kv_heads[source]
-        k_cache = getattr(self, f"k_cache_{source}")[0]  # [Hkv, slots, D]
-        v_cache = getattr(self, f"v_cache_{source}")[0]
+        # A view, not `[0]`: ExecuTorch runs a select as a copy of the whole cache (16 MiB per
+        # read of an E2B global layer's K or V), a view_copy as an alias of it.
+        cache_shape = (kv_heads, self.cache_slots[layout.layer_types[source]], layout.head_dims[source])
+        k_cache = getattr(self, f"k_cache_{source}").view(cache_shape)  # [Hkv, slots, D]
+        v_cache = getattr(self, f"v_cache_{source}").view(cache_shape)
         # Grouped-query attention without repeating K/V: the query heads sharing a KV head
         # are folded into the row dimension ([Hkv, g*S, D]); `mask` is already repeated g times.
         q = q.reshape(kv_heads, -1, head_dim)
