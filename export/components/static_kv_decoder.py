@@ -170,11 +170,14 @@ class StaticKVDecoder(TextDecoder):
         k_cache = getattr(self, f"k_cache_{source}").view(cache_shape)  # [Hkv, slots, D]
         v_cache = getattr(self, f"v_cache_{source}").view(cache_shape)
         # Grouped-query attention without repeating K/V: the query heads sharing a KV head
-        # are folded into the row dimension ([Hkv, g*S, D]); `mask` is already repeated g times.
+        # are folded into the row dimension ([Hkv, g*S, D]); the scores are unfolded to
+        # [Hq, S, slots] for the mask [S, slots] to broadcast (a repeated mask is g*S*slots
+        # floats of planned memory: 32 MiB for a 128-token chunk at E2B's global layers).
+        cache_len = k_cache.shape[1]
         q = q.reshape(kv_heads, -1, head_dim)
         # Gemma 4 scales by 1 (q_norm / k_norm carry the scale).
-        scores = torch.bmm(q, k_cache.transpose(1, 2)) + mask
-        probs = torch.softmax(scores, dim=-1)
+        scores = torch.bmm(q, k_cache.transpose(1, 2)).view(self.num_heads, -1, cache_len) + mask
+        probs = torch.softmax(scores, dim=-1).view(kv_heads, -1, cache_len)
         out = torch.bmm(probs, v_cache).view(1, self.num_heads, -1, head_dim)
         return attn.o_proj(out.transpose(1, 2).reshape(1, -1, self.num_heads * head_dim))
 
@@ -194,13 +197,9 @@ class StaticKVDecoder(TextDecoder):
         for kind in set(layout.layer_types):
             cos, sin = self.text.rotary_emb(inputs_embeds, position_ids, kind)
             rope[kind] = (cos.unsqueeze(2), sin.unsqueeze(2))  # [1,S,1,D]: broadcast over heads
-        repeated: dict[tuple[str, int], torch.Tensor] = {}
         h = inputs_embeds
         for i, kind in enumerate(layout.layer_types):
-            groups = self.num_heads // layout.kv_heads[layout.source[i]]
-            if (kind, groups) not in repeated:
-                repeated[kind, groups] = masks[kind].repeat(groups, 1)
-            h = self._layer(i, h, ple, rope[kind], repeated[kind, groups], slots, None)
+            h = self._layer(i, h, ple, rope[kind], masks[kind], slots, None)
         if self.last_logits_only:
             h = h[:, -1]
         logits = self.lm_head(self.text.norm(h))
