@@ -6,6 +6,7 @@
          every 0.5 s: MemAvailable, the child tree's RSS, the files it has written so far;
          killed when MemAvailable < --min-free-mem-gb or past --timeout (the machine is shared)
     ─► bundle size ─► decode in its own child (bench_runtimes.py --child bundle): tok/s, peak RSS
+    ─► ExecuTorch bundles: the same decode through ExecuTorch's C++ runtime (bench/et_decode)
     [on failure, --fit-layers 4,8: the same recipe at two cut depths (text graphs by default),
      to show how export memory grows per layer — the full-depth figure is an extrapolation]
 
@@ -25,8 +26,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (DEFAULT_WORKDIR, GIB, checkpoint_dir, dir_bytes, disk_free_bytes, ensure_bundle,  # noqa: E402
-                    ensure_checkpoint, gb, header, mib, table, verdict)
+from common import (DEFAULT_WORKDIR, GIB, checkpoint_dir, dir_bytes, disk_free_bytes,  # noqa: E402
+                    drop_from_page_cache, ensure_bundle, ensure_checkpoint, gb, header, mib, table, verdict,
+                    without_mlock_privilege)
 
 BUNDLE_TARGET_BYTES = 2.5e9
 DECODE_RSS_TARGET_BYTES = 1.3e9
@@ -160,6 +162,24 @@ def _extrapolate(rows: list[list[str]], full_params: int) -> str:
     return text
 
 
+def _cpp_decode_row(args: argparse.Namespace, bundle: Path) -> list[str]:
+    """The same decode through ExecuTorch's C++ runtime (bench/et_decode): what an app holds."""
+    import et_cpp
+    from bench_runtimes import prompt_ids
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    data = manifest.get("extra", {}).get("program_data")
+    drop_from_page_cache(bundle)
+    decode = et_cpp.run(et_cpp.build(args.workdir / "et_decode-build"), bundle / "model.pte",
+                        prompt_ids(args.prompt_tokens), steps=args.decode_steps, repeats=args.repeats,
+                        data=bundle / data if data else None, prefix=without_mlock_privilege())
+    hwm = decode["decode_peak_rss_bytes"]
+    return ["decode, ExecuTorch C++ runtime (et_decode)", "ok", f"{decode['load_s']:.1f} s load",
+            f"{mib(hwm)} (anon {mib(decode['status_after_decode'].get('RssAnon'))})",
+            f"{sorted(decode['decode_tok_s'])[len(decode['decode_tok_s']) // 2]:.2f} tok/s",
+            f"<= {gb(DECODE_RSS_TARGET_BYTES)} RSS", verdict(hwm <= DECODE_RSS_TARGET_BYTES)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -181,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fresh", action="store_true", help="re-export even if the bundle exists")
+    parser.add_argument("--no-cpp", action="store_true",
+                        help="ExecuTorch bundles: leave out the decode through the C++ runtime (bench/et_decode)")
     parser.add_argument("--external-weights", action="store_true",
                         help="ExecuTorch: export with --external-weights (weights in model.ptd)")
     args = parser.parse_args(argv)
@@ -225,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
                      f"{mib(hwm)} (anon {mib(decode['status_after_decode'].get('RssAnon'))})",
                      f"{sorted(decode['decode_tok_s'])[len(decode['decode_tok_s']) // 2]:.2f} tok/s",
                      f"<= {gb(DECODE_RSS_TARGET_BYTES)} RSS", verdict(hwm is not None and hwm <= DECODE_RSS_TARGET_BYTES)])
+        if (bundle / "model.pte").is_file() and not args.no_cpp:
+            rows.append(_cpp_decode_row(args, bundle))
     print()
     print(table(["step", "result", "time", "peak RSS", "size / speed", "target", ""], rows), flush=True)
     print(f"\ntotal {time.perf_counter() - started:.0f} s", flush=True)

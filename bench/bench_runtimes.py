@@ -7,6 +7,8 @@
         bundle evicted from the page cache ─► load (sessions / program + methods / from_pretrained)
         ─► warm-up ─► reset
         ─► prefill P random tokens ─► reset VmHWM ─► D greedy decode steps ─► VmHWM, RssAnon, RssFile
+    and each ExecuTorch bundle again through ExecuTorch's C++ runtime (bench/et_decode, built
+    against the executorch wheel's libraries; what an app holds), same workload
 
 Peak RSS while decoding is the child's VmHWM after `clear_refs` reset it at the start of the
 decode loop, so the load and the prefill do not count; the whole-life peak (largest VmHWM
@@ -31,6 +33,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import et_cpp  # noqa: E402
 from common import (DEFAULT_WORKDIR, PYTHON, REPO, drop_from_page_cache, emit_result, ensure_bundle,  # noqa: E402
                     ensure_checkpoint, gb, header, mapped_rss, mib, proc_status, reset_peak_rss, run_child, table,
                     verdict, without_mlock_privilege)
@@ -38,6 +41,7 @@ from common import (DEFAULT_WORKDIR, PYTHON, REPO, drop_from_page_cache, emit_re
 DEVICES = {"onnx": "pi5-8gb", "executorch": "android-flagship"}  # each format's profile
 DEFAULT_BUNDLES = "onnx:fp32,onnx:int4,executorch:fp32,executorch:8da4w-emb4"
 QUANTIZED = {"onnx int4", "executorch 8da4w-emb4", "executorch 8da4w"}  # rows the decode target applies to
+CPP_ROW = ", C++ runtime (et_decode)"  # suffix of the rows run by bench/et_decode
 DECODE_RATIO_TARGET = 5.0  # quantized decode tok/s over eager fp32 decode tok/s, at least
 RSS_SHARE_TARGET = 0.60  # peak RSS while decoding over bundle bytes, below
 PR_SET_THP_DISABLE = 41  # linux/prctl.h
@@ -279,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
                         "kept, with prepacking off, and probe how much of the mmapped embedding tables random "
                         "lookups make resident")
     parser.add_argument("--fresh", action="store_true", help="re-export bundles even if they exist")
+    parser.add_argument("--no-cpp", action="store_true",
+                        help="leave out the ExecuTorch C++ runtime rows (bench/et_decode, needs cmake and a C++ compiler)")
     # children
     parser.add_argument("--child", choices=("bundle", "eager", "table-probe"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-mode", choices=("default", "prctl", "madvise"), default="default",
@@ -321,6 +327,14 @@ def main(argv: list[str] | None = None) -> None:
         results["eager fp32 (transformers)"] = result
     for name, bundle in bundles.items():
         results[name] = run_bundle_child(args, bundle)
+    if not args.no_cpp and any(name.startswith("executorch") for name in bundles):
+        binary = et_cpp.build(args.workdir / "et_decode-build")
+        for name, bundle in bundles.items():
+            if name.startswith("executorch"):
+                drop_from_page_cache(bundle)
+                results[name + CPP_ROW] = et_cpp.run(binary, bundle / "model.pte", prompt_ids(args.prompt_tokens),
+                                                     steps=args.decode_steps, repeats=args.repeats,
+                                                     prefix=without_mlock_privilege())
     probes = []
     if args.investigate and "onnx int4" in bundles:
         int4 = bundles["onnx int4"]
@@ -423,8 +437,9 @@ def _ratios(results, bundles) -> str:
             continue
         if eager:
             ratio = _median(r["decode_tok_s"]) / _median(eager["decode_tok_s"])
-            target = f">= {DECODE_RATIO_TARGET:.0f}x" if name in QUANTIZED else "-"
-            met = verdict(ratio >= DECODE_RATIO_TARGET) if name in QUANTIZED else ""
+            quantized = name.removesuffix(CPP_ROW) in QUANTIZED
+            target = f">= {DECODE_RATIO_TARGET:.0f}x" if quantized else "-"
+            met = verdict(ratio >= DECODE_RATIO_TARGET) if quantized else ""
             rows.append([f"{name} decode / eager fp32 decode", f"{ratio:.2f}x", target, met])
             agree = sum(a == b for a, b in zip(r["tokens"], eager["tokens"]))
             compared = min(len(r["tokens"]), len(eager["tokens"]))

@@ -1,0 +1,80 @@
+"""ExecuTorch's C++ runtime, as an app holds a .pte: build bench/et_decode and run it.
+
+The executorch wheel ships the runtime's shared libraries, headers and a CMake package
+(`<site-packages>/executorch/share/cmake`); et_decode is built against them with CMake, so the
+numbers are those of the same kernels and XNNPACK delegate the Python bindings use, without
+Python, torch or the bindings' imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+SOURCE = Path(__file__).resolve().parent / "et_decode"
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def cmake_package_dir() -> Path:
+    """`share/cmake` of the installed executorch wheel (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("executorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise BuildError("executorch is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "share" / "cmake"
+    if not (path / "executorch-config.cmake").is_file():
+        raise BuildError(f"this executorch wheel ships no CMake package ({path})")
+    return path
+
+
+def build(build_dir: Path) -> Path:
+    """Configure and build et_decode in `build_dir` (incremental); returns the binary."""
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise BuildError(f"building et_decode needs {tool} on PATH")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    steps = (["cmake", "-S", str(SOURCE), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+              f"-Dexecutorch_DIR={cmake_package_dir()}"],
+             ["cmake", "--build", str(build_dir), "--parallel", "2"])
+    for cmd in steps:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BuildError(f"{' '.join(cmd[:2])} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return build_dir / "et_decode"
+
+
+def run(binary: Path, pte: Path, prompt: list[int], *, steps: int, repeats: int, data: Path | None = None,
+        prefix: list[str] | None = None, timeout: float = 1800) -> dict[str, Any]:
+    """et_decode's measurement, in bench_runtimes.measure_generation's result shape (plus
+    `prefill_top`: [token id, logit] of the first prefill's five largest logits)."""
+    cmd = [*(prefix or []), str(binary), *(["--data", str(data)] if data else []), str(pte), str(steps),
+           str(repeats), *map(str, prompt)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        tail = [line for line in done.stderr.splitlines() if " E " in line or line.startswith("et_decode")]
+        raise RuntimeError(f"et_decode exited {done.returncode}: " + "\n".join(tail[-10:] or done.stderr.splitlines()[-10:]))
+    raw = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "runtime": raw["runtime"],
+        "load_s": raw["load_s"],
+        "threads": os.cpu_count(),  # ExecuTorch's thread pool: one thread per core
+        "status_before_load": raw["status_before_load"],
+        "status_after_load": raw["status_after_load"],
+        "status_after_decode": raw["status_after_decode"],
+        "load_average_1min_at_end": os.getloadavg()[0],
+        "prefill_tok_s": [len(prompt) / s for s in raw["prefill_s"]],
+        "decode_tok_s": [steps / s for s in raw["decode_s"]],
+        "decode_peak_rss_bytes": raw["decode_peak_rss_bytes"],
+        "life_peak_rss_bytes": raw["life_peak_rss_bytes"],
+        "tokens": raw["tokens"],
+        "prefill_top": raw["prefill_top"],
+        "max_seq_len": raw["max_seq_len"],
+    }
