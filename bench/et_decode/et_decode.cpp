@@ -12,6 +12,8 @@
 
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
+#include <executorch/runtime/backend/interface.h>
+#include <executorch/runtime/backend/options.h>
 
 #include <algorithm>
 #include <chrono>
@@ -162,6 +164,19 @@ int main(int argc, char** argv) {
   std::vector<int64_t> prompt;
   for (size_t i = 3; i < args.size(); ++i) {
     prompt.push_back(std::stoll(args[i]));
+  }
+
+  // XNNPACK as ExecuTorch's LLM runner sets it (extension/llm/runner): one workspace shared by a
+  // program's delegate calls, packed weights in the weight cache. The build's default differs
+  // between builds (this wheel's: a global workspace, no weight cache); a workspace per
+  // delegate call costs +165 MiB at 4 layers (RESULTS.md section 10). Keys from backends/xnnpack's
+  // XNNPACKBackend.h, which the wheel does not ship.
+  executorch::runtime::BackendOptions<2> xnnpack;
+  xnnpack.set_option("workspace_sharing_mode", 1);  // WorkspaceSharingMode::PerModel
+  xnnpack.set_option("weight_cache_enabled", true);
+  if (auto error = executorch::runtime::set_option("XnnpackBackend", xnnpack.view());
+      error != executorch::runtime::Error::Ok) {
+    fail("setting XNNPACK's options", error);
   }
 
   const auto before_load = proc_status();
