@@ -167,12 +167,9 @@ def _cpp_decode_row(args: argparse.Namespace, bundle: Path) -> list[str]:
     import et_cpp
     from bench_runtimes import prompt_ids
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    data = manifest.get("extra", {}).get("program_data")
     drop_from_page_cache(bundle)
-    decode = et_cpp.run(et_cpp.build(args.workdir / "et_decode-build"), bundle / "model.pte",
-                        prompt_ids(args.prompt_tokens), steps=args.decode_steps, repeats=args.repeats,
-                        data=bundle / data if data else None, prefix=without_mlock_privilege())
+    decode = et_cpp.run_bundle(et_cpp.build(args.workdir / "et_decode-build"), bundle, prompt_ids(args.prompt_tokens),
+                               steps=args.decode_steps, repeats=args.repeats, prefix=without_mlock_privilege())
     hwm = decode["decode_peak_rss_bytes"]
     return ["decode, ExecuTorch C++ runtime (et_decode)", "ok", f"{decode['load_s']:.1f} s load",
             f"{mib(hwm)} (anon {mib(decode['status_after_decode'].get('RssAnon'))})",

@@ -332,9 +332,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, bundle in bundles.items():
             if name.startswith("executorch"):
                 drop_from_page_cache(bundle)
-                results[name + CPP_ROW] = et_cpp.run(binary, bundle / "model.pte", prompt_ids(args.prompt_tokens),
-                                                     steps=args.decode_steps, repeats=args.repeats,
-                                                     prefix=without_mlock_privilege())
+                results[name + CPP_ROW] = et_cpp.run_bundle(binary, bundle, prompt_ids(args.prompt_tokens),
+                                                            steps=args.decode_steps, repeats=args.repeats,
+                                                            prefix=without_mlock_privilege())
     probes = []
     if args.investigate and "onnx int4" in bundles:
         int4 = bundles["onnx int4"]

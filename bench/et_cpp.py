@@ -51,6 +51,12 @@ def build(build_dir: Path) -> Path:
     return build_dir / "et_decode"
 
 
+def run_bundle(binary: Path, bundle: Path, prompt: list[int], **kwargs: Any) -> dict[str, Any]:
+    """`run` on an edgekit ExecuTorch bundle's model.pte (and its .ptd, if the manifest names one)."""
+    data = json.loads((bundle / "manifest.json").read_text()).get("extra", {}).get("program_data")
+    return run(binary, bundle / "model.pte", prompt, data=bundle / data if data else None, **kwargs)
+
+
 def run(binary: Path, pte: Path, prompt: list[int], *, steps: int, repeats: int, data: Path | None = None,
         prefix: list[str] | None = None, timeout: float = 1800) -> dict[str, Any]:
     """et_decode's measurement, in bench_runtimes.measure_generation's result shape (plus

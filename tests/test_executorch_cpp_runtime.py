@@ -50,9 +50,8 @@ def test_cpp_runtime_decodes_what_the_python_runtime_decodes(executorch_bundles,
     bundle = executorch_bundles[name]
     vocab = bundle.manifest.method(METHOD_TEXT_DECODER).outputs[0].shape[-1]
     prompt = torch.randint(10, vocab, (20,), generator=torch.Generator().manual_seed(1)).tolist()
-    data = bundle.manifest.extra.get("program_data")
-    got = et_cpp.run(et_decode, bundle.file("model.pte"), prompt, steps=STEPS, repeats=2,
-                     data=bundle.file(data) if data else None)
+    assert (name == "e4b") == bool(bundle.manifest.extra.get("program_data"))  # the .ptd is exercised
+    got = et_cpp.run_bundle(et_decode, bundle.path, prompt, steps=STEPS, repeats=2)
 
     tokens, logits = _greedy(Session(_program(bundle)), prompt, STEPS)
     assert got["tokens"] == tokens
