@@ -51,10 +51,15 @@ def build(build_dir: Path) -> Path:
     return build_dir / "et_decode"
 
 
-def run_bundle(binary: Path, bundle: Path, prompt: list[int], **kwargs: Any) -> dict[str, Any]:
-    """`run` on an edgekit ExecuTorch bundle's model.pte (and its .ptd, if the manifest names one)."""
-    data = json.loads((bundle / "manifest.json").read_text()).get("extra", {}).get("program_data")
-    return run(binary, bundle / "model.pte", prompt, data=bundle / data if data else None, **kwargs)
+def run_bundle(binary: Path, path: Path, prompt: list[int], **kwargs: Any) -> dict[str, Any]:
+    """`run` on an edgekit ExecuTorch bundle's program (and its .ptd, if the manifest names one)."""
+    from edgekit.bundle import load_bundle
+    from edgekit.manifest import METHOD_TEXT_DECODER
+
+    bundle = load_bundle(path)
+    data = bundle.manifest.extra.get("program_data")
+    return run(binary, bundle.file(bundle.manifest.method(METHOD_TEXT_DECODER).file), prompt,
+               data=bundle.file(data) if data else None, **kwargs)
 
 
 def run(binary: Path, pte: Path, prompt: list[int], *, steps: int, repeats: int, data: Path | None = None,

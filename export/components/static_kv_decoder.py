@@ -166,14 +166,14 @@ class StaticKVDecoder(TextDecoder):
         kv_heads = layout.kv_heads[source]
         # A view, not `[0]`: ExecuTorch runs a select as a copy of the whole cache (16 MiB per
         # read of an E2B global layer's K or V), a view_copy as an alias of it.
-        cache_shape = (kv_heads, self.cache_slots[layout.layer_types[source]], layout.head_dims[source])
+        cache_len = self.cache_slots[layout.layer_types[source]]
+        cache_shape = (kv_heads, cache_len, layout.head_dims[source])
         k_cache = getattr(self, f"k_cache_{source}").view(cache_shape)  # [Hkv, slots, D]
         v_cache = getattr(self, f"v_cache_{source}").view(cache_shape)
         # Grouped-query attention without repeating K/V: the query heads sharing a KV head
         # are folded into the row dimension ([Hkv, g*S, D]); the scores are unfolded to
         # [Hq, S, slots] for the mask [S, slots] to broadcast (a repeated mask is g*S*slots
         # floats of planned memory: 32 MiB for a 128-token chunk at E2B's global layers).
-        cache_len = k_cache.shape[1]
         q = q.reshape(kv_heads, -1, head_dim)
         # Gemma 4 scales by 1 (q_norm / k_norm carry the scale).
         scores = torch.bmm(q, k_cache.transpose(1, 2)).view(self.num_heads, -1, cache_len) + mask
