@@ -63,6 +63,30 @@ def test_fp32_bundle_verifies_against_transformers(onnx_fp32_bundle, tiny_e2b):
     assert load_bundle(onnx_fp32_bundle).manifest.verification["passed"] is True
 
 
+def test_decoder_runs_fused_norms_and_no_cache_copies(onnx_fp32_bundle, tmp_path):
+    """What onnxruntime runs per decode step: each weighted RMSNorm one fused kernel
+    (export/onnx/fusable_norms.py), and grouped-query attention without an Expand of the cache."""
+    import onnxruntime as ort
+
+    raw = _ops(onnx_fp32_bundle / "decoder.onnx")
+    assert "Expand" not in raw
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(onnx_fp32_bundle / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
+    # per layer: input, post-attention, pre- and post-feedforward, q, k, per-layer-input norms; + final
+    assert optimized.count("SimplifiedLayerNormalization") >= 7
+    # left unfused: only v_norm (no weight) squares its input
+    assert optimized.count("Pow") <= _pow_budget(onnx_fp32_bundle)
+
+
+def _pow_budget(bundle: Path) -> int:
+    """Pow nodes a decoder may keep after fusion: v_norm's two per cache-owning layer."""
+    owners = sum(1 for t in load_bundle(bundle).manifest.method("text_decoder").inputs
+                 if t.name.startswith("past_key_values.") and t.name.endswith(".key"))
+    return 2 * owners
+
+
 def test_int4_bundle_is_quantized_smaller_and_within_bounds(onnx_int4_bundle, onnx_fp32_bundle, tiny_e4b):
     manifest = load_bundle(onnx_int4_bundle).manifest
     assert manifest.quant_recipes["recipe"] == "int4"

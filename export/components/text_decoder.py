@@ -111,14 +111,16 @@ class TextDecoder(nn.Module):
             past_k, past_v = past[i]
             kv[i] = (torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2))
         k, v = kv[self.layout.source[i]]
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
+        heads, kv_heads = q.shape[1], k.shape[1]
+        # Grouped-query attention without repeating K/V (an Expand that copied the whole cache
+        # per layer and step: 8% of a 4-layer int4 decode): the query heads sharing a KV head
+        # are folded into the row dimension, [B, Hkv, g*S, D], and the scores unfolded to
+        # [B, Hq, S, P] for the mask to broadcast.
+        q = q.reshape(b, kv_heads, -1, head_dim)
         # Gemma 4 scales by 1 (q_norm / k_norm carry the scale).
-        scores = torch.matmul(q, k.transpose(2, 3)) + mask
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, s, -1)
+        scores = torch.matmul(q, k.transpose(2, 3)).view(b, heads, s, -1) + mask
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, kv_heads, -1, k.shape[2])
+        out = torch.matmul(probs, v).view(b, heads, s, head_dim).transpose(1, 2).reshape(b, s, -1)
         return attn.o_proj(out)
 
     def _layer(self, i: int, h: torch.Tensor, ple: torch.Tensor, cos_sin, mask, kv, past) -> torch.Tensor:

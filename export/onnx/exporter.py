@@ -34,6 +34,7 @@ from edgekit.export.components.text_decoder import TextDecoder
 from edgekit.export.components.token_embedding import MultimodalEmbedding
 from edgekit.export.components.vision_encoder import VisionEncoder
 from edgekit.export.onnx import genai_config
+from edgekit.export.onnx.fusable_norms import use_fusable_norms_
 from edgekit.export.onnx.graph_export import OPSET, GraphSpec, export_graph
 from edgekit.export.lazy_upcast import load_in_checkpoint_dtype, upcast_
 from edgekit.export.onnx.quantize import quantize_int8_dynamic, to_fp16
@@ -287,6 +288,7 @@ def export_onnx(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool =
     # a recipe the format cannot write fails before the slow load
     schemes = {method: _scheme(method, plan.recipe) for method in methods}
     lm = load_in_checkpoint_dtype(checkpoint)  # bf16 weights; each graph upcasts its own modules
+    use_fusable_norms_(lm)  # one SimplifiedLayerNormalization per norm once onnxruntime loads a graph
     output = Path(output)
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.raw-", dir=output.parent if output.parent.exists() else None))
     try:
