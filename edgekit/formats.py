@@ -84,7 +84,7 @@ class Format:
                 "recipes": list(self.recipes), "default_recipe": self.default_recipe}
 
 
-_INT4 = ("int4", "int4-b64", "int4-b128")
+_INT4 = ("int4", "int4-b64", "int4-b128", "int4-head128")
 
 FORMATS: Registry[Format] = Registry("format", (
     Format(

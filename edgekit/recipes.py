@@ -196,15 +196,17 @@ def _w4a8_recipe(group: int) -> Recipe:
     )
 
 
-def _int4_recipe(block: int) -> Recipe:
+def _int4_recipe(block: int, head_block: int | None = None, name: str | None = None) -> Recipe:
+    head_block = head_block or block
+    head = f", lm_head block {head_block}" if head_block != block else ""
     return Recipe(
-        f"int4-b{block}" if block != 32 else "int4",
-        f"int4 block-wise weights (block {block}) for decoder linears, lm_head and embedding "
+        name or (f"int4-b{block}" if block != 32 else "int4"),
+        f"int4 block-wise weights (block {block}{head}) for decoder linears, lm_head and embedding "
         "tables; audio/vision linears int8 weight-only",
         (
             Rule("*_embedding.embedding", _int4_table(block)),
             Rule("text_decoder.linear", _int4_blockwise(block)),
-            Rule("text_decoder.lm_head", _int4_blockwise(block)),
+            Rule("text_decoder.lm_head", _int4_blockwise(head_block)),
             # The towers are ~9% of E2B: int8 keeps their error small for ~0.2 GB.
             Rule("*_encoder.linear", INT8_WEIGHT_ONLY),
         ),
@@ -262,6 +264,7 @@ RECIPES: Registry[Recipe] = Registry("quantization recipe", (
     _int4_recipe(32),
     _int4_recipe(64),
     _int4_recipe(128),
+    _int4_recipe(32, 128, name="int4-head128"),
     # ONNX's size-first recipe, as 8da4w-ple2 is ExecuTorch's: 2-bit per-layer rows
     # (GatherBlockQuantized bits=2) and every linear int4, the encoders too.
     Recipe(

@@ -128,6 +128,30 @@ def test_size_first_recipe_stores_the_per_layer_rows_in_two_bits(tiny_e2b_4layer
     assert report["passed"], (report["failures"], report["methods"]["text_decoder"])
 
 
+def test_lm_head_takes_its_own_block_size(tiny_e2b_4layers, tmp_path):
+    """int4-head128: decoder linears in blocks of 32, the lm_head (half of a 4-layer E2B's
+    decode time) in blocks of 128; the manifest names both, and the bundle verifies."""
+    from edgekit.export.onnx.exporter import export_onnx
+    from edgekit.export.verify import verify_bundle
+    from edgekit.plan import make_plan
+    from edgekit.profiles import load_profiles
+
+    checkpoint = load(tiny_e2b_4layers)
+    plan = make_plan(tiny_e2b_4layers, profile=load_profiles().get("pi5-8gb"), recipe_name="int4-head128",
+                     modalities="text")
+    bundle = export_onnx(checkpoint, plan=plan, output=tmp_path / "head128.edgekit")
+    graph = onnx.load(str(bundle.file(L.GRAPH_FILES["text_decoder"])), load_external_data=False).graph
+    blocks = {}
+    for n in graph.node:
+        if n.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in n.attribute}
+            blocks.setdefault(attrs["N"] == checkpoint.text_config["vocab_size"], set()).add(attrs["block_size"])
+    assert blocks == {True: {128}, False: {32}}, blocks
+    assert bundle.manifest.quant_recipes["text_decoder"] == "int4-b32+int4-b128"
+    report = verify_bundle(bundle.path, checkpoint, steps=16)
+    assert report["passed"], (report["failures"], report["methods"]["text_decoder"])
+
+
 def test_any_gemma4_config_exports_not_only_presets(tmp_path):
     """Other widths, layer pattern and shared-KV count than any preset: still exact in fp32."""
     from edgekit.checkpoint_writer import make_checkpoint

@@ -170,9 +170,22 @@ def graph_methods(plan) -> tuple[str, ...]:
 def _scheme(method: str, recipe):
     component, kind = _GRAPH_WEIGHTS[method]
     scheme = recipe.scheme_for(component, kind)
-    if method == METHOD_TEXT_DECODER and recipe.scheme_for(component, "lm_head") != scheme:
-        raise ExportError(f"recipe {recipe.name}: ONNX export needs the lm_head quantized like the decoder linears")
+    head = recipe.scheme_for(component, "lm_head")
+    if method == METHOD_TEXT_DECODER and head != scheme and not (_is_int4(head) and _is_int4(scheme)):
+        raise ExportError(f"recipe {recipe.name}: ONNX export needs the lm_head quantized like the decoder "
+                          "linears (int4 may differ in block size)")
     return scheme
+
+
+def _lm_head_block(method: str, recipe, vocab_size: int) -> tuple[int, int] | None:
+    """(vocab size, block) when the recipe gives the decoder's lm_head its own int4 block."""
+    if method != METHOD_TEXT_DECODER:
+        return None
+    head = recipe.scheme_for(_GRAPH_WEIGHTS[method][0], "lm_head")
+    linear = recipe.scheme_for(*_GRAPH_WEIGHTS[method])
+    if _is_int4(head) and _is_int4(linear) and head.group_size != linear.group_size:
+        return vocab_size, head.group_size or 32
+    return None
 
 
 def _is_int4(scheme) -> bool:
@@ -183,12 +196,14 @@ def _is_table_graph(method: str) -> bool:
     return _GRAPH_WEIGHTS[method][1] == "embedding"
 
 
-def _finish_graph(raw: Path, out: Path, *, method: str, scheme, tables: dict[str, TableSource]) -> None:
+def _finish_graph(raw: Path, out: Path, *, method: str, scheme, tables: dict[str, TableSource],
+                  lm_head: tuple[int, int] | None = None) -> None:
     """Quantize `raw` by `scheme` and save it as `out` (+ out.data).
-    `tables`: the embedding graph's placeholder tables (int4 recipes), filled in here."""
+    `tables`: the embedding graph's placeholder tables (int4 recipes), filled in here;
+    `lm_head`: (vocab size, block) for a decoder whose lm_head takes its own int4 block."""
     if _is_int4(scheme):
         quantize_graph_int4(raw, out, block_size=scheme.group_size or 32, matmuls=not _is_table_graph(method),
-                            tables=tables)
+                            tables=tables, lm_head=lm_head)
         return
     if scheme.quantized and scheme.weight_bits == 8:
         quantize_int8_dynamic(raw, out)
@@ -200,7 +215,10 @@ def _finish_graph(raw: Path, out: Path, *, method: str, scheme, tables: dict[str
 
 
 def _recorded_scheme(method: str, scheme, recipe) -> str:
-    """The scheme the manifest names for a graph: for the embedding graph, both tables'."""
+    """The scheme the manifest names for a graph: for the embedding graph, both tables'; for
+    the decoder, the lm_head's too when it differs."""
+    if method == METHOD_TEXT_DECODER:
+        return "+".join(dict.fromkeys((scheme.name, recipe.scheme_for(_GRAPH_WEIGHTS[method][0], "lm_head").name)))
     if not _is_table_graph(method):
         return scheme.name
     tables = (recipe.scheme_for(c, "embedding").name for c in (METHOD_TOKEN_EMBEDDING, PER_LAYER_EMBEDDING))
@@ -288,6 +306,7 @@ def export_onnx(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool =
     # a recipe the format cannot write fails before the slow load
     schemes = {method: _scheme(method, plan.recipe) for method in methods}
     lm = load_in_checkpoint_dtype(checkpoint)  # bf16 weights; each graph upcasts its own modules
+    vocab_size = lm.config.text_config.vocab_size
     use_fusable_norms_(lm)  # one SimplifiedLayerNormalization per norm once onnxruntime loads a graph
     output = Path(output)
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.raw-", dir=output.parent if output.parent.exists() else None))
@@ -309,7 +328,8 @@ def export_onnx(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool =
                     gc.collect()
                     advance(1, description=f"Quantizing {method}")
                     file = L.GRAPH_FILES[method]
-                    _finish_graph(raw, writer.path_for(file), method=method, scheme=schemes[method], tables=tables)
+                    _finish_graph(raw, writer.path_for(file), method=method, scheme=schemes[method], tables=tables,
+                                  lm_head=_lm_head_block(method, plan.recipe, vocab_size))
                     del tables
                     raw.unlink()
                     raw.with_name(raw.name + ".data").unlink(missing_ok=True)

@@ -56,10 +56,12 @@ class TableSource:
 
 
 def quantize_graph_int4(raw: Path, out: Path, *, block_size: int, matmuls: bool = True,
-                        tables: dict[str, TableSource] | None = None) -> dict[str, int]:
+                        tables: dict[str, TableSource] | None = None,
+                        lm_head: tuple[int, int] | None = None) -> dict[str, int]:
     """Write `out` (+ `out.data`) from `raw`: MatMul weights (if `matmuls`) int4, symmetric,
     `block_size` per block, and the `tables` (placeholder initializer name -> source) as each
-    source says. Returns counts: {"matmuls": n, "tables": n}."""
+    source says. `lm_head` = (vocab size, block size): the MatMul with that many output
+    columns takes that block size instead. Returns counts: {"matmuls": n, "tables": n}."""
     tables = dict(tables or {})
     model = onnx.load(str(raw), load_external_data=False)
     graph = model.graph
@@ -67,6 +69,7 @@ def quantize_graph_int4(raw: Path, out: Path, *, block_size: int, matmuls: bool 
     inits = {t.name: t for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
     quantizer = _ort_quantizer(block_size)
+    head_quantizer = _ort_quantizer(lm_head[1]) if lm_head else quantizer
     out_data = out.with_name(out.name + ".data")
     counts = {"matmuls": 0, "tables": 0}
     new_nodes: list[onnx.NodeProto] = []
@@ -82,10 +85,11 @@ def quantize_graph_int4(raw: Path, out: Path, *, block_size: int, matmuls: bool 
             if weight is None:
                 new_nodes.append(node)
                 continue
+            chosen = head_quantizer if lm_head and weight.shape[-1] == lm_head[0] else quantizer
             scratch = helper.make_graph([], "weight", [], [], initializer=[numpy_helper.from_array(weight, node.input[1])])
             del weight
             try:
-                replaced = quantizer.quantize(node, [scratch])
+                replaced = chosen.quantize(node, [scratch])
             except Exception as exc:  # onnxruntime's own message, one line
                 raise ExportError(f"int4 quantization of {node.name or node.output[0]} failed: {exc}") from exc
             for made in scratch.initializer[1:]:
