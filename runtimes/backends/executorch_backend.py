@@ -18,6 +18,7 @@ import numpy as np
 from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, NotAvailableError, require
 from edgekit.runtimes.backends.base import pad_audio_frames
+from edgekit.runtimes.free_heap import release_free_heap
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER
 
 
@@ -86,6 +87,8 @@ class ExecutorchBackend:
         cache_position = torch.arange(self._position, self._position + len(ids), dtype=torch.long)
         logits = self._method(METHOD_TEXT_DECODER).execute([rows, cache_position])[0]
         self._position += len(ids)
+        if len(ids) > 1:
+            release_free_heap()  # the prefill's freed buffers (runtimes/free_heap.py)
         return logits.reshape(-1, logits.shape[-1]).float().numpy()
 
     def encode_image(self, pixel_values: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -96,6 +99,7 @@ class ExecutorchBackend:
         pixels[:, :n], positions[:, :n] = pixel_values[:, :n], position_ids[:, :n]
         tokens, valid = self._method(METHOD_VISION_ENCODER).execute(
             [self._torch.from_numpy(pixels), self._torch.from_numpy(positions)])
+        release_free_heap()  # the encoder's freed buffers
         return tokens[0][valid[0].bool()].float().numpy()
 
     def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -103,6 +107,7 @@ class ExecutorchBackend:
                                                extra=self.manifest.method(METHOD_AUDIO_ENCODER).extra)
         tokens, valid = self._method(METHOD_AUDIO_ENCODER).execute(
             [self._torch.from_numpy(padded), self._torch.from_numpy(padded_mask)])
+        release_free_heap()
         return tokens[0][valid[0].bool()].float().numpy()
 
 

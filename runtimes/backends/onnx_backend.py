@@ -16,6 +16,7 @@ from edgekit import onnx_layout as L
 from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, MissingDependencyError
 from edgekit.runtimes.backends.base import pad_audio_frames
+from edgekit.runtimes.free_heap import release_free_heap
 from edgekit.runtimes.mapped_pages import release_file_pages
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER
 
@@ -143,12 +144,15 @@ class OnnxBackend:
         for name, value in zip(names[1:], outputs[1:]):
             self._past[name.replace("present.", "past_key_values.")] = value
         self._position = total
+        if seq > 1:
+            release_free_heap()  # the prefill's freed activations (runtimes/free_heap.py)
         return outputs[0][0]
 
     # --- encoders ----------------------------------------------------------------------------
     def encode_image(self, pixel_values: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         features, valid = self._session(METHOD_VISION_ENCODER).run(None, {
             L.PIXEL_VALUES: pixel_values.astype(np.float32), L.PIXEL_POSITION_IDS: position_ids.astype(np.int64)})
+        release_free_heap()  # the encoder's freed activations
         # [tokens, hidden] (onnxruntime-genai's layout) or [1, tokens, hidden]
         return features.reshape(-1, features.shape[-1])[valid.reshape(-1).astype(bool)]
 
@@ -157,4 +161,5 @@ class OnnxBackend:
                                                extra=self.manifest.method(METHOD_AUDIO_ENCODER).extra)
         tokens, valid = self._session(METHOD_AUDIO_ENCODER).run(None, {
             L.INPUT_FEATURES: padded, L.INPUT_FEATURES_MASK: padded_mask})
+        release_free_heap()
         return tokens[0][valid[0].astype(bool)]
