@@ -382,10 +382,9 @@ def _export_table(records) -> str:
 def _bundle_bytes(name: str, bundles: dict[str, Path]) -> int | None:
     from common import dir_bytes
 
-    for bundle_name, path in bundles.items():
-        if name.startswith(bundle_name):
-            return dir_bytes(path)
-    return None
+    # the longest name that prefixes it: "onnx int4-head128 ..." is not "onnx int4"
+    matches = [bundle_name for bundle_name in bundles if name.startswith(bundle_name)]
+    return dir_bytes(bundles[max(matches, key=len)]) if matches else None
 
 
 def _runtime_table(results, bundles) -> str:
