@@ -96,7 +96,11 @@ def _release_onnxscript_matchers() -> None:
     except ImportError:  # a later onnxscript: nothing known to clear
         return
     for obj in gc.get_objects():
-        if isinstance(obj, SimplePatternMatcher):
+        try:
+            matcher = isinstance(obj, SimplePatternMatcher)
+        except ReferenceError:  # a weakref proxy whose object is gone (isinstance reads its class)
+            continue
+        if matcher:
             for attr in ("_graph", "_current_node", "_tracer", "_match"):
                 if attr in obj.__dict__:
                     obj.__dict__[attr] = None
