@@ -505,3 +505,35 @@ def test_quantized_program_matches_the_eager_recipe(e4b_program, tiny_e4b):
     # cosine of 0.97): measured mean 0.9960, min 0.9954 over these 32 steps of tiny-e4b.
     vs_fp32 = torch.nn.functional.cosine_similarity(logits, fp32_logits, dim=-1)
     assert vs_fp32.mean() > 0.99, vs_fp32.mean()
+
+
+_RUN_ONLY = """
+import json, sys
+import numpy as np
+from edgekit.bundle import load_bundle
+from edgekit.runtimes.backends import open_backend
+logits = open_backend(load_bundle(sys.argv[1])).forward(np.array([2, 10, 11, 12]))[-1]
+print(json.dumps({"exir": "executorch.exir" in sys.modules, "torchao": "torchao" in sys.modules,
+                  "logits": logits[:64].tolist()}))
+"""
+
+
+def test_a_process_that_only_runs_a_bundle_never_imports_the_compiler(executorch_bundles):
+    """ExecuTorch's pybindings would run the whole executorch.exir package (the compiler and
+    torchao: +129 MiB, 2.5 s); the backend loads the runtime without it, and computes the same
+    logits as this process, where the exporter loaded the compiler."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from edgekit.runtimes.backends import open_backend
+
+    bundle = executorch_bundles["fp32"]
+    expected = open_backend(bundle).forward(np.array([2, 10, 11, 12]))[-1][:64]
+    done = subprocess.run([sys.executable, "-c", _RUN_ONLY, str(bundle.path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["exir"] is False and result["torchao"] is False
+    np.testing.assert_allclose(result["logits"], expected, rtol=1e-6, atol=1e-6)

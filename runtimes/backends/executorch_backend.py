@@ -8,8 +8,10 @@ are those of export/executorch/methods.py, read back from the manifest.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+import types
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -30,7 +32,7 @@ class ExecutorchBackend:
             raise NotAvailableError(f"{bundle.path.name} runs its text methods on ExecuTorch's Core ML delegate, "
                                     "which only Apple devices have (iOS 18 / macOS 15 or later)")
         self._torch = require("torch", extra="executorch")
-        runtime = require("executorch.runtime", extra="executorch")
+        runtime = _runtime_without_compiler()
         try:  # quantized embedding kernels register themselves on import (shared/EXPORT-NOTES.md)
             import executorch.kernels.quantized  # noqa: F401
         except ImportError:
@@ -109,6 +111,31 @@ class ExecutorchBackend:
             [self._torch.from_numpy(padded), self._torch.from_numpy(padded_mask)])
         release_free_heap()
         return tokens[0][valid[0].bool()].float().numpy()
+
+
+def _runtime_without_compiler():
+    """executorch.runtime, without running the executorch.exir package (the ahead-of-time
+    compiler, torchao with it: +129 MiB and 2.5 s of imports, bench/RESULTS.md section 11).
+    The pybindings import only `executorch.exir._warnings` from it, a decorator module that
+    needs nothing of the package, so a bare package object stands in while they import; a
+    later import of the compiler in this process runs the real package."""
+    if "executorch.exir" in sys.modules:
+        return require("executorch.runtime", extra="executorch")
+    try:
+        spec = importlib.util.find_spec("executorch.exir")  # locates it without running it
+    except ImportError:
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return require("executorch.runtime", extra="executorch")
+    bare = types.ModuleType("executorch.exir")
+    bare.__path__ = list(spec.submodule_search_locations)
+    sys.modules["executorch.exir"] = bare
+    try:
+        return require("executorch.runtime", extra="executorch")
+    finally:
+        if sys.modules.get("executorch.exir") is bare:
+            del sys.modules["executorch.exir"]
+            sys.modules.pop("executorch.exir._warnings", None)
 
 
 @contextmanager
