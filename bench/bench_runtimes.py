@@ -177,6 +177,8 @@ def child_bundle(args: argparse.Namespace) -> None:
         from edgekit.runtimes.backends import onnx_backend
 
         onnx_backend.release_file_pages = lambda path: 0
+    if args.import_compiler:  # experiment: executorch.exir loaded, as the runtime's import did before session 8
+        import executorch.exir  # noqa: F401
     if args.keep_heap:  # experiment: no malloc_trim after a prefill, as before session 8
         from edgekit.runtimes.backends import executorch_backend, onnx_backend
 
@@ -203,7 +205,7 @@ def child_bundle(args: argparse.Namespace) -> None:
     emit_result({"runtime": fmt, "load_s": load_s, "status_before_load": before, "status_after_load": after_load,
                  "mapped_rss_after_load": mapped_after_load,
                  "arena_enabled": bool(args.arena), "pages_kept": bool(args.keep_pages),
-                 "heap_kept": bool(args.keep_heap),
+                 "heap_kept": bool(args.keep_heap), "compiler_imported": bool(args.import_compiler),
                  "prepacking_disabled": bool(args.no_prepack),
                  "torch_imported": "torch" in sys.modules, **result})
 
@@ -299,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arena", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--keep-pages", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--keep-heap", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--import-compiler", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-prepack", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child == "bundle":
