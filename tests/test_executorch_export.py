@@ -537,3 +537,44 @@ def test_a_process_that_only_runs_a_bundle_never_imports_the_compiler(executorch
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["exir"] is False and result["torchao"] is False
     np.testing.assert_allclose(result["logits"], expected, rtol=1e-6, atol=1e-6)
+
+
+_LOAD_AND_REPORT_LOCKED = """
+import contextlib, json, sys
+import numpy as np
+from edgekit.bundle import load_bundle
+from edgekit.runtimes.backends import executorch_backend, open_backend
+from edgekit.runtimes.no_mlock import ipc_lock_effective
+if sys.argv[2] == "unguarded":
+    executorch_backend.mlock_disabled = contextlib.nullcontext
+backend = open_backend(load_bundle(sys.argv[1]))
+backend.forward(np.array([2, 10, 11, 12]))
+status = {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmLck")}
+print(json.dumps({"locked_kib": status["VmLck"], "ipc_lock": ipc_lock_effective()}))
+"""
+
+
+def test_runner_run_as_root_does_not_lock_the_program_into_ram(executorch_bundles):
+    """As root (CAP_IPC_LOCK) the bindings' mlock would pin every segment they load, the
+    tables of which a token reads a few rows included; the backend loads without the
+    capability (runtimes/no_mlock.py) and gives it back."""
+    import subprocess
+    import sys
+
+    from edgekit.runtimes.no_mlock import ipc_lock_effective
+
+    if not ipc_lock_effective():
+        pytest.skip("needs CAP_IPC_LOCK (root) for mlock to succeed at all")
+    bundle = executorch_bundles["e4b"]
+    table_kib = sum(f.stat().st_size for f in bundle.path.iterdir() if f.suffix in (".pte", ".ptd")) // 1024
+
+    def locked(mode: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", _LOAD_AND_REPORT_LOCKED, str(bundle.path), mode],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    guarded, unguarded = locked("guarded"), locked("unguarded")
+    assert unguarded["locked_kib"] > table_kib // 4, (unguarded, table_kib)  # what the guard prevents
+    assert guarded["locked_kib"] <= 8 * 1024, guarded  # RLIMIT_MEMLOCK's default at most
+    assert guarded["ipc_lock"] and unguarded["ipc_lock"]  # given back after loading

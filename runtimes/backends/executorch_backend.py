@@ -21,6 +21,7 @@ from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, NotAvailableError, require
 from edgekit.runtimes.backends.base import pad_audio_frames
 from edgekit.runtimes.free_heap import release_free_heap
+from edgekit.runtimes.no_mlock import mlock_disabled
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER
 
 
@@ -40,8 +41,9 @@ class ExecutorchBackend:
         pte = bundle.file(self.manifest.method(METHOD_TEXT_DECODER).file)
         data = self.manifest.extra.get("program_data")  # the weights, when exported with --external-weights
         try:
-            self._program = runtime.Runtime.get().load_program(
-                str(pte), data_path=str(bundle.file(data)) if data else None)
+            with mlock_disabled():  # as root, the bindings would lock every segment they load
+                self._program = runtime.Runtime.get().load_program(
+                    str(pte), data_path=str(bundle.file(data)) if data else None)
         except Exception as exc:
             raise BundleError(f"cannot load {pte.name}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         self._methods: dict = {}
@@ -56,7 +58,7 @@ class ExecutorchBackend:
             if not self.manifest.has_method(name):
                 raise BundleError(f"bundle {self.bundle.path} has no {name} method")
             try:
-                with _native_logs_hidden():
+                with _native_logs_hidden(), mlock_disabled():
                     self._methods[name] = self._program.load_method(name)
             except RuntimeError as exc:  # e.g. an operator this runtime build lacks
                 raise BundleError(f"cannot load method {name} of {self.bundle.path.name}: "
