@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import sys
+
+from edgekit.runtimes.mapped_pages import linux_libc
 
 
 @functools.cache
 def _malloc_trim():
     """glibc's malloc_trim, or None (not Linux, or a C library without it, such as musl)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
+    libc = linux_libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+        trim.restype = ctypes.c_int
     return trim
 
 

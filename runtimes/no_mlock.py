@@ -14,10 +14,10 @@ are per thread; ExecuTorch loads on the caller's) and restores it afterwards.
 from __future__ import annotations
 
 import ctypes
-import functools
-import sys
 from contextlib import contextmanager
 from typing import Iterator
+
+from edgekit.runtimes.mapped_pages import linux_libc
 
 CAP_IPC_LOCK = 14
 _CAPABILITY_VERSION_3 = 0x20080522
@@ -31,16 +31,10 @@ class _Data(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
-@functools.cache
 def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.capget, libc.capset  # noqa: B018 -- both must exist
-    except (OSError, AttributeError):
-        return None
-    return libc
+    """The C library where it has capget and capset (glibc, musl), else None."""
+    libc = linux_libc()
+    return libc if libc is not None and hasattr(libc, "capget") and hasattr(libc, "capset") else None
 
 
 def _capabilities() -> tuple[_Header, ctypes.Array] | None:
