@@ -177,6 +177,12 @@ def child_bundle(args: argparse.Namespace) -> None:
         from edgekit.runtimes.backends import onnx_backend
 
         onnx_backend.release_file_pages = lambda path: 0
+    if args.allow_mlock:  # experiment: the bindings' mlock as root, as before session 8
+        import contextlib
+
+        from edgekit.runtimes.backends import executorch_backend
+
+        executorch_backend.mlock_disabled = contextlib.nullcontext
     if args.import_compiler:  # experiment: executorch.exir loaded, as the runtime's import did before session 8
         import executorch.exir  # noqa: F401
     if args.keep_heap:  # experiment: no malloc_trim after a prefill, as before session 8
@@ -206,6 +212,7 @@ def child_bundle(args: argparse.Namespace) -> None:
                  "mapped_rss_after_load": mapped_after_load,
                  "arena_enabled": bool(args.arena), "pages_kept": bool(args.keep_pages),
                  "heap_kept": bool(args.keep_heap), "compiler_imported": bool(args.import_compiler),
+                 "mlock_allowed": bool(args.allow_mlock),
                  "prepacking_disabled": bool(args.no_prepack),
                  "torch_imported": "torch" in sys.modules, **result})
 
@@ -302,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-pages", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--keep-heap", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--import-compiler", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--allow-mlock", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-prepack", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child == "bundle":
