@@ -162,19 +162,23 @@ def _extrapolate(rows: list[list[str]], full_params: int) -> str:
     return text
 
 
-def _cpp_decode_row(args: argparse.Namespace, bundle: Path) -> list[str]:
+def _decode_row(step: str, decode: dict[str, Any]) -> list[str]:
+    """A decode measurement (a bench_runtimes child's or et_decode's) as a table row."""
+    hwm = decode["decode_peak_rss_bytes"]
+    return [step, "ok", f"{decode['load_s']:.1f} s load",
+            f"{mib(hwm)} (anon {mib(decode['status_after_decode'].get('RssAnon'))})",
+            f"{sorted(decode['decode_tok_s'])[len(decode['decode_tok_s']) // 2]:.2f} tok/s",
+            f"<= {gb(DECODE_RSS_TARGET_BYTES)} RSS", verdict(hwm is not None and hwm <= DECODE_RSS_TARGET_BYTES)]
+
+
+def _cpp_decode(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
     """The same decode through ExecuTorch's C++ runtime (bench/et_decode): what an app holds."""
     import et_cpp
     from bench_runtimes import prompt_ids
 
     drop_from_page_cache(bundle)
-    decode = et_cpp.run_bundle(et_cpp.build(args.workdir / "et_decode-build"), bundle, prompt_ids(args.prompt_tokens),
-                               steps=args.decode_steps, repeats=args.repeats, prefix=without_mlock_privilege())
-    hwm = decode["decode_peak_rss_bytes"]
-    return ["decode, ExecuTorch C++ runtime (et_decode)", "ok", f"{decode['load_s']:.1f} s load",
-            f"{mib(hwm)} (anon {mib(decode['status_after_decode'].get('RssAnon'))})",
-            f"{sorted(decode['decode_tok_s'])[len(decode['decode_tok_s']) // 2]:.2f} tok/s",
-            f"<= {gb(DECODE_RSS_TARGET_BYTES)} RSS", verdict(hwm <= DECODE_RSS_TARGET_BYTES)]
+    return et_cpp.run_bundle(et_cpp.build(args.workdir / "et_decode-build"), bundle, prompt_ids(args.prompt_tokens),
+                             steps=args.decode_steps, repeats=args.repeats, prefix=without_mlock_privilege())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -238,14 +242,9 @@ def main(argv: list[str] | None = None) -> None:
                      verdict(record.bundle_bytes <= BUNDLE_TARGET_BYTES)])
         from bench_runtimes import run_bundle_child
 
-        decode = run_bundle_child(args, bundle)
-        hwm = decode["decode_peak_rss_bytes"]
-        rows.append(["decode", "ok", f"{decode['load_s']:.1f} s load",
-                     f"{mib(hwm)} (anon {mib(decode['status_after_decode'].get('RssAnon'))})",
-                     f"{sorted(decode['decode_tok_s'])[len(decode['decode_tok_s']) // 2]:.2f} tok/s",
-                     f"<= {gb(DECODE_RSS_TARGET_BYTES)} RSS", verdict(hwm is not None and hwm <= DECODE_RSS_TARGET_BYTES)])
+        rows.append(_decode_row("decode", run_bundle_child(args, bundle)))
         if (bundle / "model.pte").is_file() and not args.no_cpp:
-            rows.append(_cpp_decode_row(args, bundle))
+            rows.append(_decode_row("decode, ExecuTorch C++ runtime (et_decode)", _cpp_decode(args, bundle)))
     print()
     print(table(["step", "result", "time", "peak RSS", "size / speed", "target", ""], rows), flush=True)
     print(f"\ntotal {time.perf_counter() - started:.0f} s", flush=True)

@@ -452,15 +452,17 @@ def cached_bytes(file: Path) -> int:
     import ctypes
     import mmap
 
+    from edgekit.runtimes.mapped_pages import linux_libc
+
     size = file.stat().st_size
-    if not size or not sys.platform.startswith("linux"):
+    if not size or linux_libc() is None:
         return 0
     page = mmap.PAGESIZE
     with open(file, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
         address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
         pages = (size + page - 1) // page
         vec = (ctypes.c_ubyte * pages)()
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = linux_libc()
         libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         ok = libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0
         del address
