@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -59,16 +60,35 @@ def run_bundle(binary: Path, path: Path, prompt: list[int], **kwargs: Any) -> di
     bundle = load_bundle(path)
     data = bundle.manifest.extra.get("program_data")
     return run(binary, bundle.file(bundle.manifest.method(METHOD_TEXT_DECODER).file), prompt,
-               data=bundle.file(data) if data else None, **kwargs)
+               data=bundle.file(data) if data else None, **_kernels_for(bundle.manifest), **kwargs)
+
+
+def _kernels_for(manifest) -> dict[str, Any]:
+    """run()'s kernels / env for a program calling ExecuTorch's LLM custom ops. The wheel ships
+    their kernels only in its ahead-of-time library, which links libtorch and torch's Python
+    bindings, so et_decode loads it with libpython preloaded; what that costs shows in the
+    result's status_before_load (the stock runners compile the same kernels in, without torch)."""
+    from edgekit.runtimes.backends.executorch_backend import llm_ops_library, needs_llm_ops
+
+    if not needs_llm_ops(manifest):
+        return {}
+    library = llm_ops_library()
+    libpython = Path(sysconfig.get_config_var("LIBDIR") or "") / (sysconfig.get_config_var("LDLIBRARY") or "")
+    if library is None or not libpython.is_file() or not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        raise BuildError("this program calls ExecuTorch's LLM custom ops; et_decode needs the executorch "
+                         "wheel's custom-ops library and a shared libpython to load it")
+    return {"kernels": [library], "env": {**os.environ, "LD_PRELOAD": str(libpython)}}
 
 
 def run(binary: Path, pte: Path, prompt: list[int], *, steps: int, repeats: int, data: Path | None = None,
-        prefix: list[str] | None = None, timeout: float = 1800) -> dict[str, Any]:
+        kernels: list[Path] = (), env: dict[str, str] | None = None, prefix: list[str] | None = None,
+        timeout: float = 1800) -> dict[str, Any]:
     """et_decode's measurement, in bench_runtimes.measure_generation's result shape (plus
     `prefill_top`: [token id, logit] of the first prefill's five largest logits)."""
-    cmd = [*(prefix or []), str(binary), *(["--data", str(data)] if data else []), str(pte), str(steps),
+    cmd = [*(prefix or []), str(binary), *(["--data", str(data)] if data else []),
+           *(arg for library in kernels for arg in ("--kernels", str(library))), str(pte), str(steps),
            str(repeats), *map(str, prompt)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode != 0:
         tail = [line for line in done.stderr.splitlines() if " E " in line or line.startswith("et_decode")]
         raise RuntimeError(f"et_decode exited {done.returncode}: " + "\n".join(tail[-10:] or done.stderr.splitlines()[-10:]))

@@ -19,6 +19,7 @@ import errno
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,12 +54,31 @@ def e2b(tiny_e2b):
     return load(tiny_e2b).reference_model()
 
 
-def _program(bundle):
-    import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels)
+class _Program:
+    """A bundle's program as the runner loads it (runtimes/backends/executorch_backend.py):
+    text_decoder from an instance of its own, because the bindings give the methods of one
+    instance the same planned-memory arenas, where text_decoder keeps its KV cache."""
 
-    data = bundle.manifest.extra.get("program_data")  # --external-weights
-    return runtime.Runtime.get().load_program(str(bundle.file("model.pte")),
-                                              data_path=str(bundle.file(data)) if data else None)
+    def __init__(self, bundle) -> None:
+        import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels)
+
+        from edgekit.runtimes.backends.executorch_backend import ExecutorchBackend
+
+        ExecutorchBackend(bundle)  # registers the kernels the bundle needs (the LLM custom ops)
+        data = bundle.manifest.extra.get("program_data")  # --external-weights
+        load = lambda: runtime.Runtime.get().load_program(  # noqa: E731
+            str(bundle.file("model.pte")), data_path=str(bundle.file(data)) if data else None)
+        self._shared, self._decoder = load(), load()
+
+    @property
+    def method_names(self) -> set[str]:
+        return self._shared.method_names
+
+    def load_method(self, name: str):
+        return (self._decoder if name == METHOD_TEXT_DECODER else self._shared).load_method(name)
+
+
+_program = _Program
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +249,8 @@ def test_manifest_describes_the_program(fp32, tiny_e2b):
     assert m.audio_preprocessing is not None and m.image_preprocessing.max_soft_tokens == VISION_BUDGET
     # Norm and GELU swaps keep the decoder in few XNNPACK delegates (200 without them).
     assert set(decoder.extra["delegates"]) == {"XnnpackBackend"} and decoder.extra["delegates"]["XnnpackBackend"] <= 30
+    # Global layers attend through ExecuTorch's LLM custom ops, which an app must link.
+    assert {"llama::update_cache", "llama::custom_sdpa"} <= set(decoder.extra["kernels"])
     json.dumps(m.to_dict())
 
 
@@ -296,6 +318,26 @@ def test_vision_encoder_matches_eager_and_carries_the_pad_row(fp32, e2b):
         assert torch.equal(valid, want_valid)
         torch.testing.assert_close(tokens[..., :hidden], want, atol=1e-4, rtol=1e-4)
         assert torch.equal(tokens[0, :, hidden:], pad_row.expand(VISION_BUDGET, -1))
+
+
+@slow
+def test_encoder_calls_between_decoder_calls_leave_the_kv_cache_alone(executorch_bundles, e2b):
+    """Sharing one program instance, vision_encoder's activations would land on text_decoder's
+    cache (the bindings' shared arenas): an image in the middle of a conversation broke it."""
+    from edgekit.export.components.audio_encoder import AudioEncoder
+    from edgekit.export.components.vision_encoder import VisionEncoder
+    from edgekit.runtimes.backends.executorch_backend import ExecutorchBackend
+
+    backend = ExecutorchBackend(executorch_bundles["fp32"])
+    prompt = np.array(_prompt(4096, 12))  # one call (max_seq_len 16)
+    backend.forward(prompt)
+    want = backend.forward(np.array([7]))
+    backend.reset()
+    backend.forward(prompt)
+    pixels, positions = VisionEncoder(e2b, max_soft_tokens=VISION_BUDGET).example_inputs()
+    backend.encode_image(pixels.numpy(), positions.numpy())
+    backend.encode_audio(*(t[0].numpy() for t in AudioEncoder(e2b).example_inputs(200)))
+    assert np.array_equal(backend.forward(np.array([7])), want)
 
 
 @slow

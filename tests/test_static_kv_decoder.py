@@ -45,12 +45,15 @@ def test_ring_slots_hold_the_latest_positions():
     assert slot_positions(torch.tensor(1), 4).tolist() == [0, 1, -2, -1]  # never written: negative
 
 
+@pytest.mark.parametrize("llm_ops", [False, True], ids=["masked", "llm-ops"])
 @pytest.mark.parametrize("chunks_per_window", [1, 4], ids=["chunk=window", "chunk=window/4"])
-def test_prefill_then_decode_around_the_ring_matches_transformers(model, chunks_per_window):
+def test_prefill_then_decode_around_the_ring_matches_transformers(model, chunks_per_window, llm_ops):
+    """`llm_ops`: global layers through ExecuTorch's update_cache / custom_sdpa (eager kernels)."""
     text = model.config.text_config
     window = text.sliding_window
     seq = window // chunks_per_window  # the exporter's chunk: at most the window (E2B: 128 of 512)
-    decoder = StaticKVDecoder(model, max_context=MAX_CONTEXT, max_seq_len=seq, last_logits_only=False).eval()
+    decoder = StaticKVDecoder(model, max_context=MAX_CONTEXT, max_seq_len=seq, last_logits_only=False,
+                              llm_ops=llm_ops).eval()
     ring = decoder.cache_slots["sliding_attention"]
     assert ring == window + seq - 1 < MAX_CONTEXT
     torch.manual_seed(0)
@@ -67,13 +70,15 @@ def test_prefill_then_decode_around_the_ring_matches_transformers(model, chunks_
     assert names == {f"{kv}_cache_{i}" for i in layout.owners for kv in "kv"}
     assert len(layout.owners) < text.num_hidden_layers
     for i in layout.owners:
-        slots = getattr(decoder, f"k_cache_{i}").shape[2]
-        assert slots == (ring if layout.layer_types[i] == "sliding_attention" else MAX_CONTEXT)
+        is_global = layout.layer_types[i] == "full_attention"
+        slots = getattr(decoder, f"k_cache_{i}").shape[1 if llm_ops and is_global else 2]  # the ops' layout
+        assert slots == (MAX_CONTEXT if is_global else ring)
 
 
-def test_last_logits_only_and_a_new_conversation_over_a_dirty_cache(model):
+@pytest.mark.parametrize("llm_ops", [False, True], ids=["masked", "llm-ops"])
+def test_last_logits_only_and_a_new_conversation_over_a_dirty_cache(model, llm_ops):
     text = model.config.text_config
-    decoder = StaticKVDecoder(model, max_context=MAX_CONTEXT, max_seq_len=text.sliding_window).eval()
+    decoder = StaticKVDecoder(model, max_context=MAX_CONTEXT, max_seq_len=text.sliding_window, llm_ops=llm_ops).eval()
     torch.manual_seed(1)
     first, second = torch.randint(10, text.vocab_size, (1, 60)), torch.randint(10, text.vocab_size, (1, 9))
     embed = TokenEmbedding(model).eval()

@@ -2,7 +2,10 @@
 // no Python, no torch, the program memory-mapped without mlock. Built by bench/et_cpp.py
 // against the libraries and headers the executorch wheel ships (share/cmake).
 //
-//   et_decode [--data WEIGHTS.ptd] MODEL.pte DECODE_STEPS REPEATS TOKEN_ID...
+//   et_decode [--data WEIGHTS.ptd] [--kernels LIBRARY]... MODEL.pte DECODE_STEPS REPEATS TOKEN_ID...
+//
+// --kernels loads a shared library whose static initializers register more kernels (the
+// wheel's LLM custom ops, llama::custom_sdpa / update_cache, for programs that call them).
 //
 // After a warm-up, feeds the prompt ids (in chunks of get_max_seq_len), then DECODE_STEPS greedy
 // steps, REPEATS times from position 0 -- the workload of bench_runtimes.measure_generation --
@@ -14,6 +17,8 @@
 #include <executorch/extension/tensor/tensor.h>
 #include <executorch/runtime/backend/interface.h>
 #include <executorch/runtime/backend/options.h>
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <chrono>
@@ -150,12 +155,18 @@ int64_t forward(Module& module, std::vector<int64_t> ids, int64_t position,
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   std::string data_path;
-  if (args.size() >= 2 && args[0] == "--data") {
-    data_path = args[1];
+  while (args.size() >= 2 && (args[0] == "--data" || args[0] == "--kernels")) {
+    if (args[0] == "--data") {
+      data_path = args[1];
+    } else if (dlopen(args[1].c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+      std::fprintf(stderr, "et_decode: cannot load kernels %s: %s\n", args[1].c_str(), dlerror());
+      return 1;
+    }
     args.erase(args.begin(), args.begin() + 2);
   }
   if (args.size() < 4) {
-    std::fprintf(stderr, "usage: et_decode [--data WEIGHTS.ptd] MODEL.pte DECODE_STEPS REPEATS TOKEN_ID...\n");
+    std::fprintf(stderr, "usage: et_decode [--data WEIGHTS.ptd] [--kernels LIBRARY]... MODEL.pte DECODE_STEPS "
+                 "REPEATS TOKEN_ID...\n");
     return 2;
   }
   const std::string path = args[0];

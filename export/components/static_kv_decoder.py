@@ -25,8 +25,12 @@ Caches (one K and one V buffer per cache-owning layer, [1, kv_heads, slots, head
   Which position a slot holds follows from the last written position alone (positions are
   written in order), so no position buffer is kept: slot j holds last - ((last - j) mod R),
   negative meaning never written.
-Static-cache cost: attention reads every slot of the buffer each call (a global layer all
-max_context of them), masked, as ExecuTorch's own static-KV LLM exports do.
+Static-cache cost: masked attention reads every slot of the buffer each call. With
+`llm_ops` (the XNNPACK export) global layers instead keep their cache as [1, slots, kv_heads,
+head_dim] and go through ExecuTorch's LLM custom ops, llama::update_cache and
+llama::custom_sdpa (causal from the call's first position), which read only positions
+0..last: at E2B's 8192-slot context most of a global layer's 16 MiB K and V. Sliding layers
+keep masked attention over their ring (the op's causal mode assumes slot = position).
 Every call must pass consecutive positions continuing the previous call (or restarting at 0
 for a new conversation, which needs no reset: stale slots are masked by position), with
 1 <= S <= max_seq_len and positions < max_context.
@@ -82,11 +86,14 @@ def _rotate_half_matrix(dim: int) -> torch.Tensor:
 class StaticKVDecoder(TextDecoder):
     """Decoder with K/V in mutable buffers; one forward serves prefill (S > 1) and decode (S = 1)."""
 
-    def __init__(self, lm, *, max_context: int, max_seq_len: int, last_logits_only: bool = True) -> None:
+    def __init__(self, lm, *, max_context: int, max_seq_len: int, last_logits_only: bool = True,
+                 llm_ops: bool = False) -> None:
         """`lm` is a loaded Gemma4ForConditionalGeneration (weights are shared, not copied).
 
         `last_logits_only`: return logits [1,V] of the last position (what a runner samples
         from; full [1,S,V] logits of a 512-token chunk at the real vocab are 512 MB).
+        `llm_ops`: global layers write and attend with ExecuTorch's LLM custom ops
+        (edgekit.export.executorch.llm_ops), reading only the positions written so far.
         """
         super().__init__(lm)
         self.text = _without_tables(self.text)
@@ -104,13 +111,22 @@ class StaticKVDecoder(TextDecoder):
             GLOBAL: max_context,
             SLIDING: ring_size(sliding_window=layout.sliding_window, max_seq_len=max_seq_len, max_context=max_context),
         }
+        self.llm_ops = llm_ops
+        if llm_ops:
+            from edgekit.export.executorch.llm_ops import load_llm_ops
+            load_llm_ops()
         for i in layout.owners:
             shape = (1, layout.kv_heads[i], self.cache_slots[layout.layer_types[i]], layout.head_dims[i])
+            if self._on_llm_ops(i):  # the ops' layout: positions before heads
+                shape = (1, shape[2], shape[1], shape[3])
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
         self.num_heads = self.text.config.num_attention_heads
         for dim in sorted(set(layout.head_dims)):
             self.register_buffer(f"rotate_half_{dim}", _rotate_half_matrix(dim), persistent=False)
+
+    def _on_llm_ops(self, layer: int) -> bool:
+        return self.llm_ops and self.layout.layer_types[layer] == GLOBAL
 
     def reset_cache(self) -> None:
         """Zero every cache (not needed between conversations: stale slots are masked)."""
@@ -126,7 +142,7 @@ class StaticKVDecoder(TextDecoder):
         zero = torch.zeros((), dtype=torch.float32)
         neg = torch.full((), NEG_INF, dtype=torch.float32)
         masks = {}
-        for kind in set(self.layout.layer_types):
+        for kind in set(self.layout.layer_types) - ({GLOBAL} if self.llm_ops else set()):
             slots = self.cache_slots[kind]
             held = slot_positions(last, slots) if kind == SLIDING else torch.arange(slots, dtype=last.dtype)
             dist = query - held.unsqueeze(0)  # [S, slots]
@@ -150,7 +166,10 @@ class StaticKVDecoder(TextDecoder):
         head_dim, kind = layout.head_dims[i], layout.layer_types[i]
         cos, sin = cos_sin  # [1,S,1,D]
         q = attn.q_norm(attn.q_proj(x).view(1, -1, self.num_heads, head_dim))
-        q = self._rotate(q, cos, sin).transpose(1, 2)  # [1, Hq, S, D]
+        q = self._rotate(q, cos, sin)  # [1, S, Hq, D]
+        if self._on_llm_ops(layout.source[i]):
+            return attn.o_proj(self._llm_ops_attention(i, x, q, cos, sin, kv["start"]))
+        q = q.transpose(1, 2)  # [1, Hq, S, D]
         if i in layout.owners:
             kv_heads = layout.kv_heads[i]
             k = attn.k_norm(attn.k_proj(x).view(1, -1, kv_heads, head_dim))
@@ -181,6 +200,28 @@ class StaticKVDecoder(TextDecoder):
         out = torch.bmm(probs, v_cache).view(1, self.num_heads, -1, head_dim)
         return attn.o_proj(out.transpose(1, 2).reshape(1, -1, self.num_heads * head_dim))
 
+    def _llm_ops_attention(self, i: int, x: torch.Tensor, q: torch.Tensor, cos, sin, start) -> torch.Tensor:
+        """A global layer through llama::update_cache / llama::custom_sdpa: K/V written at
+        positions start.., attention causal over positions 0..start+S-1 only (the op skips the
+        unwritten slots a masked attention reads), query heads grouped onto KV heads inside."""
+        attn = self.text.layers[i].self_attn
+        layout = self.layout
+        head_dim = layout.head_dims[i]
+        if i in layout.owners:
+            kv_heads = layout.kv_heads[i]
+            k = attn.k_norm(attn.k_proj(x).view(1, -1, kv_heads, head_dim))
+            k = self._rotate(k, cos, sin)  # [1, S, Hkv, D]
+            v_src = attn.v_proj(x) if attn.v_proj is not None else attn.k_proj(x)
+            v = attn.v_norm(v_src.view(1, -1, kv_heads, head_dim))
+            torch.ops.llama.update_cache(k, getattr(self, f"k_cache_{i}"), start)
+            torch.ops.llama.update_cache(v, getattr(self, f"v_cache_{i}"), start)
+        source = layout.source[i]
+        # Positional (the schema spells its dropout argument `drpout_p`); scale 1: Gemma 4's
+        # q_norm / k_norm carry it.
+        out = torch.ops.llama.custom_sdpa(q, getattr(self, f"k_cache_{source}"), getattr(self, f"v_cache_{source}"),
+                                          start, None, 0.0, True, 1.0)
+        return out.reshape(1, -1, self.num_heads * head_dim)
+
     def forward(self, inputs_embeds: torch.Tensor, per_layer_inputs: torch.Tensor,
                 cache_position: torch.Tensor) -> torch.Tensor:
         """inputs_embeds [1,S,H]; per_layer_inputs [1,S,L*P] (token-identity PLE rows, pad id's
@@ -190,6 +231,11 @@ class StaticKVDecoder(TextDecoder):
         """
         layout = self.layout
         slots = {GLOBAL: cache_position, SLIDING: torch.remainder(cache_position, self.cache_slots[SLIDING])}
+        if self.llm_ops:
+            start = cache_position[0].item()
+            torch._check(start >= 0)
+            torch._check(start < self.max_context)
+            slots["start"] = start
         masks = self._slot_masks(cache_position)
         ple = self._per_layer_stream(inputs_embeds, per_layer_inputs) if self.ple_dim else per_layer_inputs
         position_ids = cache_position.unsqueeze(0)
@@ -199,7 +245,7 @@ class StaticKVDecoder(TextDecoder):
             rope[kind] = (cos.unsqueeze(2), sin.unsqueeze(2))  # [1,S,1,D]: broadcast over heads
         h = inputs_embeds
         for i, kind in enumerate(layout.layer_types):
-            h = self._layer(i, h, ple, rope[kind], masks[kind], slots, None)
+            h = self._layer(i, h, ple, rope[kind], masks.get(kind), slots, None)
         if self.last_logits_only:
             h = h[:, -1]
         logits = self.lm_head(self.text.norm(h))

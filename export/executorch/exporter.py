@@ -75,7 +75,8 @@ def build_methods(lm, plan, *, seq_len: int) -> tuple[dict[str, M.MethodBuild], 
     reports = {name: QuantReport() for name in (METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER,
                                                  METHOD_VISION_ENCODER, METHOD_AUDIO_ENCODER)}
     builds = {METHOD_TOKEN_EMBEDDING: M.token_embedding(lm, max_seq_len=seq_len),
-              METHOD_TEXT_DECODER: M.text_decoder(lm, max_context=plan.context_length, max_seq_len=seq_len)}
+              METHOD_TEXT_DECODER: M.text_decoder(lm, max_context=plan.context_length, max_seq_len=seq_len,
+                                                  llm_ops=plan.backend != "coreml")}
     if "vision" in plan.modalities:
         builds[METHOD_VISION_ENCODER] = M.vision_encoder(lm, budget=plan.vision_token_budget)
     if "audio" in plan.modalities:

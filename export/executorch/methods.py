@@ -158,9 +158,9 @@ def token_embedding(lm, *, max_seq_len: int) -> MethodBuild:
     )
 
 
-def text_decoder(lm, *, max_context: int, max_seq_len: int) -> MethodBuild:
+def text_decoder(lm, *, max_context: int, max_seq_len: int, llm_ops: bool = False) -> MethodBuild:
     w = Widths.of(lm)
-    decoder = StaticKVDecoder(lm, max_context=max_context, max_seq_len=max_seq_len).eval()
+    decoder = StaticKVDecoder(lm, max_context=max_context, max_seq_len=max_seq_len, llm_ops=llm_ops).eval()
     seq = torch.export.Dim(SEQ_LEN, min=1, max=max_seq_len)
     sample = min(4, max_seq_len)
     return MethodBuild(

@@ -9,11 +9,9 @@ are those of export/executorch/methods.py, read back from the manifest.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import types
-from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +19,7 @@ from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, NotAvailableError, require
 from edgekit.runtimes.backends.base import pad_audio_frames
 from edgekit.runtimes.free_heap import release_free_heap
+from edgekit.runtimes.native_logs import native_logs_hidden
 from edgekit.runtimes.no_mlock import mlock_disabled
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER
 
@@ -38,28 +37,42 @@ class ExecutorchBackend:
             import executorch.kernels.quantized  # noqa: F401
         except ImportError:
             pass
-        pte = bundle.file(self.manifest.method(METHOD_TEXT_DECODER).file)
-        data = self.manifest.extra.get("program_data")  # the weights, when exported with --external-weights
-        try:
-            with mlock_disabled():  # as root, the bindings would lock every segment they load
-                self._program = runtime.Runtime.get().load_program(
-                    str(pte), data_path=str(bundle.file(data)) if data else None)
-        except Exception as exc:
-            raise BundleError(f"cannot load {pte.name}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        if needs_llm_ops(self.manifest):
+            _load_llm_kernels()
+        self._runtime = runtime.Runtime.get()
+        # The bindings give every method of one loaded program the same planned-memory arenas,
+        # where text_decoder keeps its KV cache: an encoder or token_embedding call between
+        # two decoder calls would overwrite it. text_decoder gets a program instance of its own
+        # (the file is mapped twice; each instance reads only its methods' segments).
+        self._programs: dict[bool, object] = {}
         self._methods: dict = {}
+        self._program(for_decoder=True)
         decoder = self.manifest.method(METHOD_TEXT_DECODER)
         self.max_prefill_tokens = int(decoder.extra.get("max_seq_len", 1))
         self.image_token_id = self.manifest.special_tokens.image_token_id
         self.audio_token_id = self.manifest.special_tokens.audio_token_id
         self.reset()
 
+    def _program(self, *, for_decoder: bool):
+        if for_decoder not in self._programs:
+            pte = self.bundle.file(self.manifest.method(METHOD_TEXT_DECODER).file)
+            data = self.manifest.extra.get("program_data")  # the weights, when exported with --external-weights
+            try:
+                with mlock_disabled():  # as root, the bindings would lock every segment they load
+                    self._programs[for_decoder] = self._runtime.load_program(
+                        str(pte), data_path=str(self.bundle.file(data)) if data else None)
+            except Exception as exc:
+                raise BundleError(f"cannot load {pte.name}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        return self._programs[for_decoder]
+
     def _method(self, name: str):
         if name not in self._methods:
             if not self.manifest.has_method(name):
                 raise BundleError(f"bundle {self.bundle.path} has no {name} method")
+            program = self._program(for_decoder=name == METHOD_TEXT_DECODER)
             try:
-                with _native_logs_hidden(), mlock_disabled():
-                    self._methods[name] = self._program.load_method(name)
+                with native_logs_hidden(), mlock_disabled():
+                    self._methods[name] = program.load_method(name)
             except RuntimeError as exc:  # e.g. an operator this runtime build lacks
                 raise BundleError(f"cannot load method {name} of {self.bundle.path.name}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else exc}") from None
@@ -115,6 +128,39 @@ class ExecutorchBackend:
         return tokens[0][valid[0].bool()].float().numpy()
 
 
+LLM_OPS_NAMESPACE = "llama::"  # ExecuTorch's LLM custom ops (export/executorch/llm_ops.py)
+
+
+def needs_llm_ops(manifest) -> bool:
+    """Whether a bundle's program calls ExecuTorch's LLM custom ops (the manifest lists the
+    kernels each method leaves outside its delegates)."""
+    return any(kernel.startswith(LLM_OPS_NAMESPACE) for method in manifest.methods
+               for kernel in method.extra.get("kernels", ()))
+
+
+def llm_ops_library() -> Path | None:
+    """The executorch wheel's library with the LLM custom ops' kernels (update_cache,
+    custom_sdpa): its ahead-of-time library, which links libtorch; None if not installed."""
+    try:
+        spec = importlib.util.find_spec("executorch.extension.llm.custom_ops")
+    except ImportError:
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for path in sorted(Path(folder).glob("*custom_ops_aot_lib.*")):
+            return path
+    return None
+
+
+def _load_llm_kernels() -> None:
+    """Register the LLM custom ops' kernels with the runtime: libtorch is loaded already (the
+    bindings link it); the library's Python module would also import torch's compiler stack."""
+    library = llm_ops_library()
+    if library is None:
+        raise NotAvailableError("this bundle's text_decoder calls ExecuTorch's LLM custom ops "
+                                "(llama::custom_sdpa), which this executorch install does not ship")
+    require("torch", extra="executorch").ops.load_library(str(library))
+
+
 def _runtime_without_compiler():
     """executorch.runtime, without running the executorch.exir package (the ahead-of-time
     compiler, torchao with it: +129 MiB and 2.5 s of imports, bench/RESULTS.md section 11).
@@ -138,22 +184,3 @@ def _runtime_without_compiler():
         if sys.modules.get("executorch.exir") is bare:
             del sys.modules["executorch.exir"]
             sys.modules.pop("executorch.exir._warnings", None)
-
-
-@contextmanager
-def _native_logs_hidden() -> Iterator[None]:
-    """Silence file descriptor 2 while ExecuTorch loads a method, when the CLI asks
-    (EDGEKIT_NATIVE_LOGS=hide; `--debug` leaves it): XNNPACK's first load logs a page of CPU
-    probing from C++ that would bury the CLI's one-line messages. Failures still raise."""
-    if os.environ.get("EDGEKIT_NATIVE_LOGS") != "hide":
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
