@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -55,27 +56,27 @@ def e2b(tiny_e2b):
 
 
 class _Program:
-    """A bundle's program as the runner loads it (runtimes/backends/executorch_backend.py):
-    text_decoder from an instance of its own, because the bindings give the methods of one
-    instance the same planned-memory arenas, where text_decoder keeps its KV cache."""
+    """A bundle's program as the runner holds it (runtimes/backends/executorch_backend.py):
+    ExecuTorch's Module, planned memory per method. (runtime.Runtime's programs share one set
+    of arenas among their methods, where text_decoder keeps its KV cache.)"""
 
     def __init__(self, bundle) -> None:
-        import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels)
+        from executorch.extension.pybindings import portable_lib
 
         from edgekit.runtimes.backends.executorch_backend import ExecutorchBackend
 
-        ExecutorchBackend(bundle)  # registers the kernels the bundle needs (the LLM custom ops)
+        ExecutorchBackend(bundle)  # registers the kernels the bundle needs (quantized, LLM custom ops)
         data = bundle.manifest.extra.get("program_data")  # --external-weights
-        load = lambda: runtime.Runtime.get().load_program(  # noqa: E731
-            str(bundle.file("model.pte")), data_path=str(bundle.file(data)) if data else None)
-        self._shared, self._decoder = load(), load()
+        self._module = portable_lib._load_for_executorch(str(bundle.file("model.pte")),
+                                                         data_path=str(bundle.file(data)) if data else None)
 
     @property
     def method_names(self) -> set[str]:
-        return self._shared.method_names
+        return set(self._module.method_names())
 
     def load_method(self, name: str):
-        return (self._decoder if name == METHOD_TEXT_DECODER else self._shared).load_method(name)
+        module = self._module
+        return SimpleNamespace(execute=lambda inputs: module.run_method(name, inputs))
 
 
 _program = _Program

@@ -32,50 +32,40 @@ class ExecutorchBackend:
             raise NotAvailableError(f"{bundle.path.name} runs its text methods on ExecuTorch's Core ML delegate, "
                                     "which only Apple devices have (iOS 18 / macOS 15 or later)")
         self._torch = require("torch", extra="executorch")
-        runtime = _runtime_without_compiler()
+        _runtime_without_compiler()
         try:  # quantized embedding kernels register themselves on import (shared/EXPORT-NOTES.md)
             import executorch.kernels.quantized  # noqa: F401
         except ImportError:
             pass
         if needs_llm_ops(self.manifest):
             _load_llm_kernels()
-        self._runtime = runtime.Runtime.get()
-        # The bindings give every method of one loaded program the same planned-memory arenas,
-        # where text_decoder keeps its KV cache: an encoder or token_embedding call between
-        # two decoder calls would overwrite it. text_decoder gets a program instance of its own
-        # (the file is mapped twice; each instance reads only its methods' segments).
-        self._programs: dict[bool, object] = {}
-        self._methods: dict = {}
-        self._program(for_decoder=True)
+        # ExecuTorch's Module, as its C++ LLM runners hold a program: each method gets planned
+        # memory of its own when first run. (runtime.Runtime's programs give all their
+        # methods one set of arenas, sized to the largest method and allocated at load:
+        # text_decoder keeps its KV cache there, and an encoder call overwrote it.)
+        from executorch.extension.pybindings import portable_lib
+
+        pte = bundle.file(self.manifest.method(METHOD_TEXT_DECODER).file)
+        data = self.manifest.extra.get("program_data")  # the weights, when exported with --external-weights
+        try:
+            with mlock_disabled():  # as root, the bindings would lock every segment they load
+                self._module = portable_lib._load_for_executorch(
+                    str(pte), data_path=str(bundle.file(data)) if data else None,
+                    program_verification=portable_lib.Verification.Minimal)
+        except Exception as exc:
+            raise BundleError(f"cannot load {pte.name}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        self._methods: dict[str, _Method] = {}
         decoder = self.manifest.method(METHOD_TEXT_DECODER)
         self.max_prefill_tokens = int(decoder.extra.get("max_seq_len", 1))
         self.image_token_id = self.manifest.special_tokens.image_token_id
         self.audio_token_id = self.manifest.special_tokens.audio_token_id
         self.reset()
 
-    def _program(self, *, for_decoder: bool):
-        if for_decoder not in self._programs:
-            pte = self.bundle.file(self.manifest.method(METHOD_TEXT_DECODER).file)
-            data = self.manifest.extra.get("program_data")  # the weights, when exported with --external-weights
-            try:
-                with mlock_disabled():  # as root, the bindings would lock every segment they load
-                    self._programs[for_decoder] = self._runtime.load_program(
-                        str(pte), data_path=str(self.bundle.file(data)) if data else None)
-            except Exception as exc:
-                raise BundleError(f"cannot load {pte.name}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-        return self._programs[for_decoder]
-
-    def _method(self, name: str):
+    def _method(self, name: str) -> "_Method":
         if name not in self._methods:
             if not self.manifest.has_method(name):
                 raise BundleError(f"bundle {self.bundle.path} has no {name} method")
-            program = self._program(for_decoder=name == METHOD_TEXT_DECODER)
-            try:
-                with native_logs_hidden(), mlock_disabled():
-                    self._methods[name] = program.load_method(name)
-            except RuntimeError as exc:  # e.g. an operator this runtime build lacks
-                raise BundleError(f"cannot load method {name} of {self.bundle.path.name}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else exc}") from None
+            self._methods[name] = _Method(self._module, name, self.bundle.path.name)
         return self._methods[name]
 
     @property
@@ -126,6 +116,27 @@ class ExecutorchBackend:
             [self._torch.from_numpy(padded), self._torch.from_numpy(padded_mask)])
         release_free_heap()
         return tokens[0][valid[0].bool()].float().numpy()
+
+
+class _Method:
+    """One method of a loaded Module: `execute(inputs)` -> outputs (copies). The Module loads
+    a method on its first run, so that run is where loading errors surface."""
+
+    def __init__(self, module, name: str, bundle_name: str) -> None:
+        self._module, self._name, self._bundle_name = module, name, bundle_name
+        self._loaded = False
+
+    def execute(self, inputs: list) -> list:
+        if self._loaded:
+            return self._module.run_method(self._name, inputs)
+        try:
+            with native_logs_hidden(), mlock_disabled():
+                outputs = self._module.run_method(self._name, inputs)
+        except RuntimeError as exc:  # e.g. an operator this runtime build lacks
+            raise BundleError(f"cannot load or run method {self._name} of {self._bundle_name}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else exc}") from None
+        self._loaded = True
+        return outputs
 
 
 LLM_OPS_NAMESPACE = "llama::"  # ExecuTorch's LLM custom ops (export/executorch/llm_ops.py)
