@@ -1,4 +1,5 @@
-"""Give back the resident pages of a memory-mapped file the process will not read again (Linux).
+"""Resident pages of memory-mapped bundle files (Linux): give back those the process will not
+read again, and keep table lookups from reading around the rows they need.
 
 onnxruntime maps each external-data initializer of a graph (one private mapping per tensor)
 and `MatMulNBits` reads its weights and scales once, to prepack them into its own buffers.
@@ -18,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+MADV_RANDOM = 1
 MADV_DONTNEED = 4
 # A mapping's header line in smaps: range, perms, offset, device, inode, then the path (none
 # for anonymous memory).
@@ -77,6 +79,19 @@ def release_file_pages(path: Path) -> int:
         if libc.madvise(mapping.start, mapping.end - mapping.start, MADV_DONTNEED) == 0:
             released += mapping.resident_bytes
     return released
+
+
+def advise_random_access(path: Path) -> int:
+    """Mark this process's mappings of `path` MADV_RANDOM; returns how many were marked.
+
+    A page fault on a file mapping otherwise reads ahead around the page (128 KiB) and maps
+    what it read: one looked-up embedding row made ~0.2 MiB of a table resident, the PLE
+    table's rows a few KiB each (bench/RESULTS.md sections 1 and 12). Random ids are what
+    token lookups are; pages already resident stay."""
+    libc = linux_libc()
+    if libc is None:
+        return 0
+    return sum(libc.madvise(m.start, m.end - m.start, MADV_RANDOM) == 0 for m in file_mappings(path))
 
 
 @functools.cache

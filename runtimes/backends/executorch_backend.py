@@ -12,6 +12,7 @@ import importlib.util
 import sys
 import types
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, NotAvailableError, require
 from edgekit.runtimes.backends.base import pad_audio_frames
 from edgekit.runtimes.free_heap import release_free_heap
+from edgekit.runtimes.mapped_pages import advise_random_access
 from edgekit.runtimes.native_logs import native_logs_hidden
 from edgekit.runtimes.no_mlock import mlock_disabled
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER
@@ -55,6 +57,10 @@ class ExecutorchBackend:
         except Exception as exc:
             raise BundleError(f"cannot load {pte.name}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         self._methods: dict[str, _Method] = {}
+        self._program_files = [pte] + ([bundle.file(data)] if data else [])
+        # Load token_embedding with a one-token lookup, so the tables' mappings exist and are
+        # marked random-access (_Method) before the first real lookup reads around its rows.
+        self._method(METHOD_TOKEN_EMBEDDING).execute([self._torch.zeros(1, 1, dtype=self._torch.long)])
         decoder = self.manifest.method(METHOD_TEXT_DECODER)
         self.max_prefill_tokens = int(decoder.extra.get("max_seq_len", 1))
         self.image_token_id = self.manifest.special_tokens.image_token_id
@@ -65,8 +71,14 @@ class ExecutorchBackend:
         if name not in self._methods:
             if not self.manifest.has_method(name):
                 raise BundleError(f"bundle {self.bundle.path} has no {name} method")
-            self._methods[name] = _Method(self._module, name, self.bundle.path.name)
+            self._methods[name] = _Method(self._module, name, self.bundle.path.name, on_load=self._advise_random)
         return self._methods[name]
+
+    def _advise_random(self) -> None:
+        """Table rows are read by token id: no read-ahead around them (runtimes/mapped_pages.py).
+        A method maps the program's segments when it loads, so this runs after each load."""
+        for file in self._program_files:
+            advise_random_access(file)
 
     @property
     def position(self) -> int:
@@ -122,8 +134,8 @@ class _Method:
     """One method of a loaded Module: `execute(inputs)` -> outputs (copies). The Module loads
     a method on its first run, so that run is where loading errors surface."""
 
-    def __init__(self, module, name: str, bundle_name: str) -> None:
-        self._module, self._name, self._bundle_name = module, name, bundle_name
+    def __init__(self, module, name: str, bundle_name: str, *, on_load: Callable[[], None]) -> None:
+        self._module, self._name, self._bundle_name, self._on_load = module, name, bundle_name, on_load
         self._loaded = False
 
     def execute(self, inputs: list) -> list:
@@ -136,6 +148,7 @@ class _Method:
             raise BundleError(f"cannot load or run method {self._name} of {self._bundle_name}: "
                               f"{str(exc).splitlines()[0] if str(exc) else exc}") from None
         self._loaded = True
+        self._on_load()
         return outputs
 
 

@@ -17,7 +17,7 @@ from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, MissingDependencyError
 from edgekit.runtimes.backends.base import pad_audio_frames
 from edgekit.runtimes.free_heap import release_free_heap
-from edgekit.runtimes.mapped_pages import release_file_pages
+from edgekit.runtimes.mapped_pages import advise_random_access, release_file_pages
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.key")
@@ -79,8 +79,11 @@ class OnnxBackend:
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
                 raise BundleError(f"cannot load {path.name}: {str(exc).splitlines()[0]}") from None
             # Prepacking copied what it read of the weights; almost none of those mapped pages
-            # is read again (one that is comes back from the file).
-            release_file_pages(path.with_name(path.name + ".data"))
+            # is read again (one that is comes back from the file). What is read later is
+            # table rows, by token id.
+            data = path.with_name(path.name + ".data")
+            release_file_pages(data)
+            advise_random_access(data)
         return self._sessions[method]
 
     @cached_property
