@@ -342,6 +342,16 @@ def test_encoder_calls_between_decoder_calls_leave_the_kv_cache_alone(executorch
 
 
 @slow
+def test_a_runtime_without_the_llm_custom_ops_is_a_clear_error(executorch_bundles, monkeypatch):
+    from edgekit.errors import NotAvailableError
+    from edgekit.runtimes.backends import executorch_backend
+
+    monkeypatch.setattr(executorch_backend, "llm_ops_library", lambda: None)  # an executorch install without them
+    with pytest.raises(NotAvailableError, match="LLM custom ops"):
+        executorch_backend.ExecutorchBackend(executorch_bundles["fp32"])
+
+
+@slow
 def test_audio_encoder_is_dynamic_and_matches_eager(fp32, e2b):
     from edgekit.export.components.audio_encoder import AudioEncoder
 

@@ -5,7 +5,9 @@
 //   et_decode [--data WEIGHTS.ptd] [--kernels LIBRARY]... MODEL.pte DECODE_STEPS REPEATS TOKEN_ID...
 //
 // --kernels loads a shared library whose static initializers register more kernels (the
-// wheel's LLM custom ops, llama::custom_sdpa / update_cache, for programs that call them).
+// wheel's LLM custom ops, llama::custom_sdpa / update_cache, for programs that call them; the
+// wheel builds them only into a library linking libtorch and libpython, which then come along,
+// resident before the program loads: status_before_load).
 //
 // After a warm-up, feeds the prompt ids (in chunks of get_max_seq_len), then DECODE_STEPS greedy
 // steps, REPEATS times from position 0 -- the workload of bench_runtimes.measure_generation --

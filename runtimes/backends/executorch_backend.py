@@ -34,7 +34,7 @@ class ExecutorchBackend:
             raise NotAvailableError(f"{bundle.path.name} runs its text methods on ExecuTorch's Core ML delegate, "
                                     "which only Apple devices have (iOS 18 / macOS 15 or later)")
         self._torch = require("torch", extra="executorch")
-        _runtime_without_compiler()
+        _runtime_without_compiler()  # the bindings, without the compiler package they would import
         try:  # quantized embedding kernels register themselves on import (shared/EXPORT-NOTES.md)
             import executorch.kernels.quantized  # noqa: F401
         except ImportError:
@@ -168,11 +168,10 @@ def llm_ops_library() -> Path | None:
     try:
         spec = importlib.util.find_spec("executorch.extension.llm.custom_ops")
     except ImportError:
-        return None
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        for path in sorted(Path(folder).glob("*custom_ops_aot_lib.*")):
-            return path
-    return None
+        spec = None
+    folders = (spec.submodule_search_locations or []) if spec else []
+    found = [path for folder in folders for path in sorted(Path(folder).glob("*custom_ops_aot_lib.*"))]
+    return found[0] if found else None
 
 
 def _load_llm_kernels() -> None:
