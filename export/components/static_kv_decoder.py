@@ -231,7 +231,7 @@ class StaticKVDecoder(TextDecoder):
         """
         layout = self.layout
         slots = {GLOBAL: cache_position, SLIDING: torch.remainder(cache_position, self.cache_slots[SLIDING])}
-        if self.llm_ops:
+        if self.llm_ops:  # the position the LLM ops write at: an int, a SymInt once exported
             start = cache_position[0].item()
             torch._check(start >= 0)
             torch._check(start < self.max_context)
