@@ -61,14 +61,9 @@ class _Program:
     of arenas among their methods, where text_decoder keeps its KV cache.)"""
 
     def __init__(self, bundle) -> None:
-        from executorch.extension.pybindings import portable_lib
-
         from edgekit.runtimes.backends.executorch_backend import ExecutorchBackend
 
-        ExecutorchBackend(bundle)  # registers the kernels the bundle needs (quantized, LLM custom ops)
-        data = bundle.manifest.extra.get("program_data")  # --external-weights
-        self._module = portable_lib._load_for_executorch(str(bundle.file("model.pte")),
-                                                         data_path=str(bundle.file(data)) if data else None)
+        self._module = ExecutorchBackend(bundle)._module  # the runner's own Module, kernels registered
 
     @property
     def method_names(self) -> set[str]:
