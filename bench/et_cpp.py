@@ -82,11 +82,12 @@ def _kernels_for(manifest) -> dict[str, Any]:
 
 def run(binary: Path, pte: Path, prompt: list[int], *, steps: int, repeats: int, data: Path | None = None,
         kernels: list[Path] = (), env: dict[str, str] | None = None, prefix: list[str] | None = None,
-        timeout: float = 1800) -> dict[str, Any]:
+        lean_memory: bool = False, timeout: float = 1800) -> dict[str, Any]:
     """et_decode's measurement, in bench_runtimes.measure_generation's result shape (plus
     `prefill_top`: [token id, logit] of the first prefill's five largest logits)."""
     cmd = [*(prefix or []), str(binary), *(["--data", str(data)] if data else []),
-           *(arg for library in kernels for arg in ("--kernels", str(library))), str(pte), str(steps),
+           *(arg for library in kernels for arg in ("--kernels", str(library))),
+           *(["--lean-memory"] if lean_memory else []), str(pte), str(steps),
            str(repeats), *map(str, prompt)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode != 0:

@@ -63,6 +63,12 @@ def test_cpp_runtime_decodes_what_the_python_runtime_decodes(executorch_bundles,
     assert 0 < got["decode_peak_rss_bytes"] <= got["life_peak_rss_bytes"]
     assert got["status_after_load"]["RssAnon"] > got["status_before_load"]["RssAnon"]
 
+    # --lean-memory (planned memory in the app's own anonymous mappings, tables random-access)
+    # computes the same thing.
+    lean = et_cpp.run_bundle(et_decode, bundle.path, prompt, steps=STEPS, repeats=1, lean_memory=True)
+    assert lean["tokens"] == tokens
+    assert lean["prefill_top"] == got["prefill_top"]
+
 
 def test_cpp_runtime_reports_a_missing_program(et_cpp, et_decode, tmp_path):
     with pytest.raises(RuntimeError, match="et_decode exited 1"):

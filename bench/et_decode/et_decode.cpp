@@ -2,12 +2,19 @@
 // no Python, no torch, the program memory-mapped without mlock. Built by bench/et_cpp.py
 // against the libraries and headers the executorch wheel ships (share/cmake).
 //
-//   et_decode [--data WEIGHTS.ptd] [--kernels LIBRARY]... MODEL.pte DECODE_STEPS REPEATS TOKEN_ID...
+//   et_decode [--data WEIGHTS.ptd] [--kernels LIBRARY]... [--lean-memory] MODEL.pte DECODE_STEPS REPEATS TOKEN_ID...
 //
 // --kernels loads a shared library whose static initializers register more kernels (the
 // wheel's LLM custom ops, llama::custom_sdpa / update_cache, for programs that call them; the
 // wheel builds them only into a library linking libtorch and libpython, which then come along,
 // resident before the program loads: status_before_load).
+//
+// --lean-memory runs the program as an app can with ExecuTorch's public API, instead of the stock
+// Module's defaults: each method's planned memory comes from anonymous mappings the app passes to
+// load_method (pages become resident when the method first writes them; Module allocates
+// zero-filled vectors, so a KV cache sized to the whole context is resident from load), and the
+// program's file mappings are marked MADV_RANDOM after loading (a table lookup reads its rows, not
+// the ~128 KiB of read-ahead around them), as edgekit's Python runner does.
 //
 // After a warm-up, feeds the prompt ids (in chunks of get_max_seq_len), then DECODE_STEPS greedy
 // steps, REPEATS times from position 0 -- the workload of bench_runtimes.measure_generation --
@@ -19,8 +26,14 @@
 #include <executorch/extension/tensor/tensor.h>
 #include <executorch/runtime/backend/interface.h>
 #include <executorch/runtime/backend/options.h>
+#include <executorch/runtime/core/hierarchical_allocator.h>
+#include <executorch/runtime/core/span.h>
 
 #include <dlfcn.h>
+#include <sys/mman.h>
+
+#include <climits>
+#include <cstring>
 
 #include <algorithm>
 #include <chrono>
@@ -152,11 +165,69 @@ int64_t forward(Module& module, std::vector<int64_t> ids, int64_t position,
   return std::max_element(row, row + vocab) - row;
 }
 
+// One method's planned memory in anonymous mappings: zero pages until written.
+class LazyPlannedMemory {
+ public:
+  explicit LazyPlannedMemory(const executorch::runtime::MethodMeta& meta) {
+    for (size_t i = 0; i < meta.num_memory_planned_buffers(); ++i) {
+      const auto size = static_cast<size_t>(ok(meta.memory_planned_buffer_size(i), "planned buffer size"));
+      void* data = mmap(nullptr, std::max<size_t>(size, 1), PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (data == MAP_FAILED) {
+        std::fprintf(stderr, "et_decode: cannot map %zu bytes of planned memory: %s\n", size, std::strerror(errno));
+        std::exit(1);
+      }
+      mappings_.emplace_back(data, std::max<size_t>(size, 1));
+      spans_.emplace_back(static_cast<uint8_t*>(data), size);
+    }
+    allocator_ = std::make_unique<executorch::runtime::HierarchicalAllocator>(
+        executorch::runtime::Span<executorch::runtime::Span<uint8_t>>(spans_.data(), spans_.size()));
+  }
+  ~LazyPlannedMemory() {
+    for (const auto& [data, size] : mappings_) {
+      munmap(data, size);
+    }
+  }
+  LazyPlannedMemory(const LazyPlannedMemory&) = delete;
+  LazyPlannedMemory& operator=(const LazyPlannedMemory&) = delete;
+  executorch::runtime::HierarchicalAllocator* allocator() { return allocator_.get(); }
+
+ private:
+  std::vector<std::pair<void*, size_t>> mappings_;
+  std::vector<executorch::runtime::Span<uint8_t>> spans_;
+  std::unique_ptr<executorch::runtime::HierarchicalAllocator> allocator_;
+};
+
+// MADV_RANDOM on every mapping of `path` (the program's segments, mapped as methods load).
+void advise_random_access(const std::string& path) {
+  char resolved[PATH_MAX];
+  if (realpath(path.c_str(), resolved) == nullptr) {
+    return;
+  }
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    const auto slash = line.find('/');
+    if (slash == std::string::npos || line.compare(slash, std::string::npos, resolved) != 0) {
+      continue;
+    }
+    uintptr_t start = 0, end = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx", &start, &end) == 2) {
+      madvise(reinterpret_cast<void*>(start), end - start, MADV_RANDOM);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   std::string data_path;
+  bool lean_memory = false;
+  while (!args.empty() && args[0] == "--lean-memory") {
+    lean_memory = true;
+    args.erase(args.begin());
+  }
   while (args.size() >= 2 && (args[0] == "--data" || args[0] == "--kernels")) {
     if (args[0] == "--data") {
       data_path = args[1];
@@ -165,10 +236,14 @@ int main(int argc, char** argv) {
       return 1;
     }
     args.erase(args.begin(), args.begin() + 2);
+    while (!args.empty() && args[0] == "--lean-memory") {
+      lean_memory = true;
+      args.erase(args.begin());
+    }
   }
   if (args.size() < 4) {
-    std::fprintf(stderr, "usage: et_decode [--data WEIGHTS.ptd] [--kernels LIBRARY]... MODEL.pte DECODE_STEPS "
-                 "REPEATS TOKEN_ID...\n");
+    std::fprintf(stderr, "usage: et_decode [--data WEIGHTS.ptd] [--kernels LIBRARY]... [--lean-memory] MODEL.pte "
+                 "DECODE_STEPS REPEATS TOKEN_ID...\n");
     return 2;
   }
   const std::string path = args[0];
@@ -192,14 +267,26 @@ int main(int argc, char** argv) {
     fail("setting XNNPACK's options", error);
   }
 
+  std::vector<std::unique_ptr<LazyPlannedMemory>> planned;  // declared first: outlives the methods
   const auto before_load = proc_status();
   const double load_start = now_s();
   // Mapped, not locked: pages come and go with use, as on a device without mlock rights.
   auto module = data_path.empty() ? std::make_unique<Module>(path, Module::LoadMode::Mmap)
                                   : std::make_unique<Module>(path, data_path, Module::LoadMode::Mmap);
   for (const char* method : {"token_embedding", "text_decoder"}) {
-    if (auto error = module->load_method(method); error != executorch::runtime::Error::Ok) {
+    executorch::runtime::HierarchicalAllocator* planned_memory = nullptr;
+    if (lean_memory) {
+      planned.push_back(std::make_unique<LazyPlannedMemory>(ok(module->method_meta(method), "method_meta")));
+      planned_memory = planned.back()->allocator();
+    }
+    if (auto error = module->load_method(method, planned_memory); error != executorch::runtime::Error::Ok) {
       fail(std::string("load_method ") + method, error);
+    }
+  }
+  if (lean_memory) {
+    advise_random_access(path);
+    if (!data_path.empty()) {
+      advise_random_access(data_path);
     }
   }
   const int64_t chunk = scalar_method(*module, "get_max_seq_len");
