@@ -165,20 +165,26 @@ def _extrapolate(rows: list[list[str]], full_params: int) -> str:
 def _decode_row(step: str, decode: dict[str, Any]) -> list[str]:
     """A decode measurement (a bench_runtimes child's or et_decode's) as a table row."""
     hwm = decode["decode_peak_rss_bytes"]
+    # et_decode's libraries before the program loads (the wheel's torch-linked LLM custom-ops library)
+    before = decode["status_before_load"].get("VmRSS", 0) if decode["runtime"] == "executorch-cpp" else 0
     return [step, "ok", f"{decode['load_s']:.1f} s load",
-            f"{mib(hwm)} (anon {mib(decode['status_after_decode'].get('RssAnon'))})",
+            f"{mib(hwm)} (anon {mib(decode['status_after_decode'].get('RssAnon'))}"
+            + (f"; {mib(before)} resident before load" if before else "") + ")",
             f"{sorted(decode['decode_tok_s'])[len(decode['decode_tok_s']) // 2]:.2f} tok/s",
             f"<= {gb(DECODE_RSS_TARGET_BYTES)} RSS", verdict(hwm is not None and hwm <= DECODE_RSS_TARGET_BYTES)]
 
 
-def _cpp_decode(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
-    """The same decode through ExecuTorch's C++ runtime (bench/et_decode): what an app holds."""
+def _cpp_decode(args: argparse.Namespace, bundle: Path, *, lean_memory: bool = False) -> dict[str, Any]:
+    """The same decode through ExecuTorch's C++ runtime (bench/et_decode): what an app holds;
+    `lean_memory`: with et_decode --lean-memory (planned memory resident as written, tables
+    random-access)."""
     import et_cpp
     from bench_runtimes import prompt_ids
 
     drop_from_page_cache(bundle)
     return et_cpp.run_bundle(et_cpp.build(args.workdir / "et_decode-build"), bundle, prompt_ids(args.prompt_tokens),
-                             steps=args.decode_steps, repeats=args.repeats, prefix=without_mlock_privilege())
+                             steps=args.decode_steps, repeats=args.repeats, prefix=without_mlock_privilege(),
+                             lean_memory=lean_memory)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -245,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(_decode_row("decode", run_bundle_child(args, bundle)))
         if (bundle / "model.pte").is_file() and not args.no_cpp:
             rows.append(_decode_row("decode, ExecuTorch C++ runtime (et_decode)", _cpp_decode(args, bundle)))
+            rows.append(_decode_row("decode, ExecuTorch C++ runtime, lean memory (et_decode --lean-memory)",
+                                    _cpp_decode(args, bundle, lean_memory=True)))
     print()
     print(table(["step", "result", "time", "peak RSS", "size / speed", "target", ""], rows), flush=True)
     print(f"\ntotal {time.perf_counter() - started:.0f} s", flush=True)
