@@ -196,6 +196,7 @@ def child_bundle(args: argparse.Namespace) -> None:
     import numpy as np
 
     from edgekit.manifest import METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING
+    from edgekit.plan import PREFILL_CHUNK
     from edgekit.runtimes.engine import Engine
 
     before = proc_status()
@@ -214,7 +215,14 @@ def child_bundle(args: argparse.Namespace) -> None:
         backend.reset()
     load_s = time.perf_counter() - start
     after_load, mapped_after_load = proc_status(), mapped_rss()
-    result = measure_generation(lambda ids: backend.forward(np.asarray(ids, np.int64)), backend.reset,
+    def forward(ids: list[int]):
+        # in the chunks the engine feeds a prompt in (edgekit.runtimes.engine.feed_prompt)
+        chunk = min(PREFILL_CHUNK, backend.max_prefill_tokens or PREFILL_CHUNK)
+        for start in range(0, len(ids), chunk):
+            logits = backend.forward(np.asarray(ids[start:start + chunk], np.int64))
+        return logits
+
+    result = measure_generation(forward, backend.reset,
                                 prompt=prompt_ids(args.prompt_tokens), steps=args.decode_steps, repeats=args.repeats)
     emit_result({"runtime": fmt, "load_s": load_s, "status_before_load": before, "status_after_load": after_load,
                  "mapped_rss_after_load": mapped_after_load,
