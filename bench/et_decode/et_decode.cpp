@@ -32,6 +32,7 @@
 #include <dlfcn.h>
 #include <sys/mman.h>
 
+#include <cerrno>
 #include <climits>
 #include <cstring>
 
@@ -224,11 +225,15 @@ int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   std::string data_path;
   bool lean_memory = false;
-  while (!args.empty() && args[0] == "--lean-memory") {
-    lean_memory = true;
-    args.erase(args.begin());
-  }
-  while (args.size() >= 2 && (args[0] == "--data" || args[0] == "--kernels")) {
+  while (!args.empty() && args[0].rfind("--", 0) == 0) {
+    if (args[0] == "--lean-memory") {
+      lean_memory = true;
+      args.erase(args.begin());
+      continue;
+    }
+    if (args.size() < 2 || (args[0] != "--data" && args[0] != "--kernels")) {
+      break;  // not an option: the usage line below
+    }
     if (args[0] == "--data") {
       data_path = args[1];
     } else if (dlopen(args[1].c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
@@ -236,10 +241,6 @@ int main(int argc, char** argv) {
       return 1;
     }
     args.erase(args.begin(), args.begin() + 2);
-    while (!args.empty() && args[0] == "--lean-memory") {
-      lean_memory = true;
-      args.erase(args.begin());
-    }
   }
   if (args.size() < 4) {
     std::fprintf(stderr, "usage: et_decode [--data WEIGHTS.ptd] [--kernels LIBRARY]... [--lean-memory] MODEL.pte "
