@@ -38,8 +38,12 @@ def test_fp32_bundle_layout_and_genai_config(onnx_fp32_bundle, tiny_e2b):
         layer = int(re.match(r"past_key_values\.(\d+)\.", t.name).group(1))
         global_layer = text["layer_types"][layer] == "full_attention"
         assert t.shape[3] == (text["global_head_dim"] if global_layer else text["head_dim"])
-        assert t.shape[2] == L.PAST_SEQUENCE
+        # sliding layers' past may be shorter (the runner keeps the last window - 1 positions)
+        assert t.shape[2] == (L.PAST_SEQUENCE if global_layer else L.SLIDING_PAST_SEQUENCE)
     assert decoder.extra["opset"] >= 17 and decoder.extra["ir_version"] >= 8
+    assert decoder.extra["sliding_window"] == text["sliding_window"]
+    assert decoder.extra["sliding_cache_layers"] == [
+        i for i in range(owners) if text["layer_types"][i] == "sliding_attention"]
 
     config = json.loads((onnx_fp32_bundle / L.GENAI_CONFIG_FILE).read_text())["model"]
     assert config["type"] == "gemma4"
@@ -61,6 +65,37 @@ def test_fp32_bundle_verifies_against_transformers(onnx_fp32_bundle, tiny_e2b):
     assert report["methods"]["vision_encoder"]["max_abs_diff"] < 1e-4
     assert report["methods"]["audio_encoder"]["max_abs_diff"] < 1e-4
     assert load_bundle(onnx_fp32_bundle).manifest.verification["passed"] is True
+
+
+def test_runner_keeps_only_the_sliding_window_of_past(onnx_fp32_bundle, tiny_e2b):
+    """Sliding layers' past is cut to the last window - 1 positions after each call; the
+    logits are those of the whole history (as onnxruntime-genai feeds it), and going back
+    is refused once rows are gone."""
+    import numpy as np
+
+    from edgekit.runtimes.backends.onnx_backend import OnnxBackend
+
+    window = load(tiny_e2b).text_config["sliding_window"]
+    ids = np.random.default_rng(4).integers(10, 1000, 3 * window + 5)
+    trimmed, whole = OnnxBackend(load_bundle(onnx_fp32_bundle)), OnnxBackend(load_bundle(onnx_fp32_bundle))
+    whole.__dict__["_sliding_past"] = None  # keep every row, as before
+    sliding, keep = trimmed._sliding_past
+    assert keep == window - 1 and sliding
+    assert trimmed.truncate(0)
+    for chunk in (ids[:window + 2], ids[window + 2:window + 5], *ids[window + 5:, None]):
+        got, expected = trimmed.forward(chunk), whole.forward(chunk)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    for name, value in trimmed._past.items():
+        assert value.shape[2] == (keep if name in sliding else len(ids)), name
+    assert max(v.shape[2] for v in whole._past.values()) == len(ids)
+    assert trimmed.truncate(len(ids)) and not trimmed.truncate(len(ids) - 1)  # rows the window dropped
+    assert whole.truncate(len(ids) - 1)
+
+    short = OnnxBackend(load_bundle(onnx_fp32_bundle))
+    short.forward(ids[:window - 3])
+    assert short.truncate(2) and short.position == 2  # nothing dropped yet: going back works
+    fresh = OnnxBackend(load_bundle(onnx_fp32_bundle))
+    np.testing.assert_allclose(short.forward(ids[2:5]), fresh.forward(ids[:5])[2:], rtol=1e-5, atol=1e-5)
 
 
 def test_decoder_runs_fused_norms_and_no_cache_copies(onnx_fp32_bundle, tmp_path):

@@ -51,6 +51,36 @@ def test_prefill_then_decode_past_the_window_matches_transformers(model):
     assert len(present) == 2 * len(layout.owners) < 2 * model.config.text_config.num_hidden_layers
 
 
+def test_sliding_layers_decode_from_their_last_window_of_past(model):
+    """edgekit's runner keeps only window - 1 positions of a sliding layer's past (the graph
+    masks by each kind's own past length); onnxruntime-genai passes the whole history.
+    Both give transformers' logits, prefill chunks included."""
+    decoder, embed = TextDecoder(model).eval(), TokenEmbedding(model).eval()
+    window = model.config.text_config.sliding_window
+    sliding = {2 * n + kv for n, layer in enumerate(decoder.layout.owners) if layer in decoder.sliding_cache_layers
+               for kv in (0, 1)}
+    assert sliding and len(sliding) < 2 * len(decoder.layout.owners)  # both kinds are exercised
+    torch.manual_seed(3)
+    ids = torch.randint(10, model.config.text_config.vocab_size, (1, window * 3 + 5))
+    chunks = [window + 2, 3, *[1] * window, window - 1, *[1] * (ids.shape[1] - 3 * window - 4)]
+    assert sum(chunks) == ids.shape[1]
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        embeds, ple = embed(ids)
+        present, logits, start = list(_empty_past(decoder, 1)), [], 0
+        for n in chunks:
+            end = start + n
+            out = decoder(embeds[:, start:end], ple[:, start:end], torch.arange(start, end)[None],
+                          torch.ones(1, end, dtype=torch.long), tuple(present))
+            logits.append(out[0])
+            present = [t[:, :, -(window - 1):] if i in sliding else t for i, t in enumerate(out[1:])]
+            start = end
+    assert all(present[i].shape[2] == window - 1 for i in sliding)
+    got = torch.cat(logits, dim=1)
+    assert torch.allclose(got, reference, atol=2e-4, rtol=1e-4), (got - reference).abs().max()
+    assert torch.equal(got.argmax(-1), reference.argmax(-1))
+
+
 def test_left_padded_batch_matches_unpadded_rows(model):
     decoder, embed = TextDecoder(model).eval(), TokenEmbedding(model).eval()
     torch.manual_seed(1)

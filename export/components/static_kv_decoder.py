@@ -47,10 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgekit.export.components.text_decoder import NEG_INF, TextDecoder
-
-SLIDING = "sliding_attention"
-GLOBAL = "full_attention"
+from edgekit.export.components.text_decoder import GLOBAL, NEG_INF, SLIDING, TextDecoder
 
 
 def ring_size(*, sliding_window: int, max_seq_len: int, max_context: int) -> int:

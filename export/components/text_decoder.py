@@ -16,9 +16,11 @@ tests/test_text_decoder_parity.py.
         ▼
     norm -> tied lm_head -> softcap(30) -> logits [B,S,V]
 
-Cache semantics (as onnxruntime-genai runs it): every cache-owning layer keeps all T
-past positions; sliding layers mask positions older than the window instead of
-dropping them. Masks use cache slots, as transformers does, so left-padded batches match.
+Cache semantics: global layers' past holds all T - S earlier positions. A sliding layer's
+past may hold all of them too (onnxruntime-genai passes every layer the whole history) or
+only the most recent ones (edgekit's runner keeps window - 1: `sliding_cache_layers`); the
+graph masks by each kind's own past length, so positions older than the window are masked
+either way. Masks use cache slots, as transformers does, so left-padded batches match.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 from edgekit.export.components.rope import rotate
 
 NEG_INF = torch.finfo(torch.float32).min
+GLOBAL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer_types
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,10 @@ class TextDecoder(nn.Module):
         self.layout = CacheLayout.from_config(cfg)
         self.num_layers = cfg.num_hidden_layers
         self.ple_dim = cfg.hidden_size_per_layer_input
+        # Runner hints (the manifest): which past inputs may hold only the last window - 1
+        # positions, and the window.
+        self.sliding_window = self.layout.sliding_window
+        self.sliding_cache_layers = tuple(i for i in self.layout.owners if self.layout.layer_types[i] == SLIDING)
 
     # --- per-layer embeddings: the context part, from inputs_embeds ---------------------
     def _per_layer_stream(self, inputs_embeds: torch.Tensor, per_layer_inputs: torch.Tensor) -> torch.Tensor:
@@ -83,18 +90,19 @@ class TextDecoder(nn.Module):
         rows = per_layer_inputs.reshape(*per_layer_inputs.shape[:-1], self.num_layers, self.ple_dim)
         return (proj + rows) * text.per_layer_input_scale
 
-    def _masks(self, attention_mask: torch.Tensor, past_len: torch.Tensor | int, seq_len: int):
-        """Additive masks [B,1,S,T] for global and sliding layers, over cache slots."""
-        total = attention_mask.shape[1]
+    def _mask(self, attention_mask: torch.Tensor, past_len, seq_len: int, window: int | None) -> torch.Tensor:
+        """Additive mask [B,1,S,past_len+S] over a kind's own past (its most recent past_len
+        positions) and the new ones; `window`: also mask keys `window` or more positions back."""
+        keys = past_len + seq_len
+        valid = attention_mask[:, attention_mask.shape[1] - keys:]  # the slots those keys are in
         q_slot = torch.arange(seq_len, device=attention_mask.device).unsqueeze(1) + past_len  # [S,1]
-        kv_slot = torch.arange(total, device=attention_mask.device).unsqueeze(0)  # [1,T]
+        kv_slot = torch.arange(keys, device=attention_mask.device).unsqueeze(0)  # [1,keys]
         dist = q_slot - kv_slot
-        valid = attention_mask[:, None, None, :].bool()
-        causal = (dist >= 0).unsqueeze(0).unsqueeze(0) & valid
-        sliding = causal & (dist < self.layout.sliding_window).unsqueeze(0).unsqueeze(0)
+        allowed = (dist >= 0) if window is None else (dist >= 0) & (dist < window)
+        allowed = allowed.unsqueeze(0).unsqueeze(0) & valid[:, None, None, :].bool()
         zero = torch.zeros((), dtype=torch.float32)
         neg = torch.full((), NEG_INF, dtype=torch.float32)
-        return {"full_attention": torch.where(causal, zero, neg), "sliding_attention": torch.where(sliding, zero, neg)}
+        return torch.where(allowed, zero, neg)
 
     def _attention(self, i: int, x: torch.Tensor, cos_sin, mask: torch.Tensor, kv: dict, past: dict) -> torch.Tensor:
         attn = self.text.layers[i].self_attn
@@ -147,8 +155,11 @@ class TextDecoder(nn.Module):
         owners = self.layout.owners
         past = {layer: (past_kv[2 * n], past_kv[2 * n + 1]) for n, layer in enumerate(owners)}
         seq_len = inputs_embeds.shape[1]
-        past_len = attention_mask.shape[1] - seq_len
-        masks = self._masks(attention_mask, past_len, seq_len)
+        masks = {GLOBAL: self._mask(attention_mask, attention_mask.shape[1] - seq_len, seq_len, None)}
+        if SLIDING in self.layout.layer_types:
+            # every sliding owner's past holds the same recent positions (all of them, or fewer)
+            sliding_past = past[self.sliding_cache_layers[0]][0].shape[2]
+            masks[SLIDING] = self._mask(attention_mask, sliding_past, seq_len, self.layout.sliding_window)
         ple = self._per_layer_stream(inputs_embeds, per_layer_inputs) if self.ple_dim else per_layer_inputs
         rope = {t: self.text.rotary_emb(inputs_embeds, position_ids, t) for t in set(self.layout.layer_types)}
         h = inputs_embeds

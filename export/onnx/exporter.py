@@ -80,7 +80,9 @@ def _embedding_spec(lm) -> GraphSpec:
 def _decoder_spec(lm) -> GraphSpec:
     decoder = TextDecoder(lm).eval()
     text = lm.config.text_config
-    batch, seq, past = 1, 4, 3
+    # Sliding layers' past is shorter than the global layers' in the sample, as the runner
+    # feeds it, so tracing keeps the two lengths apart.
+    batch, seq, past, sliding_past = 1, 4, 3, 2
     ple_width = text.num_hidden_layers * text.hidden_size_per_layer_input
     args: list = [torch.randn(batch, seq, text.hidden_size), torch.randn(batch, seq, ple_width),
                   torch.arange(past, past + seq)[None], torch.ones(batch, past + seq, dtype=torch.int64)]
@@ -92,12 +94,14 @@ def _decoder_spec(lm) -> GraphSpec:
     past_kv = []
     layout = decoder.layout
     for layer in layout.owners:
+        sliding = layer in decoder.sliding_cache_layers
+        length = sliding_past if sliding else past
         for past_name, present_name in ((L.PAST_KEY, L.PRESENT_KEY), (L.PAST_VALUE, L.PRESENT_VALUE)):
-            past_kv.append(torch.randn(batch, layout.kv_heads[layer], past, layout.head_dims[layer]))
+            past_kv.append(torch.randn(batch, layout.kv_heads[layer], length, layout.head_dims[layer]))
             names.append(past_name % layer)
             outputs.append(present_name % layer)
-            axes[past_name % layer] = {0: L.BATCH, 2: L.PAST_SEQUENCE}
-            axes[present_name % layer] = {0: L.BATCH, 2: L.TOTAL_SEQUENCE}
+            axes[past_name % layer] = {0: L.BATCH, 2: L.SLIDING_PAST_SEQUENCE if sliding else L.PAST_SEQUENCE}
+            axes[present_name % layer] = {0: L.BATCH, 2: L.SLIDING_TOTAL_SEQUENCE if sliding else L.TOTAL_SEQUENCE}
     return GraphSpec(name=METHOD_TEXT_DECODER, module=decoder, args=(*args, tuple(past_kv)),
                      input_names=tuple(names), output_names=tuple(outputs), dynamic_axes=axes)
 
@@ -274,9 +278,11 @@ _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16
 
 
 def _runner_hints(module) -> dict:
-    """Input constraints the runner must honour (audio: pad frames to a multiple, a minimum)."""
-    keys = ("frame_multiple", "min_frames", "max_soft_tokens")
-    return {k: int(getattr(module, k)) for k in keys if hasattr(module, k)}
+    """What the runner must honour or may do (audio: pad frames to a multiple, a minimum; the
+    decoder: which past inputs may hold only the last sliding_window - 1 positions)."""
+    keys = ("frame_multiple", "min_frames", "max_soft_tokens", "sliding_window", "sliding_cache_layers")
+    hints = {k: getattr(module, k) for k in keys if hasattr(module, k)}
+    return {k: [int(x) for x in v] if isinstance(v, (tuple, list)) else int(v) for k, v in hints.items()}
 
 
 def _method_spec(method: str, path: Path, hints: dict) -> MethodSpec:

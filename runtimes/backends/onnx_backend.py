@@ -118,8 +118,27 @@ class OnnxBackend:
         self._position = 0
         self._past: dict[str, np.ndarray] = {}
 
+    @cached_property
+    def _sliding_past(self) -> tuple[frozenset[str], int] | None:
+        """(past inputs of the sliding layers, positions to keep): the decoder masks by each
+        kind's own past length, so those layers need only the last window - 1 positions. None
+        for bundles whose manifest does not say so (exported before: every past whole)."""
+        extra = self.manifest.method(METHOD_TEXT_DECODER).extra
+        layers, window = extra.get("sliding_cache_layers"), extra.get("sliding_window")
+        if not layers or not window:
+            return None
+        return frozenset(name % layer for layer in layers for name in (L.PAST_KEY, L.PAST_VALUE)), int(window) - 1
+
     def truncate(self, length: int) -> bool:
-        self._past = {name: value[:, :, :length] for name, value in self._past.items()}
+        sliding, keep = self._sliding_past or (frozenset(), 0)
+        past = {}
+        for name, value in self._past.items():
+            first = self._position - value.shape[2]  # the position of the first row held
+            start = max(0, length - keep) if name in sliding else 0
+            if start < first:
+                return False  # rows the sliding window already dropped
+            past[name] = value[:, :, start - first:max(length - first, 0)]
+        self._past = past
         self._position = min(self._position, length)
         return True
 
@@ -144,8 +163,12 @@ class OnnxBackend:
         decoder = self._session(METHOD_TEXT_DECODER)
         outputs = decoder.run(None, feed, self._shrink_after if seq > 1 else None)
         names = [o.name for o in decoder.get_outputs()]
+        sliding, keep = self._sliding_past or (frozenset(), 0)
         for name, value in zip(names[1:], outputs[1:]):
-            self._past[name.replace("present.", "past_key_values.")] = value
+            name = name.replace("present.", "past_key_values.")
+            if name in sliding and value.shape[2] > keep:  # older rows are masked: drop them
+                value = np.ascontiguousarray(value[:, :, value.shape[2] - keep:])
+            self._past[name] = value
         self._position = total
         if seq > 1:
             release_free_heap()  # the prefill's freed activations (runtimes/free_heap.py)
