@@ -15,6 +15,7 @@ import numpy as np
 from edgekit import onnx_layout as L
 from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, MissingDependencyError
+from edgekit.plan import PREFILL_CHUNK
 from edgekit.runtimes.backends.base import pad_audio_frames
 from edgekit.runtimes.free_heap import release_free_heap
 from edgekit.runtimes.mapped_pages import advise_random_access, release_file_pages
@@ -50,6 +51,10 @@ class OnnxBackend:
     # full E2B depth (bench/RESULTS.md section 9). Without it, decode allocations are small
     # and go back to the heap; decode speed was the same within noise.
     memory_arena: bool = False
+    # Sliding layers keep this many rows beyond their window - 1: a chat turn can go back that
+    # far into its cache (the template re-renders the end of the last answer), and the rows
+    # are cut once per this many positions. 128 rows of E2B's 12 sliding layers: 3 MiB.
+    sliding_slack: int = PREFILL_CHUNK
 
     def __init__(self, bundle: Bundle, *, providers: tuple[str, ...] | None = None,
                  threads: int | None = None) -> None:
@@ -120,21 +125,30 @@ class OnnxBackend:
 
     @cached_property
     def _sliding_past(self) -> tuple[frozenset[str], int] | None:
-        """(past inputs of the sliding layers, positions to keep): the decoder masks by each
-        kind's own past length, so those layers need only the last window - 1 positions. None
-        for bundles whose manifest does not say so (exported before: every past whole)."""
+        """(past inputs of the sliding layers, their window): the decoder masks by each kind's
+        own past length, so those layers need only the last window - 1 positions. None for
+        bundles whose manifest does not say so (exported before: every past whole)."""
         extra = self.manifest.method(METHOD_TEXT_DECODER).extra
         layers, window = extra.get("sliding_cache_layers"), extra.get("sliding_window")
         if not layers or not window:
             return None
-        return frozenset(name % layer for layer in layers for name in (L.PAST_KEY, L.PAST_VALUE)), int(window) - 1
+        return frozenset(name % layer for layer in layers for name in (L.PAST_KEY, L.PAST_VALUE)), int(window)
+
+    def _trim_sliding(self, name: str, value: np.ndarray) -> np.ndarray:
+        """A sliding layer's past cut back to window - 1 + sliding_slack rows once it holds
+        sliding_slack more than that (one copy every sliding_slack positions, not every call)."""
+        sliding, window = self._sliding_past or (frozenset(), 0)
+        keep = window - 1 + self.sliding_slack
+        if name not in sliding or value.shape[2] <= keep + self.sliding_slack:
+            return value
+        return np.ascontiguousarray(value[:, :, value.shape[2] - keep:])
 
     def truncate(self, length: int) -> bool:
-        sliding, keep = self._sliding_past or (frozenset(), 0)
+        sliding, window = self._sliding_past or (frozenset(), 1)
         past = {}
         for name, value in self._past.items():
             first = self._position - value.shape[2]  # the position of the first row held
-            start = max(0, length - keep) if name in sliding else 0
+            start = max(0, length - (window - 1)) if name in sliding else 0
             if start < first:
                 return False  # rows the sliding window already dropped
             past[name] = value[:, :, start - first:max(length - first, 0)]
@@ -163,12 +177,9 @@ class OnnxBackend:
         decoder = self._session(METHOD_TEXT_DECODER)
         outputs = decoder.run(None, feed, self._shrink_after if seq > 1 else None)
         names = [o.name for o in decoder.get_outputs()]
-        sliding, keep = self._sliding_past or (frozenset(), 0)
         for name, value in zip(names[1:], outputs[1:]):
             name = name.replace("present.", "past_key_values.")
-            if name in sliding and value.shape[2] > keep:  # older rows are masked: drop them
-                value = np.ascontiguousarray(value[:, :, value.shape[2] - keep:])
-            self._past[name] = value
+            self._past[name] = self._trim_sliding(name, value)  # rows past the window are masked
         self._position = total
         if seq > 1:
             release_free_heap()  # the prefill's freed activations (runtimes/free_heap.py)
