@@ -99,6 +99,7 @@ def test_runner_keeps_only_the_sliding_window_of_past(onnx_fp32_bundle, tiny_e2b
 
     # Going back: fine while the window's rows are held, refused beyond; the cache then
     # continues exactly as a fresh one would.
+    assert trimmed.truncate(len(ids) + 5) and trimmed.position == len(ids)  # nothing to drop
     back = len(ids) - (held[-1] - (window - 1))
     assert not trimmed.truncate(back - 1) and trimmed.position == len(ids)
     assert trimmed.truncate(back) and trimmed.position == back

@@ -144,6 +144,8 @@ class OnnxBackend:
         return np.ascontiguousarray(value[:, :, value.shape[2] - keep:])
 
     def truncate(self, length: int) -> bool:
+        if length >= self._position:
+            return True
         sliding, window = self._sliding_past or (frozenset(), 1)
         past = {}
         for name, value in self._past.items():
@@ -151,9 +153,9 @@ class OnnxBackend:
             start = max(0, length - (window - 1)) if name in sliding else 0
             if start < first:
                 return False  # rows the sliding window already dropped
-            past[name] = value[:, :, start - first:max(length - first, 0)]
+            past[name] = value[:, :, start - first:length - first]
         self._past = past
-        self._position = min(self._position, length)
+        self._position = length
         return True
 
     # --- text ------------------------------------------------------------------------------
