@@ -173,6 +173,24 @@ def test_chat_reuses_the_cache_and_answers_as_a_fresh_session(onnx_fp32_bundle):
     assert fresh.last_stats.prefilled_tokens == fresh.last_stats.prompt_tokens
 
 
+def test_chat_past_the_kept_sliding_rows_feeds_the_prompt_again(onnx_fp32_bundle, monkeypatch):
+    """With the sliding layers' rows cut to their window (+1), the next turn cannot go back
+    into the cache: the engine feeds the whole prompt and answers as a fresh session."""
+    from edgekit.runtimes.backends.onnx_backend import OnnxBackend
+
+    monkeypatch.setattr(OnnxBackend, "sliding_slack", 1)
+    engine = load(onnx_fp32_bundle)
+    history = [{"role": "user", "content": "Hello there, tell me a story."}]
+    first = "".join(engine.generate(history, sampling=GREEDY))
+    sliding, window = engine.backend._sliding_past
+    assert engine.backend.position > window + 1  # the rows were cut
+    assert max(v.shape[2] for k, v in engine.backend._past.items() if k in sliding) <= window + 1
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
+    second = "".join(engine.generate(history, sampling=GREEDY))
+    assert engine.last_stats.prefilled_tokens == engine.last_stats.prompt_tokens
+    assert "".join(load(onnx_fp32_bundle).generate(history, sampling=GREEDY)) == second
+
+
 def test_cli_chat_over_stdin(onnx_fp32_bundle):
     result = run_cli("chat", str(onnx_fp32_bundle), "--max-new-tokens", "4", "--stats",
                      input="Hello\nWhat next?\n/exit\n")
