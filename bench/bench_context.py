@@ -23,6 +23,10 @@ from bench_runtimes import run_bundle_child  # noqa: E402
 from common import header, mib, table  # noqa: E402
 
 
+def _middle(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -44,10 +48,9 @@ def main(argv: list[str] | None = None) -> None:
             child = argparse.Namespace(threads=args.threads, prompt_tokens=length, decode_steps=args.decode_steps,
                                        repeats=args.repeats)
             r = run_bundle_child(child, bundle)
-            median = sorted(r["decode_tok_s"])[len(r["decode_tok_s"]) // 2]
-            rows.append([str(length), bundle.name, f"{sorted(r['prefill_tok_s'])[len(r['prefill_tok_s']) // 2]:.1f}",
-                         f"{median:.2f}", mib(r["decode_peak_rss_bytes"]), mib(r["status_after_decode"].get("RssAnon")),
-                         mib(r["life_peak_rss_bytes"])])
+            rows.append([str(length), bundle.name, f"{_middle(r['prefill_tok_s']):.1f}",
+                         f"{_middle(r['decode_tok_s']):.2f}", mib(r["decode_peak_rss_bytes"]),
+                         mib(r["status_after_decode"].get("RssAnon")), mib(r["life_peak_rss_bytes"])])
             print(" | ".join(rows[-1]), flush=True)
     print()
     print(table(["prompt tokens", "bundle", "prefill tok/s", "decode tok/s", "peak RSS while decoding",
