@@ -11,6 +11,7 @@ Nothing here imports torch, transformers or onnxruntime.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -48,6 +49,17 @@ def command_line() -> str:
             argv[0] = str(script.resolve())
     python = os.path.relpath(PYTHON, REPO) if PYTHON.startswith(str(REPO)) else PYTHON
     return f"{python} {' '.join(argv)}"
+
+
+def profile_arguments(doc: str, *, bundles: str, steps: int, top: int, listed: str) -> argparse.ArgumentParser:
+    """The command line the decode profilers share: bundles, prompt length, steps, rows listed."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("bundles", type=Path, nargs="+", help=f"{bundles} bundles (.edgekit directories)")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=steps, help="greedy decode steps profiled")
+    parser.add_argument("--top", type=int, default=top, help=f"{listed} listed per bundle")
+    return parser
 
 
 def cpu_model() -> str:

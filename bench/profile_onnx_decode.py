@@ -12,7 +12,6 @@ bench_runtimes' decode tok/s.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import command_line, table
+from common import command_line, profile_arguments, table
 
 
 def _profiled_session_options() -> None:
@@ -71,13 +70,8 @@ def profile(bundle: Path, *, prompt_tokens: int, steps: int, threads: int) -> di
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("bundles", type=Path, nargs="+", help="ONNX bundles (.edgekit directories)")
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=64, help="greedy decode steps profiled")
+    parser = profile_arguments(__doc__, bundles="ONNX", steps=64, top=12, listed="op types")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
-    parser.add_argument("--top", type=int, default=12, help="op types listed per bundle")
     args = parser.parse_args(argv)
     _profiled_session_options()
     print(f"- command: `{command_line()}`")
