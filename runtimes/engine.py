@@ -157,9 +157,12 @@ class Engine:
         if reuse == 0:
             self.backend.reset()
         start = time.perf_counter()
+        self.backend.mark_turn_start(None)  # the prompt's own rows may be cut as it is fed
         logits = feed_prompt(self.backend, prompt, images=[m.features for m in media if m.kind == "image"],
                              audios=[m.features for m in media if m.kind == "audio"], begin=reuse,
                              chunk=self.prefill_chunk)
+        # The next turn re-renders this answer: it goes back to about here.
+        self.backend.mark_turn_start(self.backend.position)
         stats.prefill_s = time.perf_counter() - start
         stats.prefilled_tokens = len(ids) - reuse
         self._cached_ids = keys

@@ -108,6 +108,35 @@ def test_runner_keeps_only_the_sliding_window_of_past(onnx_fp32_bundle, tiny_e2b
                                rtol=1e-4, atol=1e-4)
 
 
+def test_runner_keeps_the_sliding_rows_back_to_the_turn_start(onnx_fp32_bundle, tiny_e2b):
+    """Once the engine marks where an answer began, decoding past the window keeps the sliding
+    rows a truncate back to that point (less the slack) needs; going back there continues as a
+    fresh cache would, and the mark ends with it."""
+    import numpy as np
+
+    from edgekit.runtimes.backends.onnx_backend import OnnxBackend
+
+    runner = OnnxBackend(load_bundle(onnx_fp32_bundle))
+    runner.sliding_slack = 4
+    sliding, window = runner._sliding_past
+    ids = np.random.default_rng(5).integers(10, 1000, 2 * window + 3 * window)
+    prompt, answer = ids[:2 * window], ids[2 * window:]
+    runner.forward(prompt)
+    runner.mark_turn_start(runner.position)
+    for token in answer:
+        runner.forward(token[None])
+    held = max(v.shape[2] for k, v in runner._past.items() if k in sliding)
+    assert held == len(ids) - (len(prompt) - 4 - (window - 1))  # the prompt's older rows are cut
+    back = len(prompt) - 4
+    assert not runner.truncate(back - 1) and runner.truncate(back)
+    fresh = OnnxBackend(load_bundle(onnx_fp32_bundle))
+    np.testing.assert_allclose(runner.forward(ids[back:back + 3]), fresh.forward(ids[:back + 3])[back:],
+                               rtol=1e-4, atol=1e-4)
+    for token in ids[back + 3:]:  # no turn open: cut back to window - 1 + slack again
+        runner.forward(token[None])
+    assert max(v.shape[2] for k, v in runner._past.items() if k in sliding) <= window - 1 + 2 * 4
+
+
 def test_decoder_runs_fused_norms_and_no_cache_copies(onnx_fp32_bundle, tmp_path):
     """What onnxruntime runs per decode step: each weighted RMSNorm one fused kernel
     (export/onnx/fusable_norms.py), and grouped-query attention without an Expand of the cache."""

@@ -173,18 +173,45 @@ def test_chat_reuses_the_cache_and_answers_as_a_fresh_session(onnx_fp32_bundle):
     assert fresh.last_stats.prefilled_tokens == fresh.last_stats.prompt_tokens
 
 
+def _sliding_rows(engine) -> int:
+    sliding, _window = engine.backend._sliding_past
+    return max(v.shape[2] for k, v in engine.backend._past.items() if k in sliding)
+
+
+def test_chat_after_an_answer_longer_than_the_window_reuses_the_cache(onnx_fp32_bundle, monkeypatch):
+    """The sliding layers' rows are cut as the prompt is fed, but not those back to where the
+    answer began: the next turn re-renders the whole answer, and still feeds only itself."""
+    from edgekit.runtimes.backends.onnx_backend import OnnxBackend
+
+    slack = 12  # the tiny tokenizer spells the generation prompt's empty thought channel in ~10 tokens
+    monkeypatch.setattr(OnnxBackend, "sliding_slack", slack)
+    engine = load(onnx_fp32_bundle)
+    history = [{"role": "user", "content": "Hello there, tell me a long story about a robot. " * 4}]
+    first = "".join(engine.generate(history, sampling=GREEDY))
+    answer_start = engine.last_stats.prompt_tokens
+    # Cut from the last token, at most window - 1 + 2 * slack rows stay: too few to go back 24 + ~10.
+    assert engine.last_stats.new_tokens == GREEDY.max_new_tokens > 2 * slack - 10
+    assert _sliding_rows(engine) < answer_start  # the prompt's oldest rows were cut
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
+    second = "".join(engine.generate(history, sampling=GREEDY))
+    stats = engine.last_stats
+    assert stats.prompt_tokens - stats.prefilled_tokens >= answer_start - slack  # went back into the cache
+    assert "".join(load(onnx_fp32_bundle).generate(history, sampling=GREEDY)) == second
+
+
 def test_chat_past_the_kept_sliding_rows_feeds_the_prompt_again(onnx_fp32_bundle, monkeypatch):
-    """With the sliding layers' rows cut to their window (+1), the next turn cannot go back
-    into the cache: the engine feeds the whole prompt and answers as a fresh session."""
+    """With the sliding layers' rows kept only 1 position before the answer began, the next
+    turn (which re-renders a few template tokens before it) cannot go back into the cache: the
+    engine feeds the whole prompt and answers as a fresh session."""
     from edgekit.runtimes.backends.onnx_backend import OnnxBackend
 
     monkeypatch.setattr(OnnxBackend, "sliding_slack", 1)
     engine = load(onnx_fp32_bundle)
     history = [{"role": "user", "content": "Hello there, tell me a story."}]
     first = "".join(engine.generate(history, sampling=GREEDY))
-    sliding, window = engine.backend._sliding_past
-    assert engine.backend.position > window + 1  # the rows were cut
-    assert max(v.shape[2] for k, v in engine.backend._past.items() if k in sliding) <= window + 1
+    _sliding, window = engine.backend._sliding_past
+    assert engine.last_stats.prompt_tokens > window + 1
+    assert _sliding_rows(engine) < engine.backend.position  # the rows were cut
     history += [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
     second = "".join(engine.generate(history, sampling=GREEDY))
     assert engine.last_stats.prefilled_tokens == engine.last_stats.prompt_tokens

@@ -39,6 +39,11 @@ class Backend(Protocol):
         """Keep only the first `length` cached tokens (a chat turn re-rendered the rest);
         False when the backend cannot, and the caller must reset and start over."""
 
+    def mark_turn_start(self, position: int | None) -> None:
+        """The answer being generated starts at `position` (None: no turn is open). The next
+        chat turn re-renders that answer, so its `truncate` goes back to about there; a
+        backend that drops old cache rows keeps what such a truncate needs."""
+
     def reset(self) -> None:
         """Forget every token (start a new conversation)."""
 

@@ -94,6 +94,9 @@ class ExecutorchBackend:
             return True
         return False
 
+    def mark_turn_start(self, position: int | None) -> None:
+        pass  # the ring buffer cannot keep older rows; a turn that goes back is fed again
+
     def forward(self, input_ids: np.ndarray, *, image_features: np.ndarray | None = None,
                 audio_features: np.ndarray | None = None) -> np.ndarray:
         torch = self._torch

@@ -51,9 +51,11 @@ class OnnxBackend:
     # full E2B depth (bench/RESULTS.md section 9). Without it, decode allocations are small
     # and go back to the heap; decode speed was the same within noise.
     memory_arena: bool = False
-    # Sliding layers keep this many rows beyond their window - 1: a chat turn can go back that
-    # far into its cache (the template re-renders the end of the last answer), and the rows
-    # are cut once per this many positions. 128 rows of E2B's 12 sliding layers: 3 MiB.
+    # Sliding layers keep this many rows beyond their window - 1, counted back from the open
+    # turn's start (mark_turn_start; the template re-renders the whole answer, without the
+    # thought channel, so the next turn goes back a few tokens before it), and the rows are cut
+    # once per this many positions. 128 rows of E2B's 12 sliding layers: 3 MiB; an answer adds
+    # its own rows until the next turn.
     sliding_slack: int = PREFILL_CHUNK
 
     def __init__(self, bundle: Bundle, *, providers: tuple[str, ...] | None = None,
@@ -122,6 +124,7 @@ class OnnxBackend:
     def reset(self) -> None:
         self._position = 0
         self._past: dict[str, np.ndarray] = {}
+        self._turn_start: int | None = None
 
     @cached_property
     def _sliding_past(self) -> tuple[frozenset[str], int] | None:
@@ -134,14 +137,21 @@ class OnnxBackend:
             return None
         return frozenset(name % layer for layer in layers for name in (L.PAST_KEY, L.PAST_VALUE)), int(window)
 
-    def _trim_sliding(self, name: str, value: np.ndarray) -> np.ndarray:
-        """A sliding layer's past cut back to window - 1 + sliding_slack rows once it holds
-        sliding_slack more than that (one copy every sliding_slack positions, not every call)."""
+    def _trim_sliding(self, name: str, value: np.ndarray, position: int) -> np.ndarray:
+        """A sliding layer's past, ending at `position`, less the rows no truncate will need. A
+        truncate may go back sliding_slack positions before the open turn's start (when the
+        engine marked one: the next turn re-renders its answer), else before `position`; the
+        window - 1 rows before that point stay. Cut once sliding_slack more rows are held (one
+        copy every sliding_slack positions, not every call)."""
         sliding, window = self._sliding_past or (frozenset(), 0)
-        keep = window - 1 + self.sliding_slack
-        if name not in sliding or value.shape[2] <= keep + self.sliding_slack:
+        if name not in sliding:
             return value
-        return np.ascontiguousarray(value[:, :, value.shape[2] - keep:])
+        back_to = position if self._turn_start is None else min(position, self._turn_start)
+        first_needed = max(0, back_to - self.sliding_slack - (window - 1))
+        first_held = position - value.shape[2]
+        if first_needed - first_held <= self.sliding_slack:
+            return value
+        return np.ascontiguousarray(value[:, :, first_needed - first_held:])
 
     def truncate(self, length: int) -> bool:
         if length >= self._position:
@@ -156,7 +166,11 @@ class OnnxBackend:
             past[name] = value[:, :, start - first:length - first]
         self._past = past
         self._position = length
+        self._turn_start = None
         return True
+
+    def mark_turn_start(self, position: int | None) -> None:
+        self._turn_start = position
 
     # --- text ------------------------------------------------------------------------------
     def forward(self, input_ids: np.ndarray, *, image_features: np.ndarray | None = None,
@@ -181,7 +195,7 @@ class OnnxBackend:
         names = [o.name for o in decoder.get_outputs()]
         for name, value in zip(names[1:], outputs[1:]):
             name = name.replace("present.", "past_key_values.")
-            self._past[name] = self._trim_sliding(name, value)  # rows past the window are masked
+            self._past[name] = self._trim_sliding(name, value, total)  # rows past the window are masked
         self._position = total
         if seq > 1:
             release_free_heap()  # the prefill's freed activations (runtimes/free_heap.py)
