@@ -156,6 +156,9 @@ class Engine:
         reuse = self._reusable_prefix(keys)
         if reuse == 0:
             self.backend.reset()
+        # Until the whole prompt is in, the cache holds only the reused prefix for sure (an
+        # interrupted feed must not leave keys for positions it never wrote).
+        self._cached_ids = keys[:reuse]
         start = time.perf_counter()
         self.backend.mark_turn_start(None)  # the prompt's own rows may be cut as it is fed
         logits = feed_prompt(self.backend, prompt, images=[m.features for m in media if m.kind == "image"],

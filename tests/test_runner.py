@@ -225,6 +225,48 @@ def test_cli_chat_over_stdin(onnx_fp32_bundle):
     assert result.stderr.count("decode") == 2  # one stats line per answer
 
 
+def test_cli_chat_drops_a_failed_message_and_goes_on(onnx_fp32_bundle, tmp_path):
+    """A message whose attachment cannot be read fails alone: one error line, the later
+    messages are answered, and the exit status says a turn failed."""
+    missing = tmp_path / "missing.wav"
+    result = run_cli("chat", str(onnx_fp32_bundle), "--max-new-tokens", "4", "--stats",
+                     input=f"/audio {missing}\nHello\nWhat next?\nAnd then?\n/exit\n")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("edgekit: error:") == 1 and "missing.wav" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("decode") == 2  # both later messages answered
+
+
+def test_chat_after_an_interrupted_prefill_does_not_trust_the_unwritten_positions(onnx_fp32_bundle):
+    """A turn whose prompt feed fails part-way can leave the cache at the old conversation's
+    length, its later rows overwritten; asking the first question again must not reuse them."""
+    engine = load(onnx_fp32_bundle)
+    question = [{"role": "user", "content": "Hello there, tell me a story."}]
+    history = question + [{"role": "assistant", "content": "".join(engine.generate(question, sampling=GREEDY))},
+                          {"role": "user", "content": "And then, what happened to everyone in the town?"}]
+    cached = list(engine._cached_ids)
+    ids = engine.prompts.build(history, image_soft_tokens=[], audio_soft_tokens=[]).input_ids.tolist()
+    common = next(i for i, (a, b) in enumerate(zip(cached, ids)) if a != b)
+    engine.prefill_chunk = len(cached) - common  # the first chunk ends where the old cache did
+    forward, calls = engine.backend.forward, []
+
+    def failing_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return forward(*args, **kwargs)
+
+    engine.backend.forward = failing_forward
+    with pytest.raises(RuntimeError, match="interrupted"):
+        "".join(engine.generate(history, sampling=GREEDY))
+    assert engine.backend.position == len(cached)  # as long as before, other tokens in its tail
+    engine.backend.forward = forward
+    again = "".join(engine.generate(question, sampling=GREEDY))
+    stats = engine.last_stats
+    assert stats.prompt_tokens - stats.prefilled_tokens <= common  # no overwritten row reused
+    assert again == "".join(load(onnx_fp32_bundle).generate(question, sampling=GREEDY))
+
+
 def test_run_streams_and_reports_stats(onnx_fp32_bundle):
     result = run_cli("run", str(onnx_fp32_bundle), "--prompt", "Hi", "--max-new-tokens", "6", "--stats")
     assert result.returncode == 0, result.stderr

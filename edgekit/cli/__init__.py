@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     if not argv:
         argv = ["--help"]
     try:
-        app(args=argv, prog_name="edgekit", standalone_mode=False)
+        status = app(args=argv, prog_name="edgekit", standalone_mode=False)
+        if isinstance(status, int) and status:  # a command's typer.Exit(code), returned in this mode
+            sys.exit(status)
     except EdgekitError as exc:
         if debug:
             raise

@@ -86,8 +86,11 @@ def chat(
     """Multi-turn chat that keeps the KV cache across turns.
 
     Type a message and Enter. `/image PATH` or `/audio PATH` attaches a file to the next
-    message, `/reset` starts over, `/exit` (or Ctrl-D) quits.
+    message, `/reset` starts over, `/exit` (or Ctrl-D) quits. Ctrl-C stops an answer; a
+    message that fails (a missing file, a conversation past the context) is dropped with
+    its error, the chat goes on, and the exit status is that error's at the end.
     """
+    from edgekit.errors import InputError
     from edgekit.runtimes import load
 
     engine = load(bundle, threads=threads)
@@ -96,6 +99,7 @@ def chat(
     images: list[Path] = []
     audios: list[Path] = []
     interactive = sys.stdin.isatty()
+    failed = 0  # exit status of the last turn that failed
     while True:
         if interactive:
             sys.stdout.write("> ")
@@ -116,14 +120,26 @@ def chat(
         history.append({"role": "user", "content": _content(line, images, audios)})
         images, audios = [], []
         answer = []
-        for piece in engine.generate(history, sampling=sampling, enable_thinking=think):
-            answer.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        try:
+            for piece in engine.generate(history, sampling=sampling, enable_thinking=think):
+                answer.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except InputError as exc:  # this message only: say why, drop it, keep the conversation
+            history.pop()
+            failed = exc.exit_code
+            full = " (/reset starts a new conversation)" if "context" in str(exc) else ""
+            typer.echo(f"edgekit: error: {str(exc).strip().splitlines()[0]}{full}", err=True)
+            continue
+        except KeyboardInterrupt:  # stops this answer; the cache may be mid-step, so it starts over
+            engine.reset()
+            sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(answer)})
         if stats:
             _print_stats(engine.last_stats)
+    if failed:
+        raise typer.Exit(failed)
 
 
 @app.command("bench")
