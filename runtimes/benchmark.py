@@ -1,7 +1,8 @@
 """`edgekit bench`: load time, prefill and decode speed, peak memory of one bundle.
 
 Measured through the backend's forward (the runner's own decode step) on synthetic
-token ids, so any bundle can be measured without a prompt; peak RSS is this process's.
+token ids, the prompt fed in the engine's chunks, so any bundle can be measured without a
+prompt; peak RSS is this process's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.runtimes.engine import Engine, peak_rss_mb
+from edgekit.errors import InputError
+from edgekit.runtimes.engine import Engine, feed_prompt, peak_rss_mb
+from edgekit.runtimes.prompt import Prompt
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,9 @@ def bench_bundle(path: Path | str, *, prompt_tokens: int = 128, decode_tokens: i
     started = time.perf_counter()
     engine = Engine.open(path, threads=threads)
     manifest = engine.bundle.manifest
+    if prompt_tokens + decode_tokens >= engine.max_context:
+        raise InputError(f"--prompt-tokens {prompt_tokens} + --decode-tokens {decode_tokens} do not fit this "
+                         f"bundle's context of {engine.max_context} tokens")
     # Touch every session once so load time includes graph initialisation.
     engine.backend.forward(np.asarray([manifest.special_tokens.bos_id], np.int64))
     load_s = time.perf_counter() - started
@@ -45,8 +51,10 @@ def bench_bundle(path: Path | str, *, prompt_tokens: int = 128, decode_tokens: i
     # Ordinary vocabulary ids (special tokens sit at the two ends of Gemma's vocabulary).
     ids = rng.integers(300, min(manifest.model.vocab_size, 250_000), size=prompt_tokens).astype(np.int64)
     ids[0] = manifest.special_tokens.bos_id
+    prompt = Prompt(input_ids=ids, ple_ids=ids, image_spans=(), audio_spans=(), text="")
     t = time.perf_counter()
-    logits = engine.backend.forward(ids)[-1]
+    # in the chunks the engine feeds (an ExecuTorch decoder takes at most max_prefill_tokens)
+    logits = feed_prompt(engine.backend, prompt, images=[], audios=[], chunk=engine.prefill_chunk)
     prefill_s = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(decode_tokens):

@@ -145,7 +145,12 @@ class Sampler:
         if p.greedy:
             return int(np.argmax(x))
         # Scale in float32 like the model's logits; the softmax below is float64.
-        x = x.astype(np.float32, copy=False) / np.float32(p.temperature)
+        with np.errstate(over="ignore"):
+            scaled = x.astype(np.float32, copy=False) / np.float32(p.temperature)
+        if np.isposinf(scaled).any():  # a temperature so small that scaling overflows: its limit, greedy
+            self._rng.random()  # keep the stream aligned: one uniform per step, always
+            return int(np.argmax(x))
+        x = scaled
         candidates = filter_candidates(x, top_k=p.top_k, top_p=p.top_p)
         if candidates.size == 1:
             self._rng.random()  # keep the stream aligned: one uniform per step, always

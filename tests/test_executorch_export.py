@@ -337,6 +337,26 @@ def test_encoder_calls_between_decoder_calls_leave_the_kv_cache_alone(executorch
 
 
 @slow
+def test_calls_past_the_programs_limits_are_clear_errors(executorch_bundles):
+    """More tokens than one call takes, or than the context holds: InputError before the
+    program runs (a kernel would fail, or without the LLM ops write past the cache)."""
+    from edgekit.errors import InputError
+    from edgekit.runtimes.backends.executorch_backend import ExecutorchBackend
+
+    backend = ExecutorchBackend(executorch_bundles["fp32"])
+    limit, context = backend.max_prefill_tokens, executorch_bundles["fp32"].manifest.max_context
+    with pytest.raises(InputError, match="at most"):
+        backend.forward(np.arange(limit + 1) + 300)
+    for start in range(0, context - 1, limit):
+        backend.forward(np.arange(start, min(start + limit, context - 1)) + 300)
+    assert backend.position == context - 1
+    with pytest.raises(InputError, match="context"):
+        backend.forward(np.array([300, 301]))
+    backend.forward(np.array([300]))  # the last slot
+    assert backend.position == context
+
+
+@slow
 def test_a_runtime_without_the_llm_custom_ops_is_a_clear_error(executorch_bundles, monkeypatch):
     from edgekit.errors import NotAvailableError
     from edgekit.runtimes.backends import executorch_backend

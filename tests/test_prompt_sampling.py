@@ -250,6 +250,14 @@ def test_top_k_1_is_greedy(temperature):
         assert sampler.next_token(x) == int(np.argmax(x))
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.95])
+def test_a_temperature_too_small_to_scale_by_is_greedy(top_p):
+    """1e-40 overflows float32 logits when dividing: the sampler takes the limit, argmax."""
+    logits = np.array([0.5, 3.0, -1.0, 2.9], np.float32)
+    sampler = Sampler(SamplingParams(temperature=1e-40, top_p=top_p, seed=0))
+    assert [sampler.next_token(logits) for _ in range(5)] == [1] * 5
+
+
 def test_tiny_top_p_is_greedy():
     sampler = Sampler(SamplingParams(temperature=2.0, top_p=1e-6, seed=2))
     for seed in range(20):

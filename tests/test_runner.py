@@ -373,6 +373,21 @@ def test_bench_reports_speed_and_memory(onnx_fp32_bundle):
     assert_clean_failure(run_cli("bench", str(onnx_fp32_bundle), "--prompt-tokens", "0"), code=2)
 
 
+@pytest.mark.slow
+def test_bench_feeds_an_executorch_prompt_in_chunks_and_checks_the_context(executorch_bundles):
+    """A prompt longer than the program's prefill limit goes in the engine's chunks; a
+    prompt plus decode steps past the context is a clear error, not a failed kernel."""
+    bundle = executorch_bundles["fp32"].path
+    manifest = executorch_bundles["fp32"].manifest
+    limit = int(manifest.method("text_decoder").extra["max_seq_len"])
+    context = int(manifest.max_context)
+    result = run_cli("bench", str(bundle), "--prompt-tokens", str(2 * limit + 3), "--decode-tokens", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["prompt_tokens"] == 2 * limit + 3
+    assert_clean_failure(run_cli("bench", str(bundle), "--prompt-tokens", str(context - 2), "--decode-tokens", "4"),
+                         code=2, contains="context")
+
+
 def test_cache_is_not_reused_across_different_media_of_the_same_length(onnx_fp32_bundle, tmp_path):
     """Soft tokens share one placeholder id: the cache must key them by content."""
     a = _write_wav(tmp_path / "a.wav", _speechlike(1.0))

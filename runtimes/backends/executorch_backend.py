@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from edgekit.bundle import Bundle
-from edgekit.errors import BundleError, NotAvailableError, require
+from edgekit.errors import BundleError, InputError, NotAvailableError, require
 from edgekit.runtimes.backends.base import pad_audio_frames
 from edgekit.runtimes.free_heap import release_free_heap
 from edgekit.runtimes.mapped_pages import advise_random_access
@@ -101,6 +101,13 @@ class ExecutorchBackend:
                 audio_features: np.ndarray | None = None) -> np.ndarray:
         torch = self._torch
         ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        # The program would fail inside a kernel (or, without the LLM ops, write past its cache).
+        if len(ids) > self.max_prefill_tokens:
+            raise InputError(f"{len(ids)} tokens in one call; this program takes at most {self.max_prefill_tokens} "
+                             "(feed longer prompts in chunks)")
+        if self._position + len(ids) > self.manifest.max_context:
+            raise InputError(f"{self._position} cached + {len(ids)} new tokens pass this bundle's context of "
+                             f"{self.manifest.max_context} tokens")
         rows = self._method(METHOD_TOKEN_EMBEDDING).execute([torch.from_numpy(ids[None].copy())])[0]
         for token_id, features in ((self.image_token_id, image_features), (self.audio_token_id, audio_features)):
             if features is not None:
