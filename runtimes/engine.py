@@ -16,7 +16,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from edgekit.runtimes.image_preprocess import ImageParams, preprocess_image
 from edgekit.runtimes.mel_features import MelParams, log_mel_features
 from edgekit.runtimes.prompt import Prompt, PromptBuilder
 from edgekit.runtimes.sampling import Sampler, SamplingParams
-from edgekit.runtimes.text_stream import TextStreamer
+from edgekit.runtimes.text_stream import ChannelStreamer
 from edgekit.runtimes.wav_io import load_audio
 
 
@@ -81,6 +81,7 @@ class Engine:
     prefill_chunk: int = PREFILL_CHUNK  # also bounds an ONNX prefill's [chunk, vocab] logits
     last_stats: GenerationStats = field(default_factory=GenerationStats)
     last_token_ids: list[int] = field(default_factory=list)  # the last answer's tokens, stop token included
+    last_thought: str = ""  # what the model thought before its last answer (enable_thinking)
     _cached_ids: list = field(default_factory=list)  # what the backend's cache holds, per position
 
     @classmethod
@@ -191,8 +192,10 @@ class Engine:
 
     # --- generate ----------------------------------------------------------------------------
     def generate(self, messages: Sequence[dict], *, sampling: SamplingParams | None = None,
-                 enable_thinking: bool = False) -> Iterator[str]:
-        """Yield text pieces of the model's answer as they are produced; stats in `last_stats`."""
+                 enable_thinking: bool = False, on_thought: Callable[[str], None] | None = None) -> Iterator[str]:
+        """Yield text pieces of the model's answer as they are produced; stats in `last_stats`.
+        What it thinks first (its thought channel) goes to `on_thought` piece by piece and
+        to `last_thought`, never into the answer."""
         sampling = sampling or SamplingParams()
         stats = GenerationStats()
         self.last_stats = stats
@@ -207,14 +210,24 @@ class Engine:
             raise InputError(f"the prompt is {len(prompt)} tokens but this bundle's context is {self.max_context} "
                              "tokens; shorten it or export with a longer --context")
         logits = self._prefill(prompt, media, stats)
-        yield from self._decode(logits, prompt, sampling, stats, started)
+        yield from self._decode(logits, prompt, sampling, stats, started, on_thought)
 
     def _decode(self, logits: np.ndarray, prompt: Prompt, sampling: SamplingParams, stats: GenerationStats,
-                started: float) -> Iterator[str]:
+                started: float, on_thought: Callable[[str], None] | None) -> Iterator[str]:
         sampler = Sampler(sampling)
         self.last_token_ids = []
-        stop_ids = set(self.bundle.manifest.special_tokens.eos_ids)
-        streamer = TextStreamer(self.prompts.tokenizer)
+        self.last_thought = ""
+        special = self.bundle.manifest.special_tokens
+        stop_ids = set(special.eos_ids)
+        streamer = ChannelStreamer(self.prompts.tokenizer, open_id=special.extra.get("soc_token"),
+                                   close_id=special.extra.get("eoc_token"))
+
+        def thought(piece: str) -> None:
+            if piece:
+                self.last_thought += piece
+                if on_thought is not None:
+                    on_thought(piece)
+
         seen = list(prompt.input_ids.tolist())
         cache_keys = list(self._cached_ids)  # the prompt's keys (media-aware)
         decode_start = time.perf_counter()
@@ -231,9 +244,13 @@ class Engine:
                 stats.stop_reason = "stop_token"
                 self._cached_ids = cache_keys  # the stop token was never fed
                 break
-            piece = streamer.push(token)
+            thinking, piece = streamer.push(token)
+            thought(thinking)
             if piece:
                 yield piece
+            if stats.new_tokens == sampling.max_new_tokens:
+                self._cached_ids = cache_keys  # the last token is not fed: nothing reads its logits
+                break
             if self.backend.position + 1 >= self.max_context:
                 stats.stop_reason = "context_full"
                 self._cached_ids = cache_keys
@@ -241,7 +258,8 @@ class Engine:
             logits = self.backend.forward(np.asarray([token], np.int64))[-1]
             cache_keys.append(token)
             self._cached_ids = cache_keys
-        tail = streamer.flush()
+        thinking, tail = streamer.flush()
+        thought(thinking)
         if tail:
             yield tail
         stats.decode_s = time.perf_counter() - decode_start

@@ -72,4 +72,42 @@ class TextStreamer:
         return list(self._ids)
 
 
-__all__ = ["TextStreamer"]
+class ChannelStreamer:
+    """Generated ids -> (thought piece, answer piece): Gemma 4 thinks inside a channel,
+    `<|channel>thought\n ... <channel|>`, before it answers. Each side has its own
+    TextStreamer; the channel markers and the channel's name line are not text."""
+
+    def __init__(self, tokenizer: _Decoder, *, open_id: int | None, close_id: int | None) -> None:
+        self.thought = TextStreamer(tokenizer)
+        self.answer = TextStreamer(tokenizer)
+        self._open, self._close = open_id, close_id
+        self._in_channel = False
+        self._name = ""  # the channel's first line while it arrives ("thought"), dropped
+
+    def push(self, token_id: int) -> tuple[str, str]:
+        if token_id == self._open:
+            self._in_channel, self._name = True, ""
+            return "", ""
+        if token_id == self._close:
+            was_open, self._in_channel = self._in_channel, False
+            return (self._unnamed(self.thought.flush()) if was_open else ""), ""
+        if self._in_channel:
+            return self._unnamed(self.thought.push(token_id)), ""
+        return "", self.answer.push(token_id)
+
+    def _unnamed(self, piece: str) -> str:
+        """Thought text without the channel's name line."""
+        if self._name is None:
+            return piece
+        self._name += piece
+        if "\n" not in self._name:
+            return ""
+        rest, self._name = self._name.split("\n", 1)[1], None
+        return rest
+
+    def flush(self) -> tuple[str, str]:
+        thought = self._unnamed(self.thought.flush()) if self._in_channel else ""
+        return thought, self.answer.flush()
+
+
+__all__ = ["ChannelStreamer", "TextStreamer"]

@@ -28,7 +28,7 @@ from edgekit.runtimes.image_preprocess import ImageParams, num_soft_tokens
 from edgekit.runtimes.mel_features import MelParams, num_audio_tokens
 from edgekit.runtimes.prompt import ChatTemplate, PromptBuilder, special_tokens_map
 from edgekit.runtimes.sampling import Sampler, SamplingParams, filter_candidates
-from edgekit.runtimes.text_stream import TextStreamer
+from edgekit.runtimes.text_stream import ChannelStreamer, TextStreamer
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 16_000
@@ -371,6 +371,22 @@ def test_stream_skips_special_tokens(tokenizer):
     kept = _stream(tokenizer, ids, skip_special=False)
     assert "".join(kept) == tokenizer.decode(ids, skip_special_tokens=False)
     assert "".join(kept).startswith("<bos><|turn>model")
+
+
+def test_thinking_streams_apart_from_the_answer(tokenizer):
+    """`<|channel>thought\n...<channel|>answer`: the thought without the markers and the
+    channel's name, the answer alone; each concatenates to its own decode."""
+    ids = tokenizer.encode("<|channel>thought\nhmm, こんにちは?<channel|>Hello 👋", add_special_tokens=False).ids
+    streamer = ChannelStreamer(tokenizer, open_id=tokenizer.token_to_id("<|channel>"),
+                               close_id=tokenizer.token_to_id("<channel|>"))
+    pushed = [streamer.push(i) for i in ids] + [streamer.flush()]
+    assert "".join(t for t, _ in pushed) == "hmm, こんにちは?"
+    assert "".join(a for _, a in pushed) == "Hello 👋"
+    # Without thinking, the channel arrives empty in the prompt and the answer is all there is.
+    plain = ChannelStreamer(tokenizer, open_id=tokenizer.token_to_id("<|channel>"),
+                            close_id=tokenizer.token_to_id("<channel|>"))
+    pushed = [plain.push(i) for i in tokenizer.encode("Hello 👋", add_special_tokens=False).ids] + [plain.flush()]
+    assert [t for t, _ in pushed] == [""] * len(pushed) and "".join(a for _, a in pushed) == "Hello 👋"
 
 
 def test_stream_holds_incomplete_bytes(tokenizer):

@@ -267,6 +267,14 @@ def test_chat_after_an_interrupted_prefill_does_not_trust_the_unwritten_position
     assert again == "".join(load(onnx_fp32_bundle).generate(question, sampling=GREEDY))
 
 
+def test_run_think_json_keeps_the_thought_apart(onnx_fp32_bundle):
+    result = run_cli("run", str(onnx_fp32_bundle), "--prompt", "Hi", "--think", "--max-new-tokens", "6", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert isinstance(out["thought"], str) and "<|channel>" not in out["text"] + out["thought"]
+    assert out["stats"]["new_tokens"] == 6 or out["stats"]["stop_reason"] == "stop_token"
+
+
 def test_run_streams_and_reports_stats(onnx_fp32_bundle):
     result = run_cli("run", str(onnx_fp32_bundle), "--prompt", "Hi", "--max-new-tokens", "6", "--stats")
     assert result.returncode == 0, result.stderr

@@ -32,6 +32,12 @@ def _print_stats(stats) -> None:
                f"decode {s.decode_tok_s:.1f} tok/s | peak RSS {s.peak_rss_mb:.0f} MB | {s.stop_reason}]", err=True)
 
 
+def _show_thought(piece: str) -> None:
+    """The model's thinking, on stderr: stdout carries only the answer."""
+    sys.stderr.write(piece)
+    sys.stderr.flush()
+
+
 _MAX_NEW = typer.Option(256, "--max-new-tokens", help="Stop after this many new tokens.")
 _TEMP = typer.Option(0.0, "--temperature", help="0 = greedy.")
 _TOP_K = typer.Option(64, "--top-k", help="Sample among the k most likely tokens (0 = all).")
@@ -47,7 +53,8 @@ def run(
     image: list[Path] = typer.Option([], "--image", help="Image file to show the model (repeatable)."),
     audio: list[Path] = typer.Option([], "--audio", help="WAV file to play to the model (repeatable)."),
     system: str = typer.Option(None, "--system", help="System prompt."),
-    think: bool = typer.Option(False, "--think", help="Let the model think before answering."),
+    think: bool = typer.Option(False, "--think", help="Let the model think before answering (its thinking "
+                               "goes to stderr, or to \"thought\" with --json)."),
     max_new_tokens: int = _MAX_NEW, temperature: float = _TEMP, top_k: int = _TOP_K, top_p: float = _TOP_P,
     seed: int = _SEED, threads: int = _THREADS,
     stats: bool = typer.Option(False, "--stats", help="Print timings after the answer (stderr)."),
@@ -61,13 +68,14 @@ def run(
         {"role": "user", "content": _content(prompt, image, audio)}]
     pieces = []
     for piece in engine.generate(messages, sampling=_sampling(max_new_tokens, temperature, top_k, top_p, seed),
-                                 enable_thinking=think):
+                                 enable_thinking=think, on_thought=None if json_output else _show_thought):
         pieces.append(piece)
         if not json_output:
             sys.stdout.write(piece)
             sys.stdout.flush()
     if json_output:
-        typer.echo(json.dumps({"text": "".join(pieces), "stats": engine.last_stats.to_dict()}, ensure_ascii=False))
+        typer.echo(json.dumps({"text": "".join(pieces), "thought": engine.last_thought,
+                               "stats": engine.last_stats.to_dict()}, ensure_ascii=False))
     else:
         typer.echo("")
         if stats:
@@ -78,7 +86,7 @@ def run(
 def chat(
     bundle: Path = typer.Argument(..., help="Bundle directory (NAME.edgekit)."),
     system: str = typer.Option(None, "--system", help="System prompt."),
-    think: bool = typer.Option(False, "--think", help="Let the model think before answering."),
+    think: bool = typer.Option(False, "--think", help="Let the model think before answering (its thinking goes to stderr)."),
     max_new_tokens: int = _MAX_NEW, temperature: float = _TEMP, top_k: int = _TOP_K, top_p: float = _TOP_P,
     seed: int = _SEED, threads: int = _THREADS,
     stats: bool = typer.Option(False, "--stats", help="Print timings after each answer (stderr)."),
@@ -121,7 +129,7 @@ def chat(
         images, audios = [], []
         answer = []
         try:
-            for piece in engine.generate(history, sampling=sampling, enable_thinking=think):
+            for piece in engine.generate(history, sampling=sampling, enable_thinking=think, on_thought=_show_thought):
                 answer.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
