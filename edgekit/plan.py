@@ -238,17 +238,29 @@ def _resolve_context(profile: DeviceProfile, text: Mapping[str, Any], context: i
 def _resolve_modalities(profile: DeviceProfile, config: Mapping[str, Any], requested: str | None,
                         notes: list[str]) -> tuple[str, ...]:
     available = {"text", *(m for m in ("audio", "vision") if isinstance(config.get(f"{m}_config"), Mapping))}
+    # Larger Gemma 4 configs let image tokens attend to each other both ways in the decoder;
+    # the exported decoders are causal everywhere (E2B / E4B leave it unset).
+    bidirectional = (config.get("text_config") or {}).get("use_bidirectional_attention")
+    if bidirectional == "all":
+        raise CheckpointError("this checkpoint's text decoder is bidirectional (use_bidirectional_attention "
+                              "'all'): edgekit exports causal decoders only")
+    unsupported = {"vision": "its decoder attends both ways over image tokens (use_bidirectional_attention "
+                             "'vision'), which edgekit's causal decoders do not"} if bidirectional == "vision" else {}
     if requested is None:
-        dropped = [m for m in profile.modalities if m not in available]
-        for m in dropped:
-            notes.append(f"{profile.name} enables {m} by default, but the checkpoint has no {m} tower")
-        return tuple(m for m in profile.modalities if m in available)
+        for m in profile.modalities:
+            if m not in available:
+                notes.append(f"{profile.name} enables {m} by default, but the checkpoint has no {m} tower")
+            elif m in unsupported:
+                notes.append(f"{profile.name} enables {m} by default, but {unsupported[m]}: left out")
+        return tuple(m for m in profile.modalities if m in available and m not in unsupported)
     names = [m.strip() for m in requested.split(",") if m.strip()]
     for m in names:
         if m not in MODALITIES:
             raise InputError(f"unknown modality {m!r}; choose from: {', '.join(MODALITIES)}")
         if m not in available:
             raise InputError(f"the checkpoint has no {m} tower ({m}_config is null); drop {m} from --modalities")
+        if m in unsupported:
+            raise InputError(f"cannot export {m}: {unsupported[m]}; drop {m} from --modalities")
     if "text" not in names:
         raise InputError("modalities must include text (the decoder every bundle runs)")
     return tuple(m for m in MODALITIES if m in names)

@@ -231,6 +231,25 @@ def test_checkpoint_without_towers(tmp_path):
         make_plan(ckpt, profile=PROFILES.get("pi5-8gb"), modalities="text,audio")
 
 
+def test_bidirectional_image_attention_is_left_out_or_refused(tmp_path):
+    """Configs whose decoder attends both ways over image tokens (Gemma 4's larger models):
+    vision is left out by default with a note, refused when asked for; a wholly
+    bidirectional decoder is refused."""
+    def bidirectional(mode):
+        (tmp_path / mode).mkdir()
+        return _checkpoint(tmp_path / mode, "tiny-e2b",
+                           edit=lambda c: c["text_config"].update(use_bidirectional_attention=mode))
+
+    ckpt = bidirectional("vision")
+    plan = make_plan(ckpt, profile=PROFILES.get("pi5-8gb"))
+    assert "vision" not in plan.modalities and "audio" in plan.modalities
+    assert any("both ways over image tokens" in n for n in plan.notes)
+    with pytest.raises(InputError, match="cannot export vision"):
+        make_plan(ckpt, profile=PROFILES.get("pi5-8gb"), modalities="text,vision")
+    with pytest.raises(CheckpointError, match="bidirectional"):
+        make_plan(bidirectional("all"), profile=PROFILES.get("pi5-8gb"))
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda p: None, "has no config.json"),
     (lambda p: (p / "config.json").write_text("{not json"), "not valid JSON"),
