@@ -82,7 +82,7 @@ class ChannelStreamer:
         self.answer = TextStreamer(tokenizer)
         self._open, self._close = open_id, close_id
         self._in_channel = False
-        self._name = ""  # the channel's first line while it arrives ("thought"), dropped
+        self._name: str | None = ""  # the channel's name line while it arrives ("thought"); None once dropped
 
     def push(self, token_id: int) -> tuple[str, str]:
         if token_id == self._open:
