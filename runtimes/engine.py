@@ -83,6 +83,9 @@ class Engine:
     last_token_ids: list[int] = field(default_factory=list)  # the last answer's tokens, stop token included
     last_thought: str = ""  # what the model thought before its last answer (enable_thinking)
     _cached_ids: list = field(default_factory=list)  # what the backend's cache holds, per position
+    # Encoder outputs of the conversation's media, by what the encoder was given: a chat
+    # re-sends every earlier image and clip each turn, and encoding is the slow part.
+    _encoded: dict = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: Path | str, *, providers: tuple[str, ...] | None = None, threads: int | None = None,
@@ -113,6 +116,7 @@ class Engine:
 
     def _encode(self, media: list[_Media], stats: GenerationStats) -> None:
         manifest = self.bundle.manifest
+        used = {}
         for item in media:
             start = time.perf_counter()
             if item.kind == "image":
@@ -122,7 +126,8 @@ class Engine:
                 pixels, positions, tokens = preprocess_image(item.source, params=params)
                 # Only the image's own patches: padding would cost encoder time for nothing.
                 patches = tokens * params.pooling_kernel_size**2
-                item.features = self.backend.encode_image(pixels[:, :patches], positions[:, :patches])
+                inputs = (pixels[:, :patches], positions[:, :patches])
+                item.features = self._encoded_once(used, "image", inputs, self.backend.encode_image)
                 stats.image_encode_s += time.perf_counter() - start
             else:
                 if not manifest.has_method(METHOD_AUDIO_ENCODER):
@@ -131,10 +136,22 @@ class Engine:
                 waveform = (np.asarray(item.source, np.float32) if isinstance(item.source, np.ndarray)
                             else load_audio(item.source, target_rate=audio.sampling_rate))
                 params = MelParams.from_dict({**dataclasses.asdict(audio), **audio.extra})
-                features, mask = log_mel_features(waveform, params=params)
-                item.features = self.backend.encode_audio(features, mask)
+                inputs = log_mel_features(waveform, params=params)
+                item.features = self._encoded_once(used, "audio", inputs, self.backend.encode_audio)
                 stats.audio_seconds += len(waveform) / audio.sampling_rate
                 stats.audio_encode_s += time.perf_counter() - start
+        self._encoded = used  # the media of this conversation only
+
+    def _encoded_once(self, used: dict, kind: str, inputs: tuple[np.ndarray, ...], encode) -> np.ndarray:
+        """The encoder's output for these inputs: from an earlier turn when it saw the same."""
+        digest = hashlib.sha1()
+        for array in inputs:
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        key = (kind, digest.hexdigest())
+        features = self._encoded.get(key)
+        used[key] = features if features is not None else encode(*inputs)
+        return used[key]
 
     # --- prefill -----------------------------------------------------------------------------
     @staticmethod
@@ -268,6 +285,7 @@ class Engine:
     def reset(self) -> None:
         self.backend.reset()
         self._cached_ids = []
+        self._encoded = {}
 
 
 def feed_prompt(backend, prompt: Prompt, *, images: list[np.ndarray], audios: list[np.ndarray], begin: int = 0,

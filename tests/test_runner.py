@@ -410,8 +410,25 @@ def test_cache_is_not_reused_across_different_media_of_the_same_length(onnx_fp32
     engine = load(onnx_fp32_bundle)
     ask(engine, a)
     tokens_b, stats_b = ask(engine, b)
-    assert stats_b.prefilled_tokens < stats_b.prompt_tokens  # the text before the clip was reused
+    clip_start = next(i for i, key in enumerate(engine._cached_ids) if isinstance(key, tuple))
+    assert 0 < stats_b.prompt_tokens - stats_b.prefilled_tokens <= clip_start  # reused up to the clip only
     assert tokens_b == ask(load(onnx_fp32_bundle), b)[0]
+
+
+def test_chat_encodes_each_clip_once(onnx_fp32_bundle, tmp_path):
+    """Every turn re-sends the conversation's media; the encoder runs once per clip, and the
+    answer is a fresh session's."""
+    clip = _write_wav(tmp_path / "a.wav", _speechlike(1.0))
+    engine = load(onnx_fp32_bundle)
+    encode, calls = engine.backend.encode_audio, []
+    engine.backend.encode_audio = lambda *args: calls.append(1) or encode(*args)
+    history = [{"role": "user", "content": [{"type": "audio", "audio": str(clip)},
+                                            {"type": "text", "text": "What was said?"}]}]
+    history += [{"role": "assistant", "content": "".join(engine.generate(history, sampling=GREEDY))},
+                {"role": "user", "content": "Say it again."}]
+    second = "".join(engine.generate(history, sampling=GREEDY))
+    assert len(calls) == 1 and engine.last_stats.audio_seconds == pytest.approx(1.0, abs=0.01)
+    assert second == "".join(load(onnx_fp32_bundle).generate(history, sampling=GREEDY))
 
 
 def test_chunked_prefill_gives_the_same_answer(onnx_fp32_bundle):
