@@ -78,7 +78,7 @@ class BundleWriter:
 
     def __enter__(self) -> BundleWriter:
         # Fail before an expensive export, not after it (checked again at the rename).
-        _check_target(self.target, overwrite=self.overwrite)
+        check_target(self.target, overwrite=self.overwrite)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = _make_sibling_dir(self.target, _TEMP_MARK)
         return self
@@ -147,7 +147,7 @@ class BundleWriter:
             os.rename(tmp, target)
             _fsync_dir(target.parent)
             return
-        _check_target(target, overwrite=self.overwrite)
+        check_target(target, overwrite=self.overwrite)
         # Rename aside, rename in, then delete: the old bundle is gone only once the new one is in place.
         old = target.parent / f".{target.name}{_OLD_MARK}{secrets.token_hex(4)}"
         os.rename(target, old)
@@ -172,16 +172,26 @@ def _make_sibling_dir(target: Path, mark: str) -> Path:
             continue
 
 
-def _check_target(target: Path, *, overwrite: bool) -> None:
+def check_target(target: Path, *, overwrite: bool) -> None:
+    """Refuse a bundle path that exists, unless overwrite and it is an edgekit bundle (or empty)."""
     if not (target.exists() or target.is_symlink()):
         return
     if not overwrite:
         raise BundleError(f"{target} already exists (use --overwrite / overwrite=True to replace it)")
     if target.is_symlink() or not target.is_dir():
         raise BundleError(f"refusing to overwrite {target}: it is not a bundle directory")
-    # overwrite=True must not wipe a directory the user cares about (say, --out ~/models).
-    if not (target / MANIFEST_FILE).is_file() and any(target.iterdir()):
-        raise BundleError(f"refusing to overwrite {target}: it is not an edgekit bundle (no {MANIFEST_FILE})")
+    # overwrite=True must not wipe a directory the user cares about (say, --out ~/models, or
+    # a web app's folder, which has a manifest.json of its own).
+    if any(target.iterdir()) and not _is_edgekit_manifest(target / MANIFEST_FILE):
+        raise BundleError(f"refusing to overwrite {target}: it is not an edgekit bundle (no edgekit {MANIFEST_FILE})")
+
+
+def _is_edgekit_manifest(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "edgekit_version" in data and "schema_version" in data
 
 
 def _listing(root: Path) -> list[str]:

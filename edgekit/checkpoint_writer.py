@@ -165,9 +165,15 @@ def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int
     from edgekit.processor_files import write_processor_files
     from edgekit.tokenizer_builder import write_tokenizer_files
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError(f"{out_dir} already exists and is not empty (pass --overwrite to replace it)")
+    out_dir = Path(os.path.abspath(out_dir))  # "." too has a parent to write the new one in
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise InputError(f"{out_dir} already exists and is not empty (pass --overwrite to replace it)")
+        # --overwrite replaces a checkpoint, never a folder the user keeps other things in.
+        if not _is_checkpoint(out_dir):
+            raise InputError(f"refusing to overwrite {out_dir}: it is not a Gemma 4 checkpoint (no gemma4 config.json)")
     try:
         config = build_config(preset, layers=layers)
     except ValueError as exc:
@@ -186,13 +192,38 @@ def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int
         write_tokenizer_files(tmp, layout=layout_for(config["text_config"]["vocab_size"]))
         write_processor_files(tmp, config=config)
         _write_weights(tmp, specs, seed=seed)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _install(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _is_checkpoint(path: Path) -> bool:
+    from edgekit.model import SUPPORTED_MODEL_TYPES
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") in SUPPORTED_MODEL_TYPES
+
+
+def _install(new: Path, out_dir: Path) -> None:
+    """Rename `new` into place; an old checkpoint there is moved aside first and deleted only
+    once the new one is in (put back if the rename fails)."""
+    if not out_dir.exists():
+        os.replace(new, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, old / "checkpoint")
+    try:
+        os.replace(new, out_dir)
+    except BaseException:
+        os.replace(old / "checkpoint", out_dir)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_disk_space(out_dir: Path, needed: int) -> None:

@@ -206,6 +206,10 @@ def test_overwrite(tmp_path):
     with pytest.raises(BundleError, match="not an edgekit bundle"):
         write_bundle(precious, overwrite=True)
     assert (precious / "keep.txt").read_text() == "mine"
+    (precious / "manifest.json").write_text('{"name": "my web app", "start_url": "/"}')  # not ours
+    with pytest.raises(BundleError, match="not an edgekit bundle"):
+        write_bundle(precious, overwrite=True)
+    assert (precious / "keep.txt").read_text() == "mine"
 
 
 def test_disk_full_in_exporter_write(tmp_path, monkeypatch):

@@ -179,7 +179,24 @@ def test_make_checkpoint_refuses_non_empty_dir(tmp_path):
     (tmp_path / "x" / "keep.txt").write_text("mine")
     with pytest.raises(InputError, match="not empty"):
         make_checkpoint(PRESETS["tiny-e2b"], tmp_path / "x")
+    # --overwrite replaces a checkpoint only, never a folder of the user's
+    with pytest.raises(InputError, match="not a Gemma 4 checkpoint"):
+        make_checkpoint(PRESETS["tiny-e2b"], tmp_path / "x", overwrite=True)
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(InputError, match="not a directory"):
+        make_checkpoint(PRESETS["tiny-e2b"], tmp_path / "file", overwrite=True)
+
+
+def test_make_checkpoint_overwrites_a_checkpoint_in_place(tmp_path, monkeypatch):
+    from edgekit.checkpoint_writer import make_checkpoint
+
+    first = make_checkpoint(PRESETS["tiny-e2b"], tmp_path / "ck", seed=1, layers=3)
+    before = (first / "model.safetensors").read_bytes()
+    monkeypatch.chdir(first)  # "." as the output: the new one is written beside it, not inside
+    make_checkpoint(PRESETS["tiny-e2b"], Path("."), seed=2, layers=3, overwrite=True)
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # nothing left aside
 
 
 def test_make_checkpoint_interrupted_leaves_nothing(tmp_path, monkeypatch):

@@ -263,14 +263,14 @@ def text_only_checkpoint(tmp_path_factory) -> Path:
 def test_missing_modality_is_a_clear_error(text_only_checkpoint, tmp_path):
     result = run_cli("export", str(text_only_checkpoint), "--device", "pi5-8gb", "--modalities", "text,audio",
                      "-o", str(tmp_path / "b.edgekit"))
-    assert_clean_failure(result, contains="audio")
+    assert_clean_failure(result, code=2, contains="audio")
     assert not (tmp_path / "b.edgekit").exists()
 
 
 def test_unsupported_recipe_lists_the_supported_ones(text_only_checkpoint, tmp_path):
     result = run_cli("export", str(text_only_checkpoint), "--device", "pi5-8gb", "--quant", "8da4w",
                      "-o", str(tmp_path / "b.edgekit"))
-    assert_clean_failure(result, contains="int4")
+    assert_clean_failure(result, code=2, contains="int4")
     assert not (tmp_path / "b.edgekit").exists()
 
 
@@ -325,7 +325,7 @@ def test_interrupted_or_disk_full_export_leaves_nothing(text_only_checkpoint, tm
 def test_existing_bundle_is_not_overwritten_without_flag(onnx_fp32_bundle, tiny_e2b):
     before = (onnx_fp32_bundle / "manifest.json").read_bytes()
     result = run_cli("export", str(tiny_e2b), "--device", "pi5-8gb", "-o", str(onnx_fp32_bundle))
-    assert_clean_failure(result, contains="already exists")
+    assert_clean_failure(result, code=6, contains="already exists")
     assert (onnx_fp32_bundle / "manifest.json").read_bytes() == before
 
 

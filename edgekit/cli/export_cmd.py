@@ -28,6 +28,7 @@ def export(
     """Trace, quantize and write a bundle for DEVICE (checks the plan fits first)."""
     import time
 
+    from edgekit.bundle import check_target
     from edgekit.errors import require
     from edgekit.model import load
     from edgekit.plan import make_plan
@@ -42,6 +43,7 @@ def export(
 
     exporter = exporter_for(plan.format.name)
     target = output or Path(f"{checkpoint.resolve().name}-{device}.edgekit")
+    check_target(target, overwrite=overwrite)  # before minutes of loading, not after
     started = time.perf_counter()
     bundle = exporter(load(checkpoint), plan=plan, output=target, overwrite=overwrite)
     seconds = time.perf_counter() - started
@@ -63,9 +65,11 @@ def verify(
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Check a bundle's outputs against the transformers reference model (exit 8 if a bound is missed)."""
-    from edgekit.errors import require
+    from edgekit.errors import InputError, require
     from edgekit.model import load
 
+    if steps < 1:
+        raise InputError(f"--steps must be at least 1; got {steps}")
     require("torch", extra="export")
     from edgekit.export.verify import check, verify_bundle
 
