@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
-from edgekit.errors import InputError, MissingDependencyError
+from edgekit.errors import InputError, MissingDependencyError, NotAvailableError
 from edgekit.runtimes.vad import EnergyVad, PushToTalk, Segment
 from edgekit.runtimes.wav_io import resample
 
@@ -56,6 +56,10 @@ def import_sounddevice() -> ModuleType:
     except OSError as exc:  # sounddevice imports fine but cannot find libportaudio.so
         raise MissingDependencyError(f"--mic needs the PortAudio library ({exc}); install it with: "
                                      f"sudo apt install libportaudio2, then {_HOW_TO_CHECK}") from None
+    except Exception as exc:  # sounddevice starts PortAudio on import: its PortAudioError
+        if type(exc).__name__ != "PortAudioError":
+            raise
+        raise NotAvailableError(f"--mic: PortAudio could not start ({exc}); {_HOW_TO_CHECK}") from None
     return sounddevice
 
 

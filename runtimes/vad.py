@@ -308,10 +308,15 @@ class EnergyVad:
         p = self.params
         cur, self._current = self._current, None
         self._unvoiced = 0
-        if cur is None or cur.voiced_frames < p.frames(p.min_speech_s):
-            return  # a click or a cough
-        end = min(len(cur.frames), cur.last_voiced + 1 + p.frames(p.tail_s))
-        out.append(cur.segment(end, frame=p.frame, rate=p.sample_rate))
+        if cur is None:
+            return
+        end = 0  # a click or a cough: nothing emitted
+        if cur.voiced_frames >= p.frames(p.min_speech_s):
+            end = min(len(cur.frames), cur.last_voiced + 1 + p.frames(p.tail_s))
+            out.append(cur.segment(end, frame=p.frame, rate=p.sample_rate))
+        # What was not emitted is the most recent audio: the next utterance's pre-roll starts
+        # there (after a short pause its soft first consonant lies in it).
+        self._pre_roll.extend(zip(cur.frames[end:], cur.levels[end:]))
 
     def _split(self, out: list[Segment]) -> None:
         """At max_frames: emit up to the quietest recent frame, keep the rest open."""

@@ -215,6 +215,19 @@ def test_vad_cuts_speech_bursts_at_pauses(background_dbfs):
         assert segment.seconds < (end - begin) + 1.0  # pre-roll + tail, not the whole pause
 
 
+def test_vad_keeps_the_pre_roll_after_a_short_pause():
+    """A pause shorter than hangover + pre-roll: the second utterance still starts a full
+    pre-roll before its onset (that audio was part of the first one's hangover, not emitted)."""
+    x = silence(5)
+    x[1 * RATE: 2 * RATE] = syllables(1.0)
+    onset = 2.75  # 0.75 s pause: the first utterance closes 0.7 s after its last voiced frame
+    x[int(onset * RATE): int(onset * RATE) + RATE] = syllables(1.0)
+    first, second = segment_waveform(x)
+    pre_roll = VadParams().pre_roll_s
+    assert second.start_s <= onset - pre_roll + 0.03 + 1e-9, second.start_s
+    assert first.start_s + first.seconds <= second.start_s  # no sample twice
+
+
 def test_vad_on_real_speech_gives_one_utterance_per_sentence(waves, conversation):
     segments = segment_waveform(conversation)
     assert len(segments) == 3
@@ -402,6 +415,26 @@ def test_microphone_errors_say_what_to_install_or_check(monkeypatch):
         import_sounddevice()
     with pytest.raises(InputError, match=r"no microphone.*python -m sounddevice"):
         find_input_device(FakeSoundDevice(silence(1), has_input=False), None, rate=RATE)
+
+
+def test_portaudio_failing_to_start_is_a_clear_error(monkeypatch):
+    """sounddevice initialises PortAudio on import; its PortAudioError (no sound server, a
+    broken ALSA config) is a one-line NotAvailableError, not an internal error."""
+    from edgekit.errors import NotAvailableError
+
+    class PortAudioError(Exception):
+        pass
+
+    class FailingImport:  # what `import sounddevice` does when Pa_Initialize fails
+        def find_spec(self, name, path=None, target=None):
+            if name == "sounddevice":
+                raise PortAudioError("Error querying host APIs")
+            return None
+
+    monkeypatch.delitem(sys.modules, "sounddevice", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [FailingImport(), *sys.meta_path])
+    with pytest.raises(NotAvailableError, match="PortAudio could not start.*python -m sounddevice"):
+        import_sounddevice()
 
 
 @pytest.mark.parametrize("src", [44_100, 48_000, 8_000, 22_050])
