@@ -79,8 +79,11 @@ class BundleWriter:
     def __enter__(self) -> BundleWriter:
         # Fail before an expensive export, not after it (checked again at the rename).
         check_target(self.target, overwrite=self.overwrite)
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = _make_sibling_dir(self.target, _TEMP_MARK)
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = _make_sibling_dir(self.target, _TEMP_MARK)
+        except OSError as exc:  # a read-only or unwritable place, a file where a folder should be
+            raise ExportError(f"cannot write a bundle in {self.target.parent}: {exc.strerror or exc}") from None
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
@@ -251,7 +254,7 @@ def _disk_full_error(exc: BaseException | None) -> OSError | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk, or its quota
             return exc
         exc = exc.__cause__ or exc.__context__
     return None

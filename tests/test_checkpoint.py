@@ -213,6 +213,28 @@ def test_make_checkpoint_interrupted_leaves_nothing(tmp_path, monkeypatch):
 
 # --- CLI --------------------------------------------------------------------------------
 
+def test_cli_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    """systemd or `kill` stops a long command with SIGTERM: its temporary folder goes too,
+    one line says so, and the exit status is 128 + 15."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit", "make-checkpoint", "e2b-shape", str(tmp_path / "ck"),
+                             "--layers", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".ck.tmp-") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines() == ["edgekit: error: stopped by SIGTERM"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_make_checkpoint_json(tmp_path):
     result = run_cli("make-checkpoint", "tiny-e4b", str(tmp_path / "ck"), "--layers", "6", "--json")
     assert result.returncode == 0, result.stderr

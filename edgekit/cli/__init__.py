@@ -6,7 +6,10 @@ only with --debug.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from typing import Any
 
 import typer
 from typer.exceptions import Abort, Exit, TyperException
@@ -62,9 +65,26 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("EDGEKIT_NATIVE_LOGS", "hide")
 
 
+class Terminated(BaseException):
+    """SIGTERM / SIGHUP, raised where the program is so that every `with` and `finally`
+    cleans up (a bundle's or checkpoint's temporary folder) as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: Any) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):  # systemd stops a service with SIGTERM; a closed ssh sends SIGHUP
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), _raise_terminated)
     if not debug:
         _quiet_third_party()
     if not argv:
@@ -83,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{exc.format_message()} (see `edgekit --help`)", 2)
     except (Abort, KeyboardInterrupt):
         _fail("interrupted", 130)
+    except Terminated as exc:
+        _fail(f"stopped by {exc}", 128 + exc.signum)
     except Exception as exc:  # a bug, not a user mistake: still one line without --debug
         if debug:
             raise
