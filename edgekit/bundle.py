@@ -373,7 +373,9 @@ def _check_references(manifest: Manifest, names: set[str], *, where: str) -> Non
 
 
 def verify_files(bundle: Bundle, *, full: bool = True) -> None:
-    """Check every listed file exists with its size; with full=True, its sha256 as well."""
+    """Check every listed file exists with its size; with full=True, its sha256 as well, and
+    that no other file is there (a file dropped from the list would go unchecked; hidden
+    ones such as macOS's .DS_Store are not the bundle's)."""
     entries = bundle.manifest.files
     for entry in entries:  # all sizes first: a truncated copy is reported without hashing
         path = bundle.path / entry.path
@@ -381,10 +383,17 @@ def verify_files(bundle: Bundle, *, full: bool = True) -> None:
             size = path.stat().st_size
         except FileNotFoundError:
             raise BundleError(f"bundle file {entry.path} is missing from {bundle.path}") from None
+        except OSError as exc:
+            raise BundleError(f"bundle file {entry.path} cannot be read: {exc.strerror or exc}") from None
         if size != entry.size:
             raise BundleError(f"bundle file {entry.path} is truncated or changed: {size} bytes != manifest {entry.size}")
     if not full:
         return
+    listed = {e.path for e in entries}
+    unlisted = [name for name in _listing(bundle.path)
+                if name not in listed and not any(part.startswith(".") for part in name.split("/"))]
+    if unlisted:
+        raise BundleError(f"bundle file {unlisted[0]} is not in the manifest, so nothing vouches for it")
     with _hash_progress(sum(e.size for e in entries), "Verifying bundle (MiB)") as advance:
         for entry in entries:
             actual = file_sha256(bundle.path / entry.path, advance)

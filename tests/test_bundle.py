@@ -280,6 +280,20 @@ def test_load_via_manifest_path(tmp_path):
     assert load_bundle(target / MANIFEST_FILE).path == target
 
 
+def test_a_file_dropped_from_the_manifest_fails_full_verify(tmp_path):
+    """Taking a file off the list must not take it out of the check (macOS's hidden
+    .DS_Store is not the bundle's and is let be)."""
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    (target / ".DS_Store").write_bytes(b"finder")
+    load_bundle(target, verify="full")
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["files"] = [f for f in manifest["files"] if f["path"] != "decoder.onnx.data"]
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    (target / "decoder.onnx.data").write_bytes(b"anything")
+    with pytest.raises(BundleError, match="decoder.onnx.data is not in the manifest"):
+        load_bundle(target, verify="full")
+
+
 def test_tampered_byte_fails_full_verify_only(tmp_path):
     target = write_bundle(tmp_path / "tiny.edgekit")
     data = bytearray((target / "decoder.onnx.data").read_bytes())
