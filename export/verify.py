@@ -105,6 +105,14 @@ def verify_bundle(bundle_path: Path, checkpoint: Checkpoint, *, steps: int = 64,
 
     bundle = load_bundle(bundle_path, verify="full")
     manifest = bundle.manifest
+    text, exported = checkpoint.text_config, manifest.model
+    reference = (text["num_hidden_layers"], text["hidden_size"], text["vocab_size"])
+    if reference != (exported.num_layers, exported.hidden_size, exported.vocab_size):
+        # Not a failed verification of this bundle (whose report would be saved into it): another model.
+        raise InputError(f"the reference {checkpoint.path.name} ({reference[0]} layers, hidden {reference[1]}, "
+                         f"vocabulary {reference[2]}) is not the model {bundle.path.name} was exported from "
+                         f"({exported.num_layers} layers, hidden {exported.hidden_size}, vocabulary "
+                         f"{exported.vocab_size}); pass that checkpoint as --reference")
     if steps >= manifest.max_context:  # before the slow part: loading both models
         raise InputError(f"{steps} steps alone fill the bundle's context of {manifest.max_context} tokens; use "
                          "--steps small enough to leave room for the prompt, or export with a larger --context")

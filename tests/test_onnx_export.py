@@ -322,6 +322,15 @@ def test_interrupted_or_disk_full_export_leaves_nothing(text_only_checkpoint, tm
     assert _leftovers(out) == []  # no bundle, no temporary or scratch directory
 
 
+def test_verify_against_another_model_is_an_input_error(onnx_fp32_bundle, tiny_e4b):
+    """A reference of another shape is a wrong argument, not a failed bundle: exit 2, and no
+    failing report saved into the bundle."""
+    before = (onnx_fp32_bundle / "manifest.json").read_bytes()
+    result = run_cli("verify", str(onnx_fp32_bundle), "--reference", str(tiny_e4b), "--steps", "2")
+    assert_clean_failure(result, code=2, contains="is not the model")
+    assert (onnx_fp32_bundle / "manifest.json").read_bytes() == before
+
+
 def test_existing_bundle_is_not_overwritten_without_flag(onnx_fp32_bundle, tiny_e2b):
     before = (onnx_fp32_bundle / "manifest.json").read_bytes()
     result = run_cli("export", str(tiny_e2b), "--device", "pi5-8gb", "-o", str(onnx_fp32_bundle))
