@@ -145,22 +145,28 @@ class BundleWriter:
         return self._bundle
 
     def _install(self, tmp: Path) -> None:
-        target = self.target
-        if not (target.exists() or target.is_symlink()):
-            os.rename(tmp, target)
-            _fsync_dir(target.parent)
-            return
-        check_target(target, overwrite=self.overwrite)
-        # Rename aside, rename in, then delete: the old bundle is gone only once the new one is in place.
-        old = target.parent / f".{target.name}{_OLD_MARK}{secrets.token_hex(4)}"
-        os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
+        if self.target.exists() or self.target.is_symlink():
+            check_target(self.target, overwrite=self.overwrite)
+        replace_directory(tmp, self.target)
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Rename directory `new` to `target`. One already there is renamed aside, then `new` in,
+    then the old one deleted: it is gone only once the new one is in place (and put back if
+    that rename fails)."""
+    if not (target.exists() or target.is_symlink()):
+        os.rename(new, target)
         _fsync_dir(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        return
+    old = target.parent / f".{target.name}{_OLD_MARK}{secrets.token_hex(4)}"
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    _fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _make_sibling_dir(target: Path, mark: str) -> Path:

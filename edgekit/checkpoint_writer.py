@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from edgekit.bundle import replace_directory
 from edgekit.errors import InputError, require
 from edgekit.presets import Preset, build_config
 from edgekit.progress import progress_bar
@@ -192,7 +193,7 @@ def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int
         write_tokenizer_files(tmp, layout=layout_for(config["text_config"]["vocab_size"]))
         write_processor_files(tmp, config=config)
         _write_weights(tmp, specs, seed=seed)
-        _install(tmp, out_dir)
+        replace_directory(tmp, out_dir)  # an old checkpoint is deleted only once the new one is in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -207,23 +208,6 @@ def _is_checkpoint(path: Path) -> bool:
     except (OSError, ValueError, RecursionError):
         return False
     return isinstance(config, dict) and config.get("model_type") in SUPPORTED_MODEL_TYPES
-
-
-def _install(new: Path, out_dir: Path) -> None:
-    """Rename `new` into place; an old checkpoint there is moved aside first and deleted only
-    once the new one is in (put back if the rename fails)."""
-    if not out_dir.exists():
-        os.replace(new, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, old / "checkpoint")
-    try:
-        os.replace(new, out_dir)
-    except BaseException:
-        os.replace(old / "checkpoint", out_dir)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_disk_space(out_dir: Path, needed: int) -> None:

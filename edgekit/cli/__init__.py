@@ -43,6 +43,12 @@ def _root(
     """Options that apply to every command."""
 
 
+def error_line(message: str) -> str:
+    """How every error reads on stderr: one line."""
+    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    return f"edgekit: error: {first_line}"
+
+
 # Command modules register themselves on `app`; imported here so `edgekit --help` lists them.
 from edgekit.cli import checkpoint_cmd, devices_cmd, bundle_cmd, export_cmd, runtime_cmd, translate_cmd  # noqa: E402,F401
 
@@ -112,6 +118,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
-    print(f"edgekit: error: {first_line}", file=sys.stderr)
+    print(error_line(message), file=sys.stderr)
     sys.exit(code)

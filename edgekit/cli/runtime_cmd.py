@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from edgekit.cli import app
+from edgekit.cli import app, error_line
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None):
@@ -137,7 +137,7 @@ def chat(
             history.pop()
             failed = exc.exit_code
             full = " (/reset starts a new conversation)" if "context" in str(exc) else ""
-            typer.echo(f"edgekit: error: {str(exc).strip().splitlines()[0]}{full}", err=True)
+            typer.echo(error_line(str(exc)) + full, err=True)
             continue
         except KeyboardInterrupt:  # stops this answer; the cache may be mid-step, so it starts over
             engine.reset()
