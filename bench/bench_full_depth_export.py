@@ -127,7 +127,7 @@ def fit_layers(args: argparse.Namespace, layer_counts: list[int], deadline: floa
 
 
 def _param_count(checkpoint: Path) -> int:
-    from edgekit.model import read_safetensors_header, weight_files
+    from edgekit.checkpoint import read_safetensors_header, weight_files
 
     total = 0
     for f in weight_files(checkpoint):

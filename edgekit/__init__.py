@@ -4,3 +4,5 @@ The base package is the device side and imports neither torch nor transformers.
 """
 
 __version__ = "0.1.0"
+# The name on the package index (`edgekit` there is an unrelated project); `pip install` takes this.
+DISTRIBUTION = "gemma-edgekit"

@@ -71,9 +71,11 @@ def require(module: str, *, extra: str):
     """Import an optional dependency or raise a MissingDependencyError naming the extra."""
     import importlib
 
+    from edgekit import DISTRIBUTION
+
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(
-            f"{module} is not installed ({exc}); install it with: pip install 'edgekit[{extra}]'"
+            f"{module} is not installed ({exc}); install it with: pip install '{DISTRIBUTION}[{extra}]'"
         ) from exc

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgekit.errors import InputError
-from edgekit.recipes import RECIPES, Registry
+from edgekit.recipes import RECIPES
+from edgekit.registry import Registry
 
 
 @dataclass(frozen=True)

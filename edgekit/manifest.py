@@ -224,7 +224,7 @@ class SpecialTokens:
 
     @classmethod
     def from_layout(cls, layout: Any) -> SpecialTokens:
-        """From an edgekit.special_tokens.SpecialTokenLayout, so no exporter re-types ids."""
+        """From an edgekit.models.gemma4.special_tokens.SpecialTokenLayout, so no exporter re-types ids."""
         ids = dict(layout.ids)
         named = {
             "bos_token": "bos_id", "pad_token": "pad_id", "sot_token": "sot_id", "eot_token": "eot_id",

@@ -1,7 +1,7 @@
 """ExportPlan: what a bundle for one device will hold and whether it fits, from config.json alone.
 
 Nothing here reads weights or imports torch: the plan comes from parameter counts
-(edgekit.param_count), the recipe's bits per weight (edgekit.recipes) and the device
+(edgekit.models.gemma4.param_count), the recipe's bits per weight (edgekit.recipes) and the device
 profile. `edgekit plan` prints it; `edgekit export` checks it before any work.
 
     memory needed = resident weights + KV cache + peak activations
@@ -20,8 +20,8 @@ from typing import Any, Mapping
 from edgekit.errors import CheckpointError, DoesNotFitError, InputError
 from edgekit.formats import Format, get_format
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_VISION_ENCODER
-from edgekit.model import read_config
-from edgekit.param_count import PER_LAYER_EMBEDDING, ComponentParams, count_parameters, text_layers
+from edgekit.checkpoint import read_config
+from edgekit.models.gemma4.param_count import PER_LAYER_EMBEDDING, ComponentParams, count_parameters, text_layers
 from edgekit.profiles import MODALITIES, DeviceProfile
 from edgekit.recipes import Recipe, get_recipe
 

@@ -18,7 +18,8 @@ import yaml
 
 from edgekit.errors import DeviceProfileError
 from edgekit.formats import FORMATS
-from edgekit.recipes import RECIPES, Registry
+from edgekit.recipes import RECIPES
+from edgekit.registry import Registry
 
 PACKAGED_PROFILES = Path(__file__).resolve().parent / "devices.yaml"
 

@@ -8,7 +8,7 @@ exporters' job, and which formats accept which recipe lives in `edgekit.formats`
 Modelled on pytorch/executorch extension/llm/export/quant/recipe.py (QuantRule,
 QuantRecipe: first match wins).
 
-Weight kinds (see `edgekit.param_count`): `embedding` (gathered tables), `linear`
+Weight kinds (see `edgekit.models.gemma4.param_count`): `embedding` (gathered tables), `linear`
 (matmul weights), `lm_head` (the output projection, stored in the decoder even when tied
 to the token embedding), `other` (norms, convolutions, biases, position tables: small,
 always left in float).
@@ -18,59 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Callable, Generic, Iterable, Iterator, Literal, TypeVar
+from typing import Literal
 
-from edgekit.errors import EdgekitError, InputError
-from edgekit.param_count import PER_LAYER_EMBEDDING
+from edgekit.errors import InputError
+from edgekit.registry import Registry
+from edgekit.models.gemma4.param_count import PER_LAYER_EMBEDDING
 
 WeightKind = Literal["embedding", "linear", "lm_head", "other"]
 WEIGHT_KINDS: tuple[str, ...] = ("embedding", "linear", "lm_head", "other")
-
-# --- one lookup helper for every name registry (recipes, formats, device profiles) ------
-
-T = TypeVar("T")
-
-
-class Registry(Generic[T]):
-    """An explicit, ordered table of named objects.
-
-    Duplicate names fail at construction and unknown names fail at lookup, each with
-    the caller's error type and the list of known names (a bare `dict[...]` inside
-    `try/except KeyError` hides both).
-    """
-
-    def __init__(self, kind: str, items: Iterable[T], *, error: type[EdgekitError] = InputError,
-                 key: Callable[[T], str] = lambda item: item.name, where: str = "") -> None:
-        self.kind = kind
-        self._error = error
-        self._where = where
-        self._items: dict[str, T] = {}
-        for item in items:
-            name = key(item)
-            if name in self._items:
-                raise error(f"{where}duplicate {kind} {name!r}")
-            self._items[name] = item
-
-    def get(self, name: str) -> T:
-        try:
-            return self._items[name]
-        except KeyError:
-            raise self._error(
-                f"{self._where}unknown {self.kind} {name!r}; choose one of: {', '.join(self._items)}"
-            ) from None
-
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._items)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
-
-    def __iter__(self) -> Iterator[T]:
-        return iter(self._items.values())
-
-    def __len__(self) -> int:
-        return len(self._items)
-
 
 # --- schemes: how one tensor is stored --------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Host-side exporters (needs `edgekit[export]`): importable as edgekit.export.
+"""Host-side exporters (needs `gemma-edgekit[export]`): importable as edgekit.export.
 
 `exporter_for(format)` is the one place that maps a bundle format to its exporter;
 each exporter takes (checkpoint, *, plan, output, overwrite) and returns the Bundle.

@@ -13,8 +13,8 @@ from pathlib import Path
 from edgekit.bundle import BundleWriter
 from edgekit.manifest import (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, AudioPreprocessing,
                               ImagePreprocessing, ModelInfo, SpecialTokens)
-from edgekit.model import Checkpoint
-from edgekit.special_tokens import TOKEN_STRINGS
+from edgekit.checkpoint import Checkpoint
+from edgekit.models.gemma4.special_tokens import TOKEN_STRINGS
 
 # Files copied from the checkpoint into every bundle (the chat template may also live
 # inside tokenizer_config.json in older checkpoints).

@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from edgekit.model import Checkpoint
+from edgekit.checkpoint import Checkpoint
 from edgekit.runtimes.mapped_pages import linux_libc
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from edgekit.bundle import load_bundle, update_manifest
 from edgekit.errors import InputError, VerificationError
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_VISION_ENCODER, VERIFICATION_PASSED
-from edgekit.model import Checkpoint
+from edgekit.checkpoint import Checkpoint
 from edgekit.progress import progress_bar
 
 

@@ -47,7 +47,7 @@ from tokenizers import Tokenizer
 
 from edgekit.errors import BundleError, InputError
 from edgekit.manifest import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, SpecialTokens
-from edgekit.special_tokens import TOKEN_STRINGS
+from edgekit.models.gemma4.special_tokens import TOKEN_STRINGS
 
 Message = Mapping[str, Any]  # {"role": ..., "content": str | [{"type": "text"|"image"|"audio", ...}]}
 
@@ -185,7 +185,7 @@ class ChatTemplate:
                  name: str = "chat template") -> None:
         self.source = source
         self.name = name
-        # Without a tokenizer_config.json, Gemma 4's own roles stand in (edgekit.special_tokens).
+        # Without a tokenizer_config.json, Gemma 4's own roles stand in (edgekit.models.gemma4.special_tokens).
         self.special_tokens = dict(special_tokens) if special_tokens is not None else {
             k: v for k, v in TOKEN_STRINGS.items() if k != "video_token"}
         try:

@@ -144,7 +144,7 @@ def read_wav(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
 
 def _read_with_soundfile(path: str, info: WavInfo) -> tuple[np.ndarray, int]:
     try:
-        import soundfile  # optional: edgekit[dev]; decodes ADPCM, A-law, mu-law, ...
+        import soundfile  # optional: gemma-edgekit[dev]; decodes ADPCM, A-law, mu-law, ...
     except ImportError:
         raise _unsupported(path, info) from None
     try:

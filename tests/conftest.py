@@ -20,16 +20,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_e2b(tmp_path_factory) -> Path:
-    from edgekit.checkpoint_writer import make_checkpoint
-    from edgekit.presets import PRESETS
+    from edgekit.testing.checkpoint_writer import make_checkpoint
+    from edgekit.models.gemma4.presets import PRESETS
 
     return make_checkpoint(PRESETS["tiny-e2b"], tmp_path_factory.mktemp("ckpt") / "tiny-e2b", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_e4b(tmp_path_factory) -> Path:
-    from edgekit.checkpoint_writer import make_checkpoint
-    from edgekit.presets import PRESETS
+    from edgekit.testing.checkpoint_writer import make_checkpoint
+    from edgekit.models.gemma4.presets import PRESETS
 
     return make_checkpoint(PRESETS["tiny-e4b"], tmp_path_factory.mktemp("ckpt") / "tiny-e4b", seed=0)
 
@@ -61,7 +61,7 @@ def assert_clean_failure(result: subprocess.CompletedProcess, *, code: int | Non
 def onnx_fp32_bundle(tiny_e2b, tmp_path_factory) -> Path:
     """tiny-e2b, every modality, fp32, for the pi5 profile: the parity reference bundle."""
     from edgekit.export.onnx.exporter import export_onnx
-    from edgekit.model import load
+    from edgekit.checkpoint import load
     from edgekit.plan import make_plan
     from edgekit.profiles import load_profiles
 
@@ -83,8 +83,8 @@ def onnx_int4_bundle(tiny_e4b, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_e2b_4layers(tmp_path_factory) -> Path:
     """tiny-e2b cut to 4 layers: a sliding, a global and a shared-KV layer."""
-    from edgekit.checkpoint_writer import make_checkpoint
-    from edgekit.presets import PRESETS
+    from edgekit.testing.checkpoint_writer import make_checkpoint
+    from edgekit.models.gemma4.presets import PRESETS
 
     return make_checkpoint(PRESETS["tiny-e2b"], tmp_path_factory.mktemp("ckpt") / "tiny-e2b-4", seed=0, layers=4)
 
@@ -98,7 +98,7 @@ _EXPORT_FP32 = """
 import dataclasses, sys
 from pathlib import Path
 from edgekit.export.executorch.exporter import export_executorch
-from edgekit.model import load
+from edgekit.checkpoint import load
 from edgekit.plan import make_plan
 from edgekit.profiles import load_profiles
 ckpt, out, context, budget = sys.argv[1:5]

@@ -143,8 +143,8 @@ def test_build_reads_the_checkpoints_processor_config(tmp_path: Path) -> None:
     """Settings come from processor_config.json as the manifest's audio_preprocessing does
     (written here by the same code as for the tiny checkpoints; no weights needed)."""
     from edgekit.export.executorch.methods import audio_preprocessor
-    from edgekit.model import Checkpoint
-    from edgekit.processor_files import PROCESSOR_CONFIG, processor_config
+    from edgekit.checkpoint import Checkpoint
+    from edgekit.models.gemma4.processor_files import PROCESSOR_CONFIG, processor_config
 
     def checkpoint(**feature_extractor) -> Checkpoint:
         config = processor_config({})

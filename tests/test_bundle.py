@@ -26,7 +26,7 @@ from edgekit.manifest import (
     ImageKey, ImagePreprocessing, Key, Manifest, MethodKey, MethodSpec, ModelInfo, ModelKey, SpecialTokens, TensorKey,
     TensorSpec, TokenKey, all_keys,
 )
-from edgekit.special_tokens import layout_for
+from edgekit.models.gemma4.special_tokens import layout_for
 
 SCHEMA = json.loads((Path(bundle_mod.__file__).parent / "manifest.schema.json").read_text())
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from edgekit.errors import CheckpointError, InputError
-from edgekit.model import load, read_config
-from edgekit.presets import PRESETS, build_config
+from edgekit.checkpoint import load, read_config
+from edgekit.models.gemma4.presets import PRESETS, build_config
 from tests.conftest import assert_clean_failure, run_cli
 
 RELEASED_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -59,7 +59,7 @@ def test_double_wide_mlp_only_on_shared_layers_for_e2b(tiny_e2b):
 
 
 def test_weights_are_deterministic_per_seed(tmp_path):
-    from edgekit.checkpoint_writer import make_checkpoint
+    from edgekit.testing.checkpoint_writer import make_checkpoint
 
     a = make_checkpoint(PRESETS["tiny-e2b"], tmp_path / "a", seed=7, layers=3)
     b = make_checkpoint(PRESETS["tiny-e2b"], tmp_path / "b", seed=7, layers=3)
@@ -80,7 +80,7 @@ def test_shape_presets_use_released_values():
 
 
 def test_sharded_checkpoint_with_index_loads(tmp_path, monkeypatch):
-    from edgekit import checkpoint_writer
+    from edgekit.testing import checkpoint_writer
 
     monkeypatch.setattr(checkpoint_writer, "MAX_SHARD_BYTES", 1_000_000)
     path = checkpoint_writer.make_checkpoint(PRESETS["tiny-e2b"], tmp_path / "sharded", layers=3)
@@ -163,7 +163,7 @@ def test_shape_disagrees_with_config(broken):
 
 
 def test_missing_shard_listed_in_index(tmp_path, monkeypatch):
-    from edgekit import checkpoint_writer
+    from edgekit.testing import checkpoint_writer
 
     monkeypatch.setattr(checkpoint_writer, "MAX_SHARD_BYTES", 1_000_000)
     path = checkpoint_writer.make_checkpoint(PRESETS["tiny-e2b"], tmp_path / "s", layers=3)
@@ -173,7 +173,7 @@ def test_missing_shard_listed_in_index(tmp_path, monkeypatch):
 
 
 def test_make_checkpoint_refuses_non_empty_dir(tmp_path):
-    from edgekit.checkpoint_writer import make_checkpoint
+    from edgekit.testing.checkpoint_writer import make_checkpoint
 
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")
@@ -189,7 +189,7 @@ def test_make_checkpoint_refuses_non_empty_dir(tmp_path):
 
 
 def test_make_checkpoint_overwrites_a_checkpoint_in_place(tmp_path, monkeypatch):
-    from edgekit.checkpoint_writer import make_checkpoint
+    from edgekit.testing.checkpoint_writer import make_checkpoint
 
     first = make_checkpoint(PRESETS["tiny-e2b"], tmp_path / "ck", seed=1, layers=3)
     before = (first / "model.safetensors").read_bytes()
@@ -200,7 +200,7 @@ def test_make_checkpoint_overwrites_a_checkpoint_in_place(tmp_path, monkeypatch)
 
 
 def test_make_checkpoint_interrupted_leaves_nothing(tmp_path, monkeypatch):
-    from edgekit import checkpoint_writer
+    from edgekit.testing import checkpoint_writer
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt

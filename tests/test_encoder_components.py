@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from edgekit.export.components.audio_encoder import AudioEncoder
 from edgekit.export.components.vision_encoder import QUERY_CHUNKED, VisionEncoder, bake_clipped_linears
-from edgekit.model import load
+from edgekit.checkpoint import load
 
 Image = pytest.importorskip("PIL.Image")
 ort = pytest.importorskip("onnxruntime")

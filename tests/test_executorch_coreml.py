@@ -38,10 +38,10 @@ def lowered(tmp_path_factory):
     pytest.importorskip("executorch.backends.apple.coreml.partition")
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
-    from edgekit.checkpoint_writer import make_checkpoint
+    from edgekit.testing.checkpoint_writer import make_checkpoint
     from edgekit.export.executorch.methods import text_decoder
-    from edgekit.model import load
-    from edgekit.presets import PRESETS
+    from edgekit.checkpoint import load
+    from edgekit.models.gemma4.presets import PRESETS
 
     root = tmp_path_factory.mktemp("coreml")
     ckpt = make_checkpoint(PRESETS["tiny-e2b"], root / "ckpt", layers=2, audio=False, vision=False)

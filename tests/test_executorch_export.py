@@ -27,7 +27,7 @@ import torch
 from edgekit.export.executorch import metadata as meta
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_AUDIO_PREPROCESSOR, METHOD_TEXT_DECODER,
                               METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER)
-from edgekit.model import load
+from edgekit.checkpoint import load
 from tests.conftest import EXECUTORCH_CONTEXT as CONTEXT
 from tests.conftest import EXECUTORCH_VISION_BUDGET as VISION_BUDGET
 
@@ -205,10 +205,10 @@ def test_quantized_tables_run_in_executorch_at_their_stated_bits(scheme, tmp_pat
 
 
 def test_missing_tower_is_a_one_line_error_before_any_work(tiny_e2b, tmp_path):
-    from edgekit.checkpoint_writer import make_checkpoint
+    from edgekit.testing.checkpoint_writer import make_checkpoint
     from edgekit.errors import ExportError
     from edgekit.export.executorch.exporter import export_executorch
-    from edgekit.presets import PRESETS
+    from edgekit.models.gemma4.presets import PRESETS
 
     no_audio = make_checkpoint(PRESETS["tiny-e2b"], tmp_path / "no-audio", seed=0, audio=False)
     # make_plan refuses this too; the exporter must not rely on it.

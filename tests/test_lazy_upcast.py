@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from edgekit.model import load
+from edgekit.checkpoint import load
 from edgekit.runtimes.mapped_pages import file_mappings
 
 pytest.importorskip("torchao")

@@ -15,7 +15,7 @@ import pytest
 from edgekit import onnx_layout as L
 from edgekit.bundle import load_bundle
 from edgekit.errors import ExportError
-from edgekit.model import load
+from edgekit.checkpoint import load
 from tests.conftest import assert_clean_failure, run_cli
 
 
@@ -228,11 +228,11 @@ def test_lm_head_takes_its_own_block_size(tiny_e2b_4layers, tmp_path):
 
 def test_any_gemma4_config_exports_not_only_presets(tmp_path):
     """Other widths, layer pattern and shared-KV count than any preset: still exact in fp32."""
-    from edgekit.checkpoint_writer import make_checkpoint
+    from edgekit.testing.checkpoint_writer import make_checkpoint
     from edgekit.export.onnx.exporter import export_onnx
     from edgekit.export.verify import verify_bundle
     from edgekit.plan import make_plan
-    from edgekit.presets import PRESETS, Preset, TextShape
+    from edgekit.models.gemma4.presets import PRESETS, Preset, TextShape
     from edgekit.profiles import load_profiles
 
     tiny = PRESETS["tiny-e2b"]
@@ -253,8 +253,8 @@ def test_any_gemma4_config_exports_not_only_presets(tmp_path):
 
 @pytest.fixture(scope="module")
 def text_only_checkpoint(tmp_path_factory) -> Path:
-    from edgekit.checkpoint_writer import make_checkpoint
-    from edgekit.presets import PRESETS
+    from edgekit.testing.checkpoint_writer import make_checkpoint
+    from edgekit.models.gemma4.presets import PRESETS
 
     return make_checkpoint(PRESETS["tiny-e2b"], tmp_path_factory.mktemp("ck") / "no-towers", layers=3,
                            audio=False, vision=False)
@@ -403,7 +403,7 @@ def test_runner_gives_back_the_weight_pages_prepacking_copied(onnx_int4_bundle, 
 
 def test_export_refuses_what_does_not_fit(tmp_path):
     """Checked from config.json alone, before any weight is read (there are none here)."""
-    from edgekit.presets import PRESETS, build_config
+    from edgekit.models.gemma4.presets import PRESETS, build_config
 
     checkpoint = tmp_path / "e2b"
     checkpoint.mkdir()

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from edgekit.errors import CheckpointError, DeviceProfileError, DoesNotFitError, InputError
-from edgekit.param_count import PER_LAYER_EMBEDDING, count_parameters, total_parameters
+from edgekit.models.gemma4.param_count import PER_LAYER_EMBEDDING, count_parameters, total_parameters
 from edgekit.plan import PREFILL_CHUNK, kv_cache, make_plan, vision_query_chunk
-from edgekit.presets import PRESETS, build_config
+from edgekit.models.gemma4.presets import PRESETS, build_config
 from edgekit.profiles import load_profiles
 from tests.conftest import assert_clean_failure, run_cli
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from edgekit.model import load
+from edgekit.checkpoint import load
 
 
 @pytest.fixture(scope="module")
 def wide_checkpoint(tmp_path_factory):
-    from edgekit.checkpoint_writer import make_checkpoint
-    from edgekit.presets import PRESETS, Preset, TextShape
+    from edgekit.testing.checkpoint_writer import make_checkpoint
+    from edgekit.models.gemma4.presets import PRESETS, Preset, TextShape
 
     shape = TextShape(hidden_size=256, intermediate_size=512, num_hidden_layers=5, num_attention_heads=4,
                       num_key_value_heads=1, head_dim=64, global_head_dim=128, hidden_size_per_layer_input=64,

@@ -41,7 +41,7 @@ def processor_config(tiny_e2b: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference(tiny_e2b: Path):
     """transformers' Gemma4Processor for the tiny checkpoint (PIL image backend)."""
-    from edgekit.processor_files import load_reference_processor
+    from edgekit.models.gemma4.processor_files import load_reference_processor
 
     return load_reference_processor(tiny_e2b)
 

@@ -14,7 +14,8 @@ from edgekit.errors import DeviceProfileError, InputError
 from edgekit.formats import FORMATS, get_format
 from edgekit.manifest import FORMATS as MANIFEST_FORMATS
 from edgekit.profiles import PACKAGED_PROFILES, VISION_TOKEN_BUDGETS, load_profiles
-from edgekit.recipes import RECIPES, Recipe, Registry, Rule, get_recipe
+from edgekit.recipes import RECIPES, Recipe, Rule, get_recipe
+from edgekit.registry import Registry
 from tests.conftest import run_cli
 
 REQUIRED_DEVICES = ("pi4-4gb", "pi5-8gb", "jetson-orin-nano-8gb", "android-flagship", "android-midrange",

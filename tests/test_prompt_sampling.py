@@ -44,7 +44,7 @@ def builder(tiny_e2b) -> PromptBuilder:
 
 @pytest.fixture(scope="module")
 def reference(tiny_e2b):
-    from edgekit.processor_files import load_reference_processor
+    from edgekit.models.gemma4.processor_files import load_reference_processor
 
     return load_reference_processor(tiny_e2b)
 

@@ -49,8 +49,8 @@ def _reference_tokens(checkpoint: Path, messages: list[dict], *, images=(), audi
     """transformers end to end: its processor builds the inputs, generate() answers."""
     import torch
 
-    from edgekit.model import load as load_checkpoint
-    from edgekit.processor_files import load_reference_processor
+    from edgekit.checkpoint import load as load_checkpoint
+    from edgekit.models.gemma4.processor_files import load_reference_processor
 
     processor = load_reference_processor(checkpoint)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -157,7 +157,7 @@ def test_executorch_bundle_without_the_runtime_names_the_extra(executorch_bundle
         main(["run", {str(executorch_bundles["fp32"].path)!r}, "--prompt", "Hi"])
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert_clean_failure(result, code=10, contains="pip install 'edgekit[executorch]'")
+    assert_clean_failure(result, code=10, contains="pip install 'gemma-edgekit[executorch]'")
 
 
 def test_chat_reuses_the_cache_and_answers_as_a_fresh_session(onnx_fp32_bundle):

@@ -16,7 +16,7 @@ import torch
 
 from edgekit.export.components.static_kv_decoder import StaticKVDecoder, ring_size, slot_positions
 from edgekit.export.components.token_embedding import MultimodalEmbedding, TokenEmbedding
-from edgekit.model import load
+from edgekit.checkpoint import load
 
 MAX_CONTEXT = 128
 ATOL = 2e-4

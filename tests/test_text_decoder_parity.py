@@ -13,7 +13,7 @@ import torch
 
 from edgekit.export.components.text_decoder import TextDecoder
 from edgekit.export.components.token_embedding import TokenEmbedding
-from edgekit.model import load
+from edgekit.checkpoint import load
 
 
 def _empty_past(decoder: TextDecoder, batch: int) -> list[torch.Tensor]:

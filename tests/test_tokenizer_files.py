@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from edgekit.presets import PRESETS, build_config
-from edgekit.processor_files import load_reference_processor, processor_config, write_processor_files
-from edgekit.special_tokens import TOKEN_STRINGS, layout_for
-from edgekit.tokenizer_builder import CHAT_TEMPLATE_PATH, write_tokenizer_files
+from edgekit.models.gemma4.presets import PRESETS, build_config
+from edgekit.models.gemma4.processor_files import load_reference_processor, processor_config, write_processor_files
+from edgekit.models.gemma4.special_tokens import TOKEN_STRINGS, layout_for
+from edgekit.testing.tokenizer_builder import CHAT_TEMPLATE_PATH, write_tokenizer_files
 
 VOCAB_SIZES = [4096, 262_144]
 ROUND_TRIP_TEXTS = [

@@ -34,10 +34,10 @@ import numpy as np
 import pytest
 
 from edgekit.errors import InputError, MissingDependencyError
-from edgekit.runtimes.microphone import Microphone, StreamResampler, find_input_device, import_sounddevice
-from edgekit.runtimes.translate import (LANGUAGES, Piece, TranslationParser, Utterance, find_language,
+from edgekit.apps.translate.microphone import Microphone, StreamResampler, find_input_device, import_sounddevice
+from edgekit.apps.translate.loop import (LANGUAGES, Piece, TranslationParser, Utterance, find_language,
                                         translate_utterance, translation_prompt)
-from edgekit.runtimes.vad import (EnergyVad, PushToTalk, VadParams, frame_levels, segment_waveform,
+from edgekit.apps.translate.vad import (EnergyVad, PushToTalk, VadParams, frame_levels, segment_waveform,
                                   split_long)
 from edgekit.runtimes.wav_io import load_audio, resample
 from tests.conftest import assert_clean_failure, run_cli

@@ -50,7 +50,10 @@ def error_line(message: str) -> str:
 
 
 # Command modules register themselves on `app`; imported here so `edgekit --help` lists them.
-from edgekit.cli import checkpoint_cmd, devices_cmd, bundle_cmd, export_cmd, runtime_cmd, translate_cmd  # noqa: E402,F401
+from edgekit.cli import checkpoint_cmd, devices_cmd, bundle_cmd, export_cmd, runtime_cmd  # noqa: E402,F401
+from edgekit.apps import register_commands  # noqa: E402
+
+register_commands()
 
 
 def _quiet_third_party() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from edgekit.cli import app
-from edgekit.presets import PRESETS, get_preset
+from edgekit.models.gemma4.presets import PRESETS, get_preset
 
 
 @app.command("make-checkpoint")
@@ -23,8 +23,8 @@ def make_checkpoint(
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Write a random-weight checkpoint with the files of a downloaded google/gemma-4 model."""
-    from edgekit.checkpoint_writer import make_checkpoint as write
-    from edgekit.model import load
+    from edgekit.testing.checkpoint_writer import make_checkpoint as write
+    from edgekit.checkpoint import load
 
     path = write(get_preset(preset), out_dir, seed=seed, layers=layers, audio=not no_audio, vision=not no_vision,
                  overwrite=overwrite)

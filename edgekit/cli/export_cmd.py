@@ -30,7 +30,7 @@ def export(
 
     from edgekit.bundle import check_target
     from edgekit.errors import require
-    from edgekit.model import load
+    from edgekit.checkpoint import load
     from edgekit.plan import make_plan
     from edgekit.profiles import load_profiles
 
@@ -66,7 +66,7 @@ def verify(
 ) -> None:
     """Check a bundle's outputs against the transformers reference model (exit 8 if a bound is missed)."""
     from edgekit.errors import InputError, require
-    from edgekit.model import load
+    from edgekit.checkpoint import load
 
     if steps < 1:
         raise InputError(f"--steps must be at least 1; got {steps}")

@@ -32,7 +32,7 @@ from edgekit.export.executorch.quantize import QuantReport, quantize_linears, qu
 from edgekit.export.lazy_upcast import load_in_checkpoint_dtype, upcast_
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_AUDIO_PREPROCESSOR, METHOD_TEXT_DECODER,
                               METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER, Manifest, MethodSpec)
-from edgekit.model import Checkpoint
+from edgekit.checkpoint import Checkpoint
 from edgekit.plan import prefill_chunk
 from edgekit.progress import progress_bar
 

@@ -223,7 +223,7 @@ PADDED_SAMPLES = "padded_samples"  # manifest dim name: the waveform's length, a
 def audio_preprocessor(checkpoint_or_params) -> MethodBuild:
     """waveform Float[N], num_samples Long[1] -> features Float[1,T,mels], mask Bool[1,T].
 
-    `checkpoint_or_params` is an edgekit.model.Checkpoint (settings read as the manifest's
+    `checkpoint_or_params` is an edgekit.checkpoint.Checkpoint (settings read as the manifest's
     audio_preprocessing is, bundle_metadata.audio_preprocessing, and turned into MelParams
     as the runner does) or a MelParams. The features feed audio_encoder after the runner pads
     them to its frame_multiple / min_frames (zeros, mask False), as for numpy features.

@@ -33,7 +33,7 @@ from torch import nn
 
 from edgekit.errors import ExportError
 from edgekit.export.lazy_upcast import release_pages, upcast_
-from edgekit.param_count import PER_LAYER_EMBEDDING
+from edgekit.models.gemma4.param_count import PER_LAYER_EMBEDDING
 from edgekit.recipes import QuantScheme, Recipe
 
 # torchao's embedding quantization overflows int32 on the full 2.35 B-element E2B

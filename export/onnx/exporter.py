@@ -41,8 +41,8 @@ from edgekit.export.onnx.quantize import quantize_int8_dynamic, to_fp16
 from edgekit.export.onnx.stream_quantize import TableSource, quantize_graph_int4
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING,
                               METHOD_VISION_ENCODER, Manifest, MethodSpec, TensorSpec)
-from edgekit.model import Checkpoint
-from edgekit.param_count import PER_LAYER_EMBEDDING
+from edgekit.checkpoint import Checkpoint
+from edgekit.models.gemma4.param_count import PER_LAYER_EMBEDDING
 from edgekit.progress import progress_bar
 
 # Which recipe key governs the big weights of each graph (edgekit.recipes weight keys).

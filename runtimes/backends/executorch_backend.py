@@ -1,7 +1,7 @@
 """ExecuTorch backend: the .pte's KV cache lives in text_decoder's mutable buffers.
 
 ExecuTorch's Python bindings link libtorch, so this module (and only this one) imports
-torch, on first use; `pip install 'edgekit[executorch]'` brings both. Method names and
+torch, on first use; `pip install 'gemma-edgekit[executorch]'` brings both. Method names and
 the packed embedding layout (input embedding + per-layer-embedding rows side by side)
 are those of export/executorch/methods.py, read back from the manifest.
 """

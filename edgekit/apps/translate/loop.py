@@ -280,7 +280,7 @@ def translate_utterance(engine: Any, waveform: np.ndarray, *, source: Language |
     yield the finished Utterance (its text, and timings from engine.last_stats).
 
     `engine` is an edgekit.runtimes.engine.Engine; `waveform` float32 mono at the bundle's
-    audio rate, at most 30 s (split longer audio with edgekit.runtimes.vad first).
+    audio rate, at most 30 s (split longer audio with edgekit.apps.translate.vad first).
     """
     manifest = engine.bundle.manifest
     check_audio_bundle(manifest)

@@ -11,7 +11,7 @@ previous utterance. Both queues are bounded; when one overflows (translation has
 minutes behind, or the machine is starved) the oldest audio is dropped and the caller
 hears about it through `on_notice`, never silently.
 
-sounddevice is imported only when a Microphone starts (`edgekit[audio]`; it needs the
+sounddevice is imported only when a Microphone starts (`gemma-edgekit[audio]`; it needs the
 PortAudio library: `apt install libportaudio2`), so WAV input works without either.
 A test can hand in any object with sounddevice's `query_devices`, `check_input_settings`
 and `InputStream` (callback + finished_callback) as `sd`.
@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 
 from edgekit.errors import InputError, MissingDependencyError, NotAvailableError
-from edgekit.runtimes.vad import EnergyVad, PushToTalk, Segment
+from edgekit.apps.translate.vad import EnergyVad, PushToTalk, Segment
 from edgekit.runtimes.wav_io import resample
 
 _HOW_TO_CHECK = "list the devices with `python -m sounddevice` (or `arecord -l`)"
@@ -52,7 +52,7 @@ def import_sounddevice() -> ModuleType:
         import sounddevice
     except ImportError:
         raise MissingDependencyError("--mic needs sounddevice, which is not installed; install it with: "
-                                     "pip install 'edgekit[audio]' (and apt install libportaudio2)") from None
+                                     "pip install 'gemma-edgekit[audio]' (and apt install libportaudio2)") from None
     except OSError as exc:  # sounddevice imports fine but cannot find libportaudio.so
         raise MissingDependencyError(f"--mic needs the PortAudio library ({exc}); install it with: "
                                      f"sudo apt install libportaudio2, then {_HOW_TO_CHECK}") from None

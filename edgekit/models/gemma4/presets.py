@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edgekit.special_tokens import REAL_VOCAB_SIZE, layout_for
+from edgekit.models.gemma4.special_tokens import REAL_VOCAB_SIZE, layout_for
 
 ROPE_PARAMETERS = {
     "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0, "rope_type": "proportional"},

@@ -4,7 +4,7 @@ transformers 5 saves a processor as ONE processor_config.json (ProcessorMixin.sa
 -> to_json_file, transformers/processing_utils.py): the sub-processors nested under their
 attribute names, the processor's own __init__ arguments at the top level, and
 "processor_class". The tokenizer and chat template are separate files
-(edgekit.tokenizer_builder). For Gemma 4 (google/gemma-4-e2b-it):
+(edgekit.testing.tokenizer_builder). For Gemma 4 (google/gemma-4-e2b-it):
 
     processor_config.json
       audio_ms_per_token, audio_seq_length, image_seq_length   Gemma4Processor.__init__

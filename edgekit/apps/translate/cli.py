@@ -1,7 +1,7 @@
 """`edgekit translate`: offline speech -> transcription + translation, from a WAV file or the microphone.
 
 Thin: it resolves names (languages, the input device), picks the segmenter and prints;
-edgekit.runtimes.translate, .vad and .microphone do the work.
+edgekit.apps.translate.loop, .vad and .microphone do the work.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ MAX_FILE_SECONDS = 3600.0  # a WAV is decoded whole: an hour at 16 kHz is 230 MB
 
 def _list_languages(value: bool) -> None:
     if value:
-        from edgekit.runtimes.translate import LANGUAGES
+        from edgekit.apps.translate.loop import LANGUAGES
 
         for lang in LANGUAGES:
             typer.echo(f"{lang.code:4} {lang.name:12} {', '.join(lang.aliases)}".rstrip())
@@ -58,8 +58,8 @@ def translate(
 ) -> None:
     """Offline speech translation: transcribe and translate each utterance in one pass, printed as it streams."""
     from edgekit.bundle import load_bundle
-    from edgekit.runtimes.translate import check_audio_bundle, find_language
-    from edgekit.runtimes.vad import VadParams
+    from edgekit.apps.translate.loop import check_audio_bundle, find_language
+    from edgekit.apps.translate.vad import VadParams
 
     target = find_language(to)
     source = find_language(from_) if from_ else None
@@ -102,7 +102,7 @@ def _device(value: str | None) -> int | str | None:
 
 
 def _file_segments(path: Path, params: Any, *, whole: bool) -> list:
-    from edgekit.runtimes.vad import segment_waveform, split_long
+    from edgekit.apps.translate.vad import segment_waveform, split_long
     from edgekit.runtimes.wav_io import load_audio, wav_info
 
     length = wav_info(path).duration
@@ -122,8 +122,8 @@ def _file_segments(path: Path, params: Any, *, whole: bool) -> list:
 
 def _listen(bundle: Path, threads: int | None, printer: _Printer, sampling: Any, params: Any, *,
             push_to_talk: bool, device: int | str | None, duration: float | None) -> None:
-    from edgekit.runtimes.microphone import Microphone
-    from edgekit.runtimes.vad import EnergyVad, PushToTalk
+    from edgekit.apps.translate.microphone import Microphone
+    from edgekit.apps.translate.vad import EnergyVad, PushToTalk
 
     segmenter = PushToTalk(params) if push_to_talk else EnergyVad(params)
     # Opening the device first: a missing microphone fails before the model loads.
@@ -165,7 +165,7 @@ class _Printer:
         self.target, self.source, self.json_output, self.stats = target, source, json_output, stats
 
     def utterance(self, engine: Any, segment: Any, index: int, sampling: Any) -> None:
-        from edgekit.runtimes.translate import Piece, translate_utterance
+        from edgekit.apps.translate.loop import Piece, translate_utterance
 
         out = sys.stdout
         opened: set[str] = set()

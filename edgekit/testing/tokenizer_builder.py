@@ -3,7 +3,7 @@
     OUT_DIR/
       tokenizer.json          BPE with byte fallback, SentencePiece-style "▁" spaces
       tokenizer_config.json   GemmaTokenizer, the Gemma 4 special-token roles
-      chat_template.jinja     edgekit/presets/chat_template.jinja, copied
+      chat_template.jinja     edgekit/models/gemma4/chat_template.jinja, copied
 
 No model hub is reachable, so the vocabulary is trained here, in well under a second,
 on the small multilingual corpus below, then laid out in the id space of the target
@@ -23,9 +23,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edgekit.special_tokens import TOKEN_STRINGS, SpecialTokenLayout
+from edgekit.models.gemma4.special_tokens import TOKEN_STRINGS, SpecialTokenLayout
 
-CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent / "presets" / "chat_template.jinja"
+CHAT_TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "models" / "gemma4" / "chat_template.jinja"
 
 # The trained part of the vocabulary stays small: it only has to make the tokenizer
 # behave like a real one (multi-character pieces, several scripts); bytes cover the rest.

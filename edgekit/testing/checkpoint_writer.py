@@ -10,7 +10,7 @@
 Tensor names and shapes come from transformers' own module tree built on the meta
 device, so a checkpoint written here loads through exactly the code path of a real one.
 Weights are generated tensor by tensor in bf16 and written shard by shard, so a
-full-depth 5 B model never has to fit in RAM at once. Needs `edgekit[export]`.
+full-depth 5 B model never has to fit in RAM at once. Needs `gemma-edgekit[export]`.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Any, Iterator
 
 from edgekit.bundle import replace_directory
 from edgekit.errors import InputError, require
-from edgekit.presets import Preset, build_config
+from edgekit.models.gemma4.presets import Preset, build_config
 from edgekit.progress import progress_bar
-from edgekit.special_tokens import layout_for
+from edgekit.models.gemma4.special_tokens import layout_for
 
 # Like transformers' save_pretrained: shards of at most this many bytes.
 MAX_SHARD_BYTES = 2 * 1024**3
@@ -163,8 +163,8 @@ def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int
     Written into a temporary directory beside `out_dir` and renamed into place when
     complete, so an interrupted run never leaves a checkpoint that looks finished.
     """
-    from edgekit.processor_files import write_processor_files
-    from edgekit.tokenizer_builder import write_tokenizer_files
+    from edgekit.models.gemma4.processor_files import write_processor_files
+    from edgekit.testing.tokenizer_builder import write_tokenizer_files
 
     out_dir = Path(os.path.abspath(out_dir))  # "." too has a parent to write the new one in
     if out_dir.exists() and not out_dir.is_dir():
@@ -201,7 +201,7 @@ def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int
 
 
 def _is_checkpoint(path: Path) -> bool:
-    from edgekit.model import SUPPORTED_MODEL_TYPES
+    from edgekit.checkpoint import SUPPORTED_MODEL_TYPES
 
     try:
         config = json.loads((path / "config.json").read_text())

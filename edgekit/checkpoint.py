@@ -171,7 +171,7 @@ def load(path: Path | str, *, check_shapes: bool = True) -> Checkpoint:
 
 
 def _check_shapes(checkpoint: Checkpoint) -> None:
-    from edgekit.checkpoint_writer import tensor_specs
+    from edgekit.testing.checkpoint_writer import tensor_specs
 
     try:
         expected = {s.name: s.shape for s in tensor_specs(checkpoint.config)}
