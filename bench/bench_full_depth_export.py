@@ -33,7 +33,7 @@ from common import (DEFAULT_WORKDIR, GIB, checkpoint_dir, dir_bytes, disk_free_b
 BUNDLE_TARGET_BYTES = 2.5e9
 DECODE_RSS_TARGET_BYTES = 1.3e9
 EXPORT_RSS_TARGET_BYTES = 16 * GIB
-FULL_DEPTH_LAYERS = 35  # released E2B (shared/DESIGN.md)
+FULL_DEPTH_LAYERS = 35  # released E2B (docs/architecture.md)
 
 
 class ProgressLog:

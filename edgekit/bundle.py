@@ -424,8 +424,8 @@ def inspect_bundle(path: Path | str, *, verify: VerifyLevel = "sizes") -> dict[s
     return {
         "path": str(bundle.path),
         **{k: data[k] for k in (Key.SCHEMA_VERSION, Key.EDGEKIT_VERSION, Key.CREATED_AT, Key.MODEL, Key.DEVICE,
-                                Key.FORMAT, Key.BACKEND, Key.EXECUTION_PROVIDERS, Key.QUANT_RECIPES,
-                                Key.MAX_CONTEXT, Key.METHODS)},
+                                Key.FORMAT, Key.BACKEND, Key.EXECUTION_PROVIDERS, Key.RECIPE,
+                                Key.QUANT_SCHEMES, Key.MAX_CONTEXT, Key.PREFILL_CHUNK, Key.METHODS)},
         "files": [{"path": f.path, "size": f.size} for f in m.files],
         "total_size": m.total_size,
         "files_checked": verify,

@@ -1,14 +1,14 @@
-"""Load and validate a Gemma 4 checkpoint directory (a downloaded one or one we wrote).
+"""Load and validate a checkpoint directory (a downloaded one or one edgekit wrote).
 
 Validation reads only config.json and the safetensors headers, so a broken checkpoint
-is reported in one line before anything big is read: missing files, a model that is
-not Gemma 4, truncated or corrupt shards, tensors whose shapes disagree with the config.
+is reported in one line before anything big is read: missing files, a model of no
+family edgekit knows (edgekit.models), values its family refuses, truncated or corrupt
+shards, tensors whose shapes disagree with the config.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -16,17 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import CheckpointError
+from edgekit.models import family_for_config
+from edgekit.models.family import ModelFamily
 
-SUPPORTED_MODEL_TYPES = ("gemma4",)
 TOKENIZER_FILES = ("tokenizer.json",)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-# transformers drops these from real checkpoints on load (shared-KV layers own no K/V):
-# see Gemma4TextModel._keys_to_ignore_on_load_unexpected.
-# The tied lm_head may be stored too.
-_IGNORED_UNEXPECTED = re.compile(r"(.*layers\.\d+\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\..*|lm_head\.weight)")
-
 
 @dataclass(frozen=True)
 class SafetensorsHeader:
@@ -35,7 +30,7 @@ class SafetensorsHeader:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """config.json of a checkpoint directory, checked to be a Gemma 4 multimodal config."""
+    """config.json of a checkpoint directory, checked by the model family that reads it."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -50,17 +45,11 @@ def read_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg_path} must hold a JSON object")
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(
-            f"{path} is a {model_type!r} checkpoint, not Gemma 4 (model_type must be one of {SUPPORTED_MODEL_TYPES})"
-        )
-    text = config.get("text_config")
-    if not isinstance(text, dict):
-        raise CheckpointError(f"{cfg_path} has no text_config")
-    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
-        if not isinstance(text.get(key), int):
-            raise CheckpointError(f"{cfg_path}: text_config.{key} is missing or not an integer")
+    try:
+        family = family_for_config(config)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path} is {exc}") from None
+    family.check_config(config, cfg_path)
     return config
 
 
@@ -139,16 +128,13 @@ class Checkpoint:
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: shape for h in self.headers for name, (_, shape) in h.tensors.items()}
 
+    @property
+    def family(self) -> ModelFamily:
+        return family_for_config(self.config)
+
     def reference_model(self, *, dtype: str = "float32"):
         """The transformers eager model, the numerical reference for every parity check."""
-        from edgekit.errors import require
-
-        torch = require("torch", extra="export")
-        transformers = require("transformers", extra="export")
-        model = transformers.Gemma4ForConditionalGeneration.from_pretrained(
-            str(self.path), dtype=getattr(torch, dtype), local_files_only=True
-        )
-        return model.eval()
+        return self.family.reference_model(self.path, dtype)
 
 
 def load(path: Path | str, *, check_shapes: bool = True) -> Checkpoint:
@@ -171,12 +157,11 @@ def load(path: Path | str, *, check_shapes: bool = True) -> Checkpoint:
 
 
 def _check_shapes(checkpoint: Checkpoint) -> None:
-    from edgekit.testing.checkpoint_writer import tensor_specs
-
+    family = checkpoint.family
     try:
-        expected = {s.name: s.shape for s in tensor_specs(checkpoint.config)}
+        expected = {s.name: s.shape for s in family.tensor_specs(checkpoint.config)}
     except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{checkpoint.path}/config.json is not a valid Gemma 4 config: {exc}") from None
+        raise CheckpointError(f"{checkpoint.path}/config.json is not a valid {family.name} config: {exc}") from None
     found = checkpoint.tensor_shapes
     for name, shape in expected.items():
         if name not in found:
@@ -185,6 +170,6 @@ def _check_shapes(checkpoint: Checkpoint) -> None:
             raise CheckpointError(
                 f"tensor {name} has shape {list(found[name])} but config.json implies {list(shape)}"
             )
-    unexpected = [n for n in found if n not in expected and not _IGNORED_UNEXPECTED.match(n)]
+    unexpected = [n for n in found if n not in expected and not family.ignored_tensors(n)]
     if unexpected:
         raise CheckpointError(f"checkpoint {checkpoint.path} has a tensor the config does not describe: {unexpected[0]}")

@@ -1,15 +1,23 @@
-"""Bundle formats: what each writes, which backends run it, which recipes it accepts.
+"""Bundle formats: one entry each, naming its exporter, its runtime backend, its recipes.
 
-Recipes stay backend-agnostic (edgekit.recipes); this table is where a format says
-which of them its exporter and runtime can honour, so devices.yaml is checked against
-it on load and the CLI offers exactly these choices.
+Adding a format means one folder under export/ (its exporter), one under
+runtimes/backends/ (its runner, if it runs off-device here) and one entry in FORMATS.
+Everything else derives from the table: `edgekit.export.exporter_for`,
+`edgekit.runtimes.backends.open_backend`, the manifest's format enum, the JSON Schema's
+enum, the CLI's choices, and the checks of devices.yaml. Recipes stay backend-agnostic
+(edgekit.recipes); here a format says which of them its exporter and runtime honour.
+
+Exporters and backends are named as "module:attribute" and imported on use, so the
+table itself stays torch-free and the device side never imports the host side.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Any
 
-from edgekit.errors import InputError
+from edgekit.errors import InputError, MissingDependencyError, NotAvailableError
 from edgekit.recipes import RECIPES
 from edgekit.registry import Registry
 
@@ -27,7 +35,7 @@ class Backend:
     recipes: tuple[str, ...] = ()  # the format's recipes this backend takes (empty: all of them)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Format:
     name: str
     description: str
@@ -35,6 +43,13 @@ class Format:
     backends: tuple[Backend, ...]
     recipes: tuple[str, ...]
     default_recipe: str
+    # "module:function" of the exporter, an edgekit.export.Exporter; None: none yet (the reason says why).
+    exporter: str | None
+    # "module:Class" of the runtime backend, an edgekit.runtimes.backends.Backend; None: runs elsewhere.
+    runtime: str | None
+    # Why `exporter` or `runtime` is None: the one line a user gets.
+    unavailable: str = ""
+    runtime_extra: str = ""  # the install extra the runtime needs beyond the base package
     # What the runtime holds the KV cache in, whatever the recipe: ONNX graphs keep fp32
     # inputs/outputs (fp16 graphs too: keep_io_types), the .pte's cache buffers are fp32,
     # Core ML states are fp16.
@@ -42,10 +57,12 @@ class Format:
     # Sliding layers' cache slots beyond the window: ExecuTorch's ring buffer takes a whole
     # prefill chunk past the window (window + chunk - 1 slots).
     ring_takes_a_chunk: bool = False
-    # The vision encoder's attention runs a block of queries at a time (edgekit.plan.vision_query_chunk).
+    # The vision encoder's attention runs a block of queries at a time (edgekit.compute_shapes.vision_query_chunk).
     vision_query_chunked: bool = False
 
     def __post_init__(self) -> None:
+        if (self.exporter is None or self.runtime is None) and not self.unavailable:
+            raise ValueError(f"format {self.name}: say why it has no exporter or runtime (unavailable=...)")
         # A typo here would surface only when a user picks the recipe: fail at import.
         for name in (*self.recipes, self.default_recipe):
             RECIPES.get(name)
@@ -80,6 +97,16 @@ class Format:
         allowed = self.recipes_for(backend)
         return self.default_recipe if self.default_recipe in allowed else allowed[0]
 
+    def load_exporter(self) -> Any:
+        if self.exporter is None:
+            raise NotAvailableError(f"no {self.name} exporter: {self.unavailable}")
+        return _import(self.exporter, what=f"the {self.name} exporter", extra="export")
+
+    def load_runtime(self) -> Any:
+        if self.runtime is None:
+            raise NotAvailableError(f"{self.name} bundles do not run here: {self.unavailable}")
+        return _import(self.runtime, what=f"the {self.name} runtime", extra=self.runtime_extra)
+
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "extension": self.extension, "backends": list(self.backend_names),
                 "recipes": list(self.recipes), "default_recipe": self.default_recipe}
@@ -89,45 +116,66 @@ _INT4 = ("int4", "int4-b64", "int4-b128", "int4-head128")
 
 FORMATS: Registry[Format] = Registry("format", (
     Format(
-        "onnx",
-        "ONNX graphs + external data, run by ONNX Runtime (Pi: CPU; Jetson: CUDA / TensorRT)",
-        ".onnx",
-        (
+        name="onnx",
+        description="ONNX graphs + external data, run by ONNX Runtime (Pi: CPU; Jetson: CUDA / TensorRT)",
+        extension=".onnx",
+        backends=(
             Backend("cpu", ("CPUExecutionProvider",)),
             Backend("cuda", ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")),
         ),
-        # MatMulNBits int4 (shared/EXPORT-NOTES.md: 4x faster than fp32 decode at E2B width).
-        ("fp32", "fp16", "int8", *_INT4, "int4-ple2"),
-        "int4",
+        # MatMulNBits int4 (docs/export-notes.md: 4x faster than fp32 decode at E2B width).
+        recipes=("fp32", "fp16", "int8", *_INT4, "int4-ple2"),
+        default_recipe="int4",
+        exporter="edgekit.export.onnx.exporter:export_onnx",
+        runtime="edgekit.runtimes.backends.onnx_backend:OnnxBackend",
     ),
     Format(
-        "executorch",
-        "one multi-method .pte for the ExecuTorch runtime (Android AAR, C++, Python with torch)",
-        ".pte",
-        (
+        name="executorch",
+        description="one multi-method .pte for the ExecuTorch runtime (Android AAR, C++, Python with torch)",
+        extension=".pte",
+        backends=(
             # No weight-only linear recipes: IntxWeightOnlyConfig gives wrong outputs on XNNPACK
-            # and no smaller file (shared/EXPORT-NOTES.md).
+            # and no smaller file (docs/export-notes.md).
             Backend("xnnpack", recipes=("fp32", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4", "8da4w-ple2")),
             # ExecuTorch's Core ML delegate for the text methods (iphone / mac profiles): its
             # compute precision; the encoders stay on XNNPACK (export/executorch/coreml.py).
             Backend("coreml", recipes=("fp16", "fp32")),
         ),
-        ("fp32", "fp16", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4", "8da4w-ple2"),
-        "8da4w-emb4",
+        recipes=("fp32", "fp16", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4", "8da4w-ple2"),
+        default_recipe="8da4w-emb4",
+        exporter="edgekit.export.executorch.exporter:export_executorch",
+        runtime="edgekit.runtimes.backends.executorch_backend:ExecutorchBackend",
+        runtime_extra="executorch",
         ring_takes_a_chunk=True,
         vision_query_chunked=True,
     ),
     Format(
-        "coreml",
-        "stateful .mlpackage(s) for Core ML (iOS 18 / macOS 15 states hold the KV cache)",
-        ".mlpackage",
-        (Backend("coreml"),),
-        # linear_quantize_weights int8 per channel and int4 per block work (shared/EXPORT-NOTES.md).
-        ("fp32", "fp16", "int8", *_INT4),
-        "int4",
+        name="coreml",
+        description="stateful .mlpackage(s) for Core ML (iOS 18 / macOS 15 states hold the KV cache)",
+        extension=".mlpackage",
+        backends=(Backend("coreml"),),
+        # linear_quantize_weights int8 per channel and int4 per block work (docs/export-notes.md).
+        recipes=("fp32", "fp16", "int8", *_INT4),
+        default_recipe="int4",
+        exporter=None,
+        runtime=None,
+        unavailable="standalone .mlpackage bundles are not written yet; use --format executorch (its Core ML "
+                    "delegate runs the text methods on iphone / mac profiles) or onnx",
         kv_cache_bits=16,
     ),
 ))
+
+
+def _import(target: str, *, what: str, extra: str) -> Any:
+    module, _, attribute = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except ImportError as exc:
+        from edgekit import DISTRIBUTION
+
+        package = f"{DISTRIBUTION}[{extra}]" if extra else DISTRIBUTION
+        raise MissingDependencyError(f"{what} needs a package that is not installed ({exc}); install it with: "
+                                     f"pip install '{package}'") from None
 
 
 def get_format(name: str) -> Format:

@@ -15,12 +15,13 @@ import dataclasses
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 from edgekit import __version__
 from edgekit.errors import BundleError
 
-SCHEMA_VERSION = 1
+# 2: `recipe` and `quant_schemes` (were mixed in `quant_recipes`), `prefill_chunk`.
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 BUNDLE_SUFFIX = ".edgekit"
 
@@ -29,7 +30,7 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
-# Method names follow ExecuTorch's LLM runner conventions (DESIGN.md), so a stock runner
+# Method names follow ExecuTorch's LLM runner conventions (docs/architecture.md), so a stock runner
 # finds them in a .pte; ONNX and Core ML bundles use the same names for their graphs.
 METHOD_TOKEN_EMBEDDING = "token_embedding"
 METHOD_TEXT_DECODER = "text_decoder"
@@ -38,10 +39,6 @@ METHOD_VISION_ENCODER = "vision_encoder"
 # waveform -> log-mel frames (no weights), so a device needs no feature code of its own.
 METHOD_AUDIO_PREPROCESSOR = "audio_preprocessor"
 
-Format = Literal["onnx", "executorch", "coreml"]
-FORMATS: tuple[str, ...] = ("onnx", "executorch", "coreml")
-ModelSize = Literal["e2b", "e4b", "custom"]
-MODEL_SIZES: tuple[str, ...] = ("e2b", "e4b", "custom")
 # Tensor dtypes as numpy spells them (bfloat16 excepted): the runner maps them 1:1.
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 ARCHITECTURE = "gemma4"
@@ -63,9 +60,11 @@ class Key:
     FORMAT = "format"
     BACKEND = "backend"
     EXECUTION_PROVIDERS = "execution_providers"
-    QUANT_RECIPES = "quant_recipes"
+    RECIPE = "recipe"
+    QUANT_SCHEMES = "quant_schemes"
     METHODS = "methods"
     MAX_CONTEXT = "max_context"
+    PREFILL_CHUNK = "prefill_chunk"
     SPECIAL_TOKENS = "special_tokens"
     CHAT_TEMPLATE = "chat_template"
     AUDIO = "audio_preprocessing"
@@ -157,7 +156,7 @@ class ModelInfo:
     name: str
     architecture: str = ARCHITECTURE
     source_config_sha256: str  # sha256 of the checkpoint's config.json: which model this is
-    size: ModelSize
+    size: str  # a released size of the family (e2b, e4b, ...) or "custom"
     num_layers: int
     hidden_size: int
     vocab_size: int
@@ -244,14 +243,14 @@ class AudioPreprocessing:
     frame_length: int  # samples
     hop_length: int  # samples
     fft_length: int
+    ms_per_token: int  # one soft token per this many ms of audio
+    max_tokens: int  # soft tokens per clip at most
     min_frequency: float = 0.0
     max_frequency: float = 8000.0
     mel_floor: float = 1e-3
     preemphasis: float = 0.0
     preemphasis_htk_flavor: bool = True
     input_scale_factor: float = 1.0
-    ms_per_token: int = 40  # Gemma4Processor audio_ms_per_token
-    max_tokens: int = 750  # Gemma4Processor audio_seq_length: 30 s
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -281,12 +280,14 @@ def _utc_now() -> str:
 class Manifest:
     model: ModelInfo
     device: str  # device profile name from devices.yaml
-    format: Format
+    format: str  # a name in edgekit.formats.FORMATS
     backend: str  # e.g. "xnnpack", "cpu", "cuda", "coreml"
     execution_providers: tuple[str, ...] = ()  # onnxruntime providers in order of preference
-    quant_recipes: dict[str, str]  # component (method name) -> quant recipe name
+    recipe: str  # the quantization recipe the bundle was exported with (edgekit.recipes)
+    quant_schemes: dict[str, str]  # method name -> the storage schemes its weights use, "+"-joined
     methods: tuple[MethodSpec, ...]
     max_context: int
+    prefill_chunk: int  # most tokens one text_decoder call takes; the runner feeds prompts in such chunks
     special_tokens: SpecialTokens
     chat_template: str | None = CHAT_TEMPLATE_FILE  # a file name inside the bundle
     audio_preprocessing: AudioPreprocessing | None = None
@@ -301,12 +302,15 @@ class Manifest:
     def __post_init__(self) -> None:
         for name in ("execution_providers", "methods", "files"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.format not in FORMATS:
-            raise BundleError(f"bundle format {self.format!r} is unknown; expected one of {', '.join(FORMATS)}")
-        if self.model.size not in MODEL_SIZES:
-            raise BundleError(f"model size {self.model.size!r} is unknown; expected one of {', '.join(MODEL_SIZES)}")
+        formats, sizes = format_names(), (*model_sizes(), "custom")
+        if self.format not in formats:
+            raise BundleError(f"bundle format {self.format!r} is unknown; expected one of {', '.join(formats)}")
+        if self.model.size not in sizes:
+            raise BundleError(f"model size {self.model.size!r} is unknown; expected one of {', '.join(sizes)}")
         if self.max_context <= 0:
             raise BundleError(f"max_context must be positive, got {self.max_context}")
+        if not 0 < self.prefill_chunk <= self.max_context:
+            raise BundleError(f"prefill_chunk must be from 1 to max_context ({self.max_context}), got {self.prefill_chunk}")
         _no_duplicates("method", [m.name for m in self.methods])
         _no_duplicates("file", [f.path for f in self.files])
         named = [m.file for m in self.methods] + [f.path for f in self.files]
@@ -334,6 +338,19 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Any) -> Manifest:
         return _read_manifest(data)
+
+
+def format_names() -> tuple[str, ...]:
+    """The formats table's names (edgekit.formats): the manifest's format enum."""
+    from edgekit.formats import FORMATS  # the table imports recipes, which import method names from here
+
+    return FORMATS.names()
+
+
+def model_sizes() -> tuple[str, ...]:
+    from edgekit.models import model_sizes as sizes
+
+    return sizes()
 
 
 def all_keys(namespace: type) -> list[str]:
@@ -446,7 +463,7 @@ def _choice(o: _Obj, key: str, choices: tuple[str, ...]) -> str:
 def _model(o: _Obj) -> ModelInfo:
     return ModelInfo(
         name=o.req(ModelKey.NAME, str), architecture=o.req(ModelKey.ARCHITECTURE, str),
-        source_config_sha256=o.req(ModelKey.SOURCE_CONFIG_SHA256, str), size=_choice(o, ModelKey.SIZE, MODEL_SIZES),
+        source_config_sha256=o.req(ModelKey.SOURCE_CONFIG_SHA256, str), size=_choice(o, ModelKey.SIZE, (*model_sizes(), "custom")),
         num_layers=o.req(ModelKey.NUM_LAYERS, int), hidden_size=o.req(ModelKey.HIDDEN_SIZE, int),
         vocab_size=o.req(ModelKey.VOCAB_SIZE, int),
     )
@@ -469,8 +486,8 @@ def _audio(o: _Obj) -> AudioPreprocessing:
         **{k: o.opt(k, float, defaults[k]) for k in (K.MIN_FREQUENCY, K.MAX_FREQUENCY, K.MEL_FLOOR, K.PREEMPHASIS,
                                                     K.INPUT_SCALE_FACTOR)},
         preemphasis_htk_flavor=o.opt(K.PREEMPHASIS_HTK_FLAVOR, bool, defaults[K.PREEMPHASIS_HTK_FLAVOR]),
-        ms_per_token=o.opt(K.MS_PER_TOKEN, int, defaults[K.MS_PER_TOKEN]),
-        max_tokens=o.opt(K.MAX_TOKENS, int, defaults[K.MAX_TOKENS]),
+        ms_per_token=o.req(K.MS_PER_TOKEN, int),
+        max_tokens=o.req(K.MAX_TOKENS, int),
         extra=o.opt(K.EXTRA, dict, {}),
     )
 
@@ -504,8 +521,9 @@ def _read_manifest(data: Any) -> Manifest:
     if version > SCHEMA_VERSION:
         raise BundleError(f"bundle manifest schema {version} is newer than this edgekit understands "
                           f"({SCHEMA_VERSION}); upgrade edgekit")
-    if version < 1:
-        raise BundleError(f"bundle manifest has an invalid schema_version {version}")
+    if version < SCHEMA_VERSION:
+        raise BundleError(f"bundle manifest schema {version} is older than this edgekit reads ({SCHEMA_VERSION}); "
+                          "export the bundle again")
     audio, image = o.obj(Key.AUDIO, required=False), o.obj(Key.IMAGE, required=False)
     return Manifest(
         schema_version=version,
@@ -513,12 +531,14 @@ def _read_manifest(data: Any) -> Manifest:
         created_at=o.req(Key.CREATED_AT, str),
         model=_model(o.obj(Key.MODEL)),
         device=o.req(Key.DEVICE, str),
-        format=_choice(o, Key.FORMAT, FORMATS),
+        format=_choice(o, Key.FORMAT, format_names()),
         backend=o.req(Key.BACKEND, str),
         execution_providers=o.list_of(Key.EXECUTION_PROVIDERS, str, required=False) or (),
-        quant_recipes=o.dict_of(Key.QUANT_RECIPES, str),
+        recipe=o.req(Key.RECIPE, str),
+        quant_schemes=o.dict_of(Key.QUANT_SCHEMES, str),
         methods=tuple(_method(m) for m in o.objs(Key.METHODS)),
         max_context=o.req(Key.MAX_CONTEXT, int),
+        prefill_chunk=o.req(Key.PREFILL_CHUNK, int),
         special_tokens=_tokens(o.obj(Key.SPECIAL_TOKENS)),
         chat_template=o.opt(Key.CHAT_TEMPLATE, str),
         audio_preprocessing=_audio(audio) if audio else None,

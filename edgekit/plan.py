@@ -1,8 +1,8 @@
 """ExportPlan: what a bundle for one device will hold and whether it fits, from config.json alone.
 
-Nothing here reads weights or imports torch: the plan comes from parameter counts
-(edgekit.models.gemma4.param_count), the recipe's bits per weight (edgekit.recipes) and the device
-profile. `edgekit plan` prints it; `edgekit export` checks it before any work.
+Nothing here reads weights or imports torch: the plan comes from the model family's
+parameter counts and memory estimates (edgekit.models), the recipe's bits per weight
+(edgekit.recipes) and the device profile. `edgekit plan` prints it; `edgekit export` checks it before any work.
 
     memory needed = resident weights + KV cache + peak activations
     resident      = every stored weight except the per-layer embedding table, which is
@@ -17,26 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from edgekit.checkpoint import read_config
+from edgekit.compute_shapes import prefill_chunk
 from edgekit.errors import CheckpointError, DoesNotFitError, InputError
 from edgekit.formats import Format, get_format
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_VISION_ENCODER
-from edgekit.checkpoint import read_config
-from edgekit.models.gemma4.param_count import PER_LAYER_EMBEDDING, ComponentParams, count_parameters, text_layers
-from edgekit.profiles import MODALITIES, DeviceProfile
+from edgekit.models import family_for_config
+from edgekit.models.family import MODALITIES, PER_LAYER_EMBEDDING, ComponentParams, ModelFamily, TextLayer
+from edgekit.profiles import DeviceProfile
 from edgekit.recipes import Recipe, get_recipe
 
 GB = 1e9
-# Prefill runs in chunks of at most this many tokens; the exporters and the runner keep to
-# it for the activation estimate to hold. ExecuTorch plans (and allocates at load) the
-# decoder's activations for a whole chunk: at 512 tokens a global layer's scores against an
-# 8192-token cache alone are 128 MiB. 128 (ExecuTorch's own LLM export default) cut decode
-# RSS by 150 MiB at the same prefill speed (bench/RESULTS.md section 9).
-PREFILL_CHUNK = 128
-# Audio: 40 ms per soft token, at most 30 s (DESIGN.md); the feature extractor hops 10 ms.
-MAX_AUDIO_TOKENS = 750
-MEL_FRAMES_PER_TOKEN = 4
-MEL_BINS = 128
-ACTIVATION_BYTES = 4  # CPU kernels compute in fp32 whatever the weight storage
 _MODALITY_COMPONENT = {"audio": METHOD_AUDIO_ENCODER, "vision": METHOD_VISION_ENCODER}
 
 
@@ -86,7 +77,8 @@ class MemoryEstimate:
 @dataclass(frozen=True)
 class ExportPlan:
     checkpoint: Path
-    model: str  # e2b | e4b | custom
+    family: ModelFamily
+    model: str  # a size of the family (e2b, e4b, ...) or custom
     profile: DeviceProfile
     format: Format
     backend: str
@@ -127,6 +119,7 @@ class ExportPlan:
         m = self.memory
         return {
             "checkpoint": str(self.checkpoint),
+            "family": self.family.name,
             "model": self.model,
             "device": self.device,
             "recommended_model": self.profile.model,
@@ -163,6 +156,7 @@ def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | No
     except OSError as exc:
         raise CheckpointError(f"cannot read {checkpoint / 'config.json'}: {exc.strerror or exc}") from None
     text = config["text_config"]
+    family = family_for_config(config)
     notes: list[str] = []
     fmt, backend, providers = _resolve_format(profile, format_name)
     recipe = _resolve_recipe(profile, fmt, backend, recipe_name)
@@ -172,18 +166,19 @@ def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | No
     if fmt.name != profile.format:
         notes.append(f"format {fmt.name} instead of {profile.name}'s {profile.format}: backend {backend}"
                      + ("" if recipe_name or recipe.name == profile.recipe else f", its default recipe {recipe.name}"))
-    mods = _resolve_modalities(profile, config, modalities, notes)
-    context_length = _resolve_context(profile, text, context)
+    mods = _resolve_modalities(profile, family, config, modalities, notes)
+    context_length = _resolve_context(profile, text, context, notes)
 
-    counts = count_parameters(config)
+    counts = family.count_parameters(config)
     wanted = {c for m, c in _MODALITY_COMPONENT.items() if m in mods}
     included = [p for name, p in counts.items() if name not in _MODALITY_COMPONENT.values() or name in wanted]
     tied_lm_head = text["vocab_size"] * text["hidden_size"] if counts[METHOD_TEXT_DECODER].lm_head == 0 else 0
     components = tuple(_component_plan(p, recipe, tied_lm_head=tied_lm_head) for p in included)
     ring_extra = prefill_chunk(text, context_length) - 1 if fmt.ring_takes_a_chunk else 0
-    kv = kv_cache(text, context_length=context_length, dtype_bits=fmt.kv_cache_bits, ring_extra_slots=ring_extra)
-    activations = _activations(config, mods, context_length, profile.vision_token_budget,
-                               chunked_vision=fmt.vision_query_chunked)
+    kv = kv_cache(family.text_layers(text), sliding_window=int(text.get("sliding_window", 512)),
+                  context_length=context_length, dtype_bits=fmt.kv_cache_bits, ring_extra_slots=ring_extra)
+    activations = family.activation_bytes(config, mods, context_length, profile.vision_token_budget,
+                                          fmt.vision_query_chunked)
     memory = MemoryEstimate(
         resident_weights_bytes=sum(c.size_bytes for c in components if not c.memory_mapped),
         mapped_weights_bytes=sum(c.size_bytes for c in components if c.memory_mapped),
@@ -191,11 +186,11 @@ def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | No
         activations_bytes=activations,
         budget_bytes=profile.memory_budget_bytes,
     )
-    model = _model_size(text)
+    model = family.size_of(text)
     if model != "custom" and model != profile.model:
         notes.append(f"{profile.name} recommends {profile.model}; this checkpoint is {model}")
     return ExportPlan(
-        checkpoint=checkpoint, model=model, profile=profile, format=fmt, backend=backend,
+        checkpoint=checkpoint, family=family, model=model, profile=profile, format=fmt, backend=backend,
         execution_providers=providers, recipe=recipe, context_length=context_length, modalities=mods,
         vision_token_budget=profile.vision_token_budget, components=components,
         checkpoint_parameters=sum(p.total for p in counts.values()), kv_cache=kv, memory=memory, notes=tuple(notes),
@@ -225,27 +220,26 @@ def _resolve_recipe(profile: DeviceProfile, fmt: Format, backend: str, recipe_na
     return recipe
 
 
-def _resolve_context(profile: DeviceProfile, text: Mapping[str, Any], context: int | None) -> int:
-    length = profile.max_context if context is None else context
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise InputError(f"context must be a positive integer, got {length!r}")
+def _resolve_context(profile: DeviceProfile, text: Mapping[str, Any], context: int | None,
+                     notes: list[str]) -> int:
     max_positions = text.get("max_position_embeddings", 131_072)
-    if length > max_positions:
-        raise InputError(f"context {length} exceeds the model's max_position_embeddings ({max_positions})")
-    return length
+    if context is None:  # the profile's context is a default: a smaller model's own limit wins
+        if profile.max_context > max_positions:
+            notes.append(f"context {max_positions}: the model's max_position_embeddings, below {profile.name}'s "
+                         f"{profile.max_context}")
+            return max_positions
+        return profile.max_context
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise InputError(f"context must be a positive integer, got {context!r}")
+    if context > max_positions:
+        raise InputError(f"context {context} exceeds the model's max_position_embeddings ({max_positions})")
+    return context
 
 
-def _resolve_modalities(profile: DeviceProfile, config: Mapping[str, Any], requested: str | None,
-                        notes: list[str]) -> tuple[str, ...]:
-    available = {"text", *(m for m in ("audio", "vision") if isinstance(config.get(f"{m}_config"), Mapping))}
-    # Larger Gemma 4 configs let image tokens attend to each other both ways in the decoder;
-    # the exported decoders are causal everywhere (E2B / E4B leave it unset).
-    bidirectional = (config.get("text_config") or {}).get("use_bidirectional_attention")
-    if bidirectional == "all":
-        raise CheckpointError("this checkpoint's text decoder is bidirectional (use_bidirectional_attention "
-                              "'all'): edgekit exports causal decoders only")
-    unsupported = {"vision": "its decoder attends both ways over image tokens (use_bidirectional_attention "
-                             "'vision'), which edgekit's causal decoders do not"} if bidirectional == "vision" else {}
+def _resolve_modalities(profile: DeviceProfile, family: ModelFamily, config: Mapping[str, Any],
+                        requested: str | None, notes: list[str]) -> tuple[str, ...]:
+    towers = family.towers(config)
+    available, unsupported = set(towers.available), towers.unsupported
     if requested is None:
         for m in profile.modalities:
             if m not in available:
@@ -270,57 +264,34 @@ def _component_plan(p: ComponentParams, recipe: Recipe, *, tied_lm_head: int) ->
     bits = sum(n * recipe.bits_for(p.name, kind) for kind, n in p.by_kind().items())
     stored = p.total
     if p.name == METHOD_TEXT_DECODER and tied_lm_head:
-        # Quantized exports store the tied lm_head apart from the embedding table
-        # (shared/EXPORT-NOTES.md), and the ONNX decoder graph needs its own copy anyway.
+        # Quantized exports store the tied lm_head apart from the embedding table (torchao
+        # quantizes the two separately), and the ONNX decoder graph needs its own copy anyway.
         bits += tied_lm_head * recipe.bits_for(p.name, "lm_head")
         stored += tied_lm_head
     return ComponentPlan(p.name, p.total, stored, int(round(bits / 8)), memory_mapped=p.name == PER_LAYER_EMBEDDING)
 
 
-def _model_size(text: Mapping[str, Any]) -> str:
-    shape = (text.get("hidden_size"), text.get("num_hidden_layers"))
-    return {(1536, 35): "e2b", (2560, 42): "e4b"}.get(shape, "custom")
-
-
 # --- KV cache and activations ------------------------------------------------------------
 
 
-def prefill_chunk(text: Mapping[str, Any], context_length: int) -> int:
-    """Most tokens one decoder call takes where the graph fixes it (ExecuTorch's max_seq_len):
-    PREFILL_CHUNK, never more than the context or the sliding window."""
-    return max(1, min(context_length, PREFILL_CHUNK, int(text.get("sliding_window", PREFILL_CHUNK))))
-
-
-# Bytes of one block of vision attention scores (fp32) where the format chunks queries.
-VISION_SCORE_CHUNK_BYTES = 128 * 2**20
-
-
-def vision_query_chunk(num_heads: int, num_patches: int) -> int:
-    """Queries per block of the vision encoder's attention (ExecuTorch): one block's scores
-    [heads, chunk, P] stay near VISION_SCORE_CHUNK_BYTES; a multiple of 64, at least 64,
-    never more than P."""
-    rows = VISION_SCORE_CHUNK_BYTES // (ACTIVATION_BYTES * num_heads * num_patches)
-    return min(num_patches, max(64, rows // 64 * 64))
-
-
-def kv_cache(text: Mapping[str, Any], *, context_length: int, dtype_bits: int, ring_extra_slots: int = 0) -> KVCache:
+def kv_cache(layers: list[TextLayer], *, sliding_window: int, context_length: int, dtype_bits: int,
+             ring_extra_slots: int = 0) -> KVCache:
     """K and V of every cache-owning layer at `context_length` tokens.
 
     Sliding layers keep at most `sliding_window` tokens (+ `ring_extra_slots` where a ring
     buffer takes a whole chunk past the window); shared-KV layers read an earlier layer's
-    cache and add nothing. Global layers use global_head_dim.
+    cache and add nothing. Global layers have their own head_dim.
 
     Real E2B in fp16: 12 sliding layers x (1 KV head x 256 x 2 (K,V) x 2 bytes) = 12 KiB plus
-    3 global layers x (1 x 512 x 2 x 2) = 6 KiB: 18 KiB (18432 B) per token — the ~18 KB of
-    shared/EXPORT-NOTES.md, which counts all 15 cache-owning layers. That holds only up to
-    the 512-token window: past it the sliding caches stop growing and each further token
-    costs 6 KiB (global layers). At 4096 tokens: 12 x 1 KiB x 512 + 3 x 2 KiB x 4096 = 30 MiB,
-    not 4096 x 18 KiB = 72 MiB. E4B: 20 x 2 KiB + 4 x 4 KiB = 56 KiB per token within the window.
+    3 global layers x (1 x 512 x 2 x 2) = 6 KiB: 18 KiB (18432 B) per token, counting all 15
+    cache-owning layers. That holds only up to the 512-token window: past it the sliding
+    caches stop growing and each further token costs 6 KiB (global layers). At 4096 tokens:
+    12 x 1 KiB x 512 + 3 x 2 KiB x 4096 = 30 MiB, not 4096 x 18 KiB = 72 MiB.
+    E4B: 20 x 2 KiB + 4 x 4 KiB = 56 KiB per token within the window.
     """
-    window = int(text.get("sliding_window", 512))
     per_token = per_token_global = total = 0
     counts = {"sliding": 0, "global": 0, "shared": 0}
-    for layer in text_layers(text):
+    for layer in layers:
         if layer.shares_kv:
             counts["shared"] += 1
             continue
@@ -328,58 +299,10 @@ def kv_cache(text: Mapping[str, Any], *, context_length: int, dtype_bits: int, r
         per_token += row
         if layer.kind == "sliding_attention":
             counts["sliding"] += 1
-            total += row * min(context_length, window + ring_extra_slots)
+            total += row * min(context_length, sliding_window + ring_extra_slots)
         else:
             counts["global"] += 1
             per_token_global += row
             total += row * context_length
-    return KVCache(context_length, window, counts["sliding"], counts["global"], counts["shared"], dtype_bits,
+    return KVCache(context_length, sliding_window, counts["sliding"], counts["global"], counts["shared"], dtype_bits,
                    per_token, per_token_global, total)
-
-
-def _activations(config: Mapping[str, Any], modalities: tuple[str, ...], context: int, vision_tokens: int,
-                 *, chunked_vision: bool = False) -> int:
-    """Peak working memory: the stages (audio, vision, decoder) run one after another."""
-    stages = [_decoder_activations(config["text_config"], context)]
-    if "vision" in modalities:
-        stages.append(_vision_activations(config["vision_config"], vision_tokens, chunked=chunked_vision))
-    if "audio" in modalities:
-        stages.append(_audio_activations(config["audio_config"]))
-    return max(stages)
-
-
-def _decoder_activations(text: Mapping[str, Any], context: int) -> int:
-    layers = text_layers(text)
-    chunk, hidden, heads = min(context, PREFILL_CHUNK), text["hidden_size"], text["num_attention_heads"]
-    widest_mlp = max(layer.intermediate_size for layer in layers)
-    widest_q = heads * max(layer.head_dim for layer in layers)
-    ple = len(layers) * text.get("hidden_size_per_layer_input", 256)
-    values = (
-        chunk * hidden * 4  # residual, normed input, attention and MLP outputs
-        + chunk * widest_mlp * 3  # gate, up, their product
-        + chunk * widest_q * 3  # q, attention output, rotary temporaries
-        + heads * chunk * context  # scores of a global layer: the chunk against the whole cache
-        + chunk * ple * 2  # per-layer inputs: looked up and projected
-        + text["vocab_size"]  # logits of the last position only
-    )
-    return values * ACTIVATION_BYTES
-
-
-def _vision_activations(vision: Mapping[str, Any], soft_tokens: int, *, chunked: bool = False) -> int:
-    # Each soft token pools a k x k block of 16 px patches (pooling_kernel_size 3: 9 patches).
-    patches = soft_tokens * vision.get("pooling_kernel_size", 3) ** 2
-    # Defaults as in param_count (transformers' Gemma4VisionConfig / Gemma4AudioConfig).
-    h, heads = vision.get("hidden_size", 768), vision.get("num_attention_heads", 12)
-    # The attention scores dominate at large budgets: the whole matrix where a graph
-    # materialises it (ONNX), one block of queries where the format chunks them.
-    values = patches * (3 * vision.get("patch_size", 16) ** 2 + 4 * h + 2 * vision.get("intermediate_size", 3072))
-    queries = vision_query_chunk(heads, patches) if chunked else patches
-    return (values + heads * queries * patches) * ACTIVATION_BYTES
-
-
-def _audio_activations(audio: Mapping[str, Any]) -> int:
-    frames = MAX_AUDIO_TOKENS * MEL_FRAMES_PER_TOKEN
-    c0 = audio.get("subsampling_conv_channels", (128, 32))[0]
-    conv = c0 * (frames // 2) * (MEL_BINS // 2)  # first stride-2 conv output, the largest tensor
-    conformer = MAX_AUDIO_TOKENS * audio.get("hidden_size", 1024) * 8  # 4x feed-forward plus residual streams
-    return (frames * MEL_BINS + conv + conformer) * ACTIVATION_BYTES

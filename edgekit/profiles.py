@@ -18,15 +18,16 @@ import yaml
 
 from edgekit.errors import DeviceProfileError
 from edgekit.formats import FORMATS
+from edgekit.models import FAMILIES, model_sizes
+from edgekit.models.family import MODALITIES
 from edgekit.recipes import RECIPES
 from edgekit.registry import Registry
 
 PACKAGED_PROFILES = Path(__file__).resolve().parent / "devices.yaml"
 
-MODALITIES: tuple[str, ...] = ("text", "audio", "vision")
-MODEL_SIZES: tuple[str, ...] = ("e2b", "e4b")
-# Soft-token budgets Gemma 4's image processor offers (DESIGN.md: 70..1120).
-VISION_TOKEN_BUDGETS: tuple[int, ...] = (70, 140, 280, 560, 1120)
+MODEL_SIZES: tuple[str, ...] = model_sizes()
+# Soft-token budgets any family's image processor offers; a profile's must be its model's.
+VISION_TOKEN_BUDGETS: tuple[int, ...] = tuple(sorted({b for f in FAMILIES for b in f.vision_token_budgets}))
 CPU_ARCHES: tuple[str, ...] = ("arm64", "x86_64")
 # Closed so a typo ("dotprd") fails on load instead of silently disabling a kernel.
 ISA_FEATURES: tuple[str, ...] = (

@@ -8,7 +8,7 @@ exporters' job, and which formats accept which recipe lives in `edgekit.formats`
 Modelled on pytorch/executorch extension/llm/export/quant/recipe.py (QuantRule,
 QuantRecipe: first match wins).
 
-Weight kinds (see `edgekit.models.gemma4.param_count`): `embedding` (gathered tables), `linear`
+Weight kinds (see `edgekit.models.family.ComponentParams`): `embedding` (gathered tables), `linear`
 (matmul weights), `lm_head` (the output projection, stored in the decoder even when tied
 to the token embedding), `other` (norms, convolutions, biases, position tables: small,
 always left in float).
@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Literal
 
-from edgekit.errors import InputError
 from edgekit.registry import Registry
-from edgekit.models.gemma4.param_count import PER_LAYER_EMBEDDING
+from edgekit.models.family import PER_LAYER_EMBEDDING
 
 WeightKind = Literal["embedding", "linear", "lm_head", "other"]
 WEIGHT_KINDS: tuple[str, ...] = ("embedding", "linear", "lm_head", "other")
@@ -180,9 +179,9 @@ RECIPES: Registry[Recipe] = Registry("quantization recipe", (
         (Rule("*_embedding.embedding", INT8_WEIGHT_ONLY), Rule("*.linear", W8A8), Rule("*.lm_head", W8A8)),
     ),
     # Android default. Embeddings dominate E2B (2.75 B of 5.1 B parameters), so int4 rows
-    # save ~1.4 GB over int8 (shared/EXPORT-NOTES.md: 973 MB -> 731 MB at 4 layers).
+    # save ~1.4 GB over int8 (docs/export-notes.md: 973 MB -> 731 MB at 4 layers).
     # Vision keeps 8-bit weights through 8da8w: weight-only linears give wrong outputs on
-    # XNNPACK (shared/EXPORT-NOTES.md).
+    # XNNPACK (docs/export-notes.md).
     Recipe(
         "8da4w-emb4",
         "decoder 8da4w (group 32), embeddings int4 weight-only (group 32), audio and vision 8da8w",

@@ -1,28 +1,30 @@
 """Host-side exporters (needs `gemma-edgekit[export]`): importable as edgekit.export.
 
-`exporter_for(format)` is the one place that maps a bundle format to its exporter;
-each exporter takes (checkpoint, *, plan, output, overwrite) and returns the Bundle.
+One folder per format (onnx/, executorch/); the formats table (edgekit.formats) names
+each format's exporter, and `exporter_for` looks it up there.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-from edgekit.errors import ExportError, NotAvailableError
+from edgekit.formats import get_format
+
+if TYPE_CHECKING:
+    from edgekit.bundle import Bundle
+    from edgekit.checkpoint import Checkpoint
+    from edgekit.plan import ExportPlan
 
 
-def exporter_for(format_name: str) -> Callable:
-    if format_name == "onnx":
-        from edgekit.export.onnx.exporter import export_onnx
+class Exporter(Protocol):
+    """What every format's exporter is: the plan has decided everything (format, backend,
+    recipe, context, modalities); the exporter writes `output` atomically and returns the
+    loaded bundle."""
 
-        return export_onnx
-    if format_name == "executorch":
-        try:
-            from edgekit.export.executorch.exporter import export_executorch
-        except ImportError as exc:
-            raise NotAvailableError(f"the ExecuTorch exporter has not landed yet ({exc})") from None
-        return export_executorch
-    if format_name == "coreml":
-        raise NotAvailableError("the standalone Core ML (.mlpackage) exporter has not landed yet; use --format "
-                                "executorch (its Core ML delegate runs the text methods on iphone / mac profiles) or onnx")
-    raise ExportError(f"no exporter for format {format_name!r}")
+    def __call__(self, checkpoint: Checkpoint, *, plan: ExportPlan, output: Path,
+                 overwrite: bool = False) -> Bundle: ...
+
+
+def exporter_for(format_name: str) -> Exporter:
+    return get_format(format_name).load_exporter()

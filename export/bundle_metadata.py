@@ -9,22 +9,49 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from edgekit.bundle import BundleWriter
-from edgekit.manifest import (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, AudioPreprocessing,
-                              ImagePreprocessing, ModelInfo, SpecialTokens)
 from edgekit.checkpoint import Checkpoint
+from edgekit.compute_shapes import prefill_chunk
+from edgekit.manifest import (CHAT_TEMPLATE_FILE, METHOD_AUDIO_ENCODER, METHOD_VISION_ENCODER, TOKENIZER_CONFIG_FILE,
+                              TOKENIZER_FILE, AudioPreprocessing, ImagePreprocessing, Manifest, MethodSpec, ModelInfo,
+                              SpecialTokens)
 from edgekit.models.gemma4.special_tokens import TOKEN_STRINGS
+
+if TYPE_CHECKING:
+    from edgekit.plan import ExportPlan
 
 # Files copied from the checkpoint into every bundle (the chat template may also live
 # inside tokenizer_config.json in older checkpoints).
 TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE)
 
 
+def manifest_for(checkpoint: Checkpoint, plan: ExportPlan, *, methods: tuple[MethodSpec, ...],
+                 quant_schemes: dict[str, str], tokens: SpecialTokens | None = None,
+                 extra: dict[str, Any]) -> Manifest:
+    """The manifest every exporter writes: what the plan decided, what the checkpoint says,
+    and the exporter's own methods, schemes and format-specific `extra`."""
+    names = {m.name for m in methods}
+    return Manifest(
+        model=model_info(checkpoint, size=plan.model), device=plan.device, format=plan.format.name,
+        backend=plan.backend, execution_providers=plan.execution_providers,
+        recipe=plan.recipe.name, quant_schemes=quant_schemes, methods=methods,
+        max_context=plan.context_length,
+        prefill_chunk=prefill_chunk(checkpoint.text_config, plan.context_length),
+        special_tokens=tokens or special_tokens(checkpoint),
+        audio_preprocessing=audio_preprocessing(checkpoint) if METHOD_AUDIO_ENCODER in names else None,
+        image_preprocessing=(image_preprocessing(checkpoint, max_soft_tokens=plan.vision_token_budget)
+                             if METHOD_VISION_ENCODER in names else None),
+        extra={"modalities": list(plan.modalities), **extra},
+    )
+
+
 def model_info(checkpoint: Checkpoint, *, size: str) -> ModelInfo:
     text = checkpoint.text_config
     digest = hashlib.sha256((checkpoint.path / "config.json").read_bytes()).hexdigest()
-    return ModelInfo(name=checkpoint.path.name, source_config_sha256=digest, size=size,
+    return ModelInfo(name=checkpoint.path.name, architecture=checkpoint.family.name,
+                     source_config_sha256=digest, size=size,
                      num_layers=text["num_hidden_layers"], hidden_size=text["hidden_size"],
                      vocab_size=text["vocab_size"])
 
@@ -69,6 +96,7 @@ def _tokenizer_vocab(path: Path) -> dict[str, int]:
 
 def audio_preprocessing(checkpoint: Checkpoint) -> AudioPreprocessing:
     fe = _processor_section(checkpoint.path, "feature_extractor")
+    processor, limits = _processor_config(checkpoint.path), checkpoint.family.audio
     rate = int(fe.get("sampling_rate", 16000))
     frame = int(round(rate * fe.get("frame_length_ms", 20.0) / 1000))
     hop = int(round(rate * fe.get("hop_length_ms", 10.0) / 1000))
@@ -79,6 +107,8 @@ def audio_preprocessing(checkpoint: Checkpoint) -> AudioPreprocessing:
         mel_floor=float(fe.get("mel_floor", 1e-3)), preemphasis=float(fe.get("preemphasis", 0.0)),
         preemphasis_htk_flavor=bool(fe.get("preemphasis_htk_flavor", True)),
         input_scale_factor=float(fe.get("input_scale_factor", 1.0)),
+        ms_per_token=int(processor.get("audio_ms_per_token", limits.ms_per_token)),
+        max_tokens=int(processor.get("audio_seq_length", limits.max_tokens)),
         extra={k: fe[k] for k in ("frame_length_ms", "hop_length_ms", "fft_overdrive", "dither") if k in fe},
     )
 
@@ -91,6 +121,12 @@ def image_preprocessing(checkpoint: Checkpoint, *, max_soft_tokens: int) -> Imag
         pooling_kernel_size=int(ip.get("pooling_kernel_size", vision.get("pooling_kernel_size", 3))),
         max_soft_tokens=max_soft_tokens, rescale_factor=float(ip.get("rescale_factor", 1 / 255)),
     )
+
+
+def _processor_config(path: Path) -> dict:
+    f = path / "processor_config.json"
+    data = json.loads(f.read_text()) if f.is_file() else {}
+    return data if isinstance(data, dict) else {}
 
 
 def _processor_section(path: Path, key: str) -> dict:

@@ -118,7 +118,7 @@ def verify_bundle(bundle_path: Path, checkpoint: Checkpoint, *, steps: int = 64,
                          "--steps small enough to leave room for the prompt, or export with a larger --context")
     backend = open_backend(bundle)
     model = checkpoint.reference_model()
-    recipe = manifest.quant_recipes.get("recipe", "fp32")
+    recipe = manifest.recipe
     bounds = bounds_for(recipe)
     report: dict[str, Any] = {"recipe": recipe, "steps": steps, "bounds": dataclasses.asdict(bounds), "methods": {}}
     started = time.perf_counter()

@@ -62,7 +62,7 @@ def bench_bundle(path: Path | str, *, prompt_tokens: int = 128, decode_tokens: i
     decode_s = time.perf_counter() - t
     size = sum(f.size for f in manifest.files)
     return BenchResult(bundle=str(engine.bundle.path), format=manifest.format,
-                       recipe=manifest.quant_recipes.get("recipe", ""), bundle_mb=round(size / 1e6, 1),
+                       recipe=manifest.recipe, bundle_mb=round(size / 1e6, 1),
                        load_s=round(load_s, 3), prompt_tokens=prompt_tokens,
                        prefill_tok_s=round(prompt_tokens / prefill_s, 2), decode_tokens=decode_tokens,
                        decode_tok_s=round(decode_tokens / decode_s, 2), peak_rss_mb=round(peak_rss_mb(), 1))

@@ -23,7 +23,6 @@ import numpy as np
 from edgekit.bundle import Bundle, load_bundle
 from edgekit.errors import InputError
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_VISION_ENCODER
-from edgekit.plan import PREFILL_CHUNK
 from edgekit.runtimes.backends import Backend, open_backend
 from edgekit.runtimes.image_preprocess import ImageParams, preprocess_image
 from edgekit.runtimes.mel_features import MelParams, log_mel_features
@@ -78,7 +77,7 @@ class Engine:
     bundle: Bundle
     backend: Backend
     prompts: PromptBuilder
-    prefill_chunk: int = PREFILL_CHUNK  # also bounds an ONNX prefill's [chunk, vocab] logits
+    prefill_chunk: int  # the manifest's; also bounds an ONNX prefill's [chunk, vocab] logits
     last_stats: GenerationStats = field(default_factory=GenerationStats)
     last_token_ids: list[int] = field(default_factory=list)  # the last answer's tokens, stop token included
     last_thought: str = ""  # what the model thought before its last answer (enable_thinking)
@@ -93,7 +92,7 @@ class Engine:
         bundle = load_bundle(path, verify=verify)
         backend = open_backend(bundle, providers=providers, threads=threads)
         prompts = PromptBuilder.from_dir(bundle.path, special_tokens=bundle.manifest.special_tokens)
-        return cls(bundle=bundle, backend=backend, prompts=prompts)
+        return cls(bundle=bundle, backend=backend, prompts=prompts, prefill_chunk=bundle.manifest.prefill_chunk)
 
     @property
     def max_context(self) -> int:

@@ -47,10 +47,10 @@ def make_manifest(**overrides) -> Manifest:
         model=ModelInfo(name="tiny-e2b", source_config_sha256="ab" * 32, size="custom", num_layers=2,
                         hidden_size=hidden, vocab_size=512),
         device="pi5", format="onnx", backend="cpu", execution_providers=["CPUExecutionProvider"],
-        quant_recipes={METHOD_TEXT_DECODER: "int4-w", METHOD_TOKEN_EMBEDDING: "emb-int8"},
-        methods=methods, max_context=256, special_tokens=SpecialTokens.from_layout(layout_for(512)),
+        recipe="int4", quant_schemes={METHOD_TEXT_DECODER: "int4-b32", METHOD_TOKEN_EMBEDDING: "int8-emb"},
+        methods=methods, max_context=256, prefill_chunk=128, special_tokens=SpecialTokens.from_layout(layout_for(512)),
         audio_preprocessing=AudioPreprocessing(sampling_rate=16000, feature_size=128, frame_length=320,
-                                               hop_length=160, fft_length=512),
+                                               hop_length=160, fft_length=512, ms_per_token=40, max_tokens=750),
         image_preprocessing=ImagePreprocessing(patch_size=16, pooling_kernel_size=3, max_soft_tokens=280),
         extra={"opset": 21, "ir_version": 10},
     )
@@ -117,8 +117,10 @@ def test_written_manifest_validates_against_schema(tmp_path):
 
 def test_from_dict_errors_name_the_key():
     data = make_manifest().to_dict()
-    with pytest.raises(BundleError, match="schema 2 is newer than this edgekit understands \\(1\\); upgrade edgekit"):
-        Manifest.from_dict({**data, Key.SCHEMA_VERSION: 2})
+    with pytest.raises(BundleError, match="schema 3 is newer than this edgekit understands \\(2\\); upgrade edgekit"):
+        Manifest.from_dict({**data, Key.SCHEMA_VERSION: 3})
+    with pytest.raises(BundleError, match="schema 1 is older than this edgekit reads \\(2\\); export the bundle again"):
+        Manifest.from_dict({**data, Key.SCHEMA_VERSION: 1})
     del data[Key.MODEL][ModelKey.VOCAB_SIZE]
     with pytest.raises(BundleError, match="missing key 'model.vocab_size'"):
         Manifest.from_dict(data)
@@ -324,8 +326,8 @@ def test_bad_manifests(tmp_path):
     target = write_bundle(tmp_path / "tiny.edgekit")
     manifest = target / MANIFEST_FILE
     data = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({**data, Key.SCHEMA_VERSION: 2}))
-    with pytest.raises(BundleError, match="bundle manifest schema 2 is newer than this edgekit understands"):
+    manifest.write_text(json.dumps({**data, Key.SCHEMA_VERSION: 3}))
+    with pytest.raises(BundleError, match="bundle manifest schema 3 is newer than this edgekit understands"):
         load_bundle(target)
     manifest.write_text('{"schema_version": 1,')
     with pytest.raises(BundleError, match="is not valid JSON"):

@@ -99,7 +99,7 @@ def test_iphone_profile_puts_the_text_methods_on_core_ml(iphone_bundle):
     path, stderr = iphone_bundle
     assert stderr.strip() == ""  # coremltools' and ExecuTorch's chatter stays hidden
     m = load_bundle(path).manifest
-    assert (m.format, m.backend, m.quant_recipes["recipe"]) == ("executorch", "coreml", "fp16")
+    assert (m.format, m.backend, m.recipe) == ("executorch", "coreml", "fp16")
     for name in (METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER):
         assert m.method(name).extra["delegates"] == {"CoreMLBackend": 1} and not m.method(name).extra["kernels"]
     assert m.extra["kv_cache_dtype"] == "float16"

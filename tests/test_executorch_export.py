@@ -240,7 +240,7 @@ def test_manifest_describes_the_program(fp32, tiny_e2b):
     assert decoder.extra["max_seq_len"] == m.extra["max_seq_len"] == 16
     assert decoder.extra["kv_cache_slots"] == {"full_attention": CONTEXT, "sliding_attention": 16 + 16 - 1}
     assert m.method(METHOD_AUDIO_ENCODER).inputs[0].shape == (1, "num_frames", 128)
-    assert m.quant_recipes["recipe"] == "fp32" and m.quant_recipes[METHOD_TEXT_DECODER] == "fp32"
+    assert m.recipe == "fp32" and m.quant_schemes[METHOD_TEXT_DECODER] == "fp32"
     assert m.extra["packed_ple"]["per_layer_inputs"] == [64, 64 + 160]
     assert m.audio_preprocessing is not None and m.image_preprocessing.max_soft_tokens == VISION_BUDGET
     # Norm and GELU swaps keep the decoder in few XNNPACK delegates (200 without them).
@@ -469,7 +469,7 @@ def test_tiny_e4b_exports_every_method_and_verifies(executorch_bundles, tiny_e4b
                                           METHOD_AUDIO_ENCODER, METHOD_AUDIO_PREPROCESSOR]
     text = load(tiny_e4b).text_config
     packed = text["hidden_size"] + text["num_hidden_layers"] * text["hidden_size_per_layer_input"]
-    assert m.quant_recipes["recipe"] == QUANT_RECIPE
+    assert m.recipe == QUANT_RECIPE
     assert m.method(METHOD_TEXT_DECODER).inputs[0].shape == (1, "seq_len", packed)
     result = run_cli("verify", str(bundle.path), "--reference", str(tiny_e4b), "--json", timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -552,8 +552,8 @@ def test_quantized_program_matches_the_eager_recipe(e4b_program, tiny_e4b):
 
     bundle, program = e4b_program
     m = bundle.manifest
-    assert m.quant_recipes[METHOD_TEXT_DECODER] == "8da4w-g32"
-    assert m.quant_recipes[METHOD_TOKEN_EMBEDDING] == "int4-emb-g32"
+    assert m.quant_schemes[METHOD_TEXT_DECODER] == "8da4w-g32"
+    assert m.quant_schemes[METHOD_TOKEN_EMBEDDING] == "int4-emb-g32"
     assert "quantized_decomposed::embedding_4bit" in m.method(METHOD_TOKEN_EMBEDDING).extra["kernels"]
 
     plan = _plan(tiny_e4b, QUANT_RECIPE, "text,audio,vision")

@@ -163,7 +163,7 @@ def _pow_budget(bundle: Path) -> int:
 
 def test_int4_bundle_is_quantized_smaller_and_within_bounds(onnx_int4_bundle, onnx_fp32_bundle, tiny_e4b):
     manifest = load_bundle(onnx_int4_bundle).manifest
-    assert manifest.quant_recipes["recipe"] == "int4"
+    assert manifest.recipe == "int4"
     assert "MatMulNBits" in _ops(onnx_int4_bundle / "decoder.onnx")
     assert "GatherBlockQuantized" in _ops(onnx_int4_bundle / "embedding.onnx")
     # int8 towers come out of onnxruntime's quantizer as private temp files: not in a bundle
@@ -194,7 +194,7 @@ def test_size_first_recipe_stores_the_per_layer_rows_in_two_bits(tiny_e2b_4layer
             for n in graph.node if n.op_type == "GatherBlockQuantized"}
     assert sorted(bits.values()) == [2, 4], bits
     assert any("per_layer" in name for name, b in bits.items() if b == 2), bits
-    assert bundle.manifest.quant_recipes["token_embedding"] == "int4-emb-b32+int2-emb-g64"
+    assert bundle.manifest.quant_schemes["token_embedding"] == "int4-emb-b32+int2-emb-g64"
     report = verify_bundle(bundle.path, load(tiny_e2b_4layers), steps=16)
     # Its own, looser bounds (export/verify.py): measured min logits cosine 0.983 here (tiny-e4b
     # with every tower: 0.885).
@@ -221,7 +221,7 @@ def test_lm_head_takes_its_own_block_size(tiny_e2b_4layers, tmp_path):
             attrs = {a.name: a.i for a in n.attribute}
             blocks.setdefault(attrs["N"] == checkpoint.text_config["vocab_size"], set()).add(attrs["block_size"])
     assert blocks == {True: {128}, False: {32}}, blocks
-    assert bundle.manifest.quant_recipes["text_decoder"] == "int4-b32+int4-b128"
+    assert bundle.manifest.quant_schemes["text_decoder"] == "int4-b32+int4-b128"
     report = verify_bundle(bundle.path, checkpoint, steps=16)
     assert report["passed"], (report["failures"], report["methods"]["text_decoder"])
 

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from edgekit.errors import CheckpointError, DeviceProfileError, DoesNotFitError, InputError
-from edgekit.models.gemma4.param_count import PER_LAYER_EMBEDDING, count_parameters, total_parameters
-from edgekit.plan import PREFILL_CHUNK, kv_cache, make_plan, vision_query_chunk
+from edgekit.compute_shapes import PREFILL_CHUNK, vision_query_chunk
+from edgekit.models.family import PER_LAYER_EMBEDDING
+from edgekit.models.gemma4.param_count import count_parameters, text_layers, total_parameters
+from edgekit.plan import kv_cache, make_plan
 from edgekit.models.gemma4.presets import PRESETS, build_config
 from edgekit.profiles import load_profiles
 from tests.conftest import assert_clean_failure, run_cli
@@ -110,25 +112,29 @@ def test_towers_absent_from_config_are_not_counted():
 # --- KV cache ----------------------------------------------------------------------------
 
 
+def _kv(text, **kwargs):
+    return kv_cache(text_layers(text), sliding_window=text["sliding_window"], **kwargs)
+
+
 def test_kv_cache_e2b():
     text = build_config(PRESETS["e2b-shape"])["text_config"]
-    kv = kv_cache(text, context_length=4096, dtype_bits=16)
+    kv = _kv(text, context_length=4096, dtype_bits=16)
     assert (kv.sliding_layers, kv.global_layers, kv.shared_layers) == (12, 3, 20)
-    # 12 x (1 head x 256 x K,V x 2 B) + 3 x (1 x 512 x 2 x 2 B): the ~18 KB of EXPORT-NOTES
+    # 12 x (1 head x 256 x K,V x 2 B) + 3 x (1 x 512 x 2 x 2 B): ~18 KB
     assert kv.bytes_per_token == 18_432 and kv.bytes_per_token_past_window == 6_144
     assert kv.total_bytes == 12 * 1024 * 512 + 3 * 2048 * 4096
     # Within the window every cache-owning layer grows.
-    assert kv_cache(text, context_length=256, dtype_bits=16).total_bytes == 18_432 * 256
-    assert kv_cache(text, context_length=4096, dtype_bits=32).total_bytes == 2 * kv.total_bytes
+    assert _kv(text, context_length=256, dtype_bits=16).total_bytes == 18_432 * 256
+    assert _kv(text, context_length=4096, dtype_bits=32).total_bytes == 2 * kv.total_bytes
 
 
 def test_kv_cache_e4b_and_without_sharing():
     text = build_config(PRESETS["e4b-shape"])["text_config"]
-    kv = kv_cache(text, context_length=512, dtype_bits=16)
+    kv = _kv(text, context_length=512, dtype_bits=16)
     assert (kv.sliding_layers, kv.global_layers, kv.shared_layers) == (20, 4, 18)
-    assert kv.bytes_per_token == 57_344  # ~56 KB (EXPORT-NOTES)
+    assert kv.bytes_per_token == 57_344  # ~56 KB
     text["num_kv_shared_layers"] = 0
-    assert kv_cache(text, context_length=512, dtype_bits=16).shared_layers == 0
+    assert _kv(text, context_length=512, dtype_bits=16).shared_layers == 0
 
 
 # --- plans -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import yaml
 
 from edgekit.errors import DeviceProfileError, InputError
 from edgekit.formats import FORMATS, get_format
-from edgekit.manifest import FORMATS as MANIFEST_FORMATS
+from edgekit.manifest import format_names
 from edgekit.profiles import PACKAGED_PROFILES, VISION_TOKEN_BUDGETS, load_profiles
 from edgekit.recipes import RECIPES, Recipe, Rule, get_recipe
 from edgekit.registry import Registry
@@ -167,7 +167,7 @@ def test_first_matching_rule_wins():
 
 
 def test_formats_accept_only_known_recipes_and_match_the_manifest():
-    assert FORMATS.names() == MANIFEST_FORMATS
+    assert FORMATS.names() == format_names()
     for fmt in FORMATS:
         assert all(r in RECIPES for r in fmt.recipes)
     assert not get_format("executorch").supports("int8")  # weight-only linears are wrong on XNNPACK

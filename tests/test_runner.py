@@ -181,11 +181,9 @@ def _sliding_rows(engine) -> int:
 def test_chat_after_an_answer_longer_than_the_window_reuses_the_cache(onnx_fp32_bundle, monkeypatch):
     """The sliding layers' rows are cut as the prompt is fed, but not those back to where the
     answer began: the next turn re-renders the whole answer, and still feeds only itself."""
-    from edgekit.runtimes.backends.onnx_backend import OnnxBackend
-
     slack = 12  # the tiny tokenizer spells the generation prompt's empty thought channel in ~10 tokens
-    monkeypatch.setattr(OnnxBackend, "sliding_slack", slack)
     engine = load(onnx_fp32_bundle)
+    engine.backend.sliding_slack = slack
     history = [{"role": "user", "content": "Hello there, tell me a long story about a robot. " * 4}]
     first = "".join(engine.generate(history, sampling=GREEDY))
     answer_start = engine.last_stats.prompt_tokens

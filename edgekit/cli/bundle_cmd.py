@@ -42,13 +42,13 @@ def _print_summary(s: dict[str, Any]) -> None:
     console = Console(highlight=False, markup=False)
     model = s["model"]
     providers = f" ({', '.join(s['execution_providers'])})" if s["execution_providers"] else ""
-    recipes = ", ".join(f"{k}={v}" for k, v in s["quant_recipes"].items()) or "none"
+    schemes = ", ".join(f"{k}={v}" for k, v in s["quant_schemes"].items()) or "none"
     console.print(s["path"], style="bold")
     console.print(f"  model    {model['name']} ({model['architecture']} {model['size']}, {model['num_layers']} layers, "
                   f"hidden {model['hidden_size']}, vocab {model['vocab_size']})")
     console.print(f"  device   {s['device']}")
     console.print(f"  format   {s['format']} / {s['backend']}{providers}")
-    console.print(f"  quant    {recipes}")
+    console.print(f"  quant    {s['recipe']}: {schemes}")
     console.print(f"  context  {s['max_context']} tokens")
     console.print(f"  created  {s['created_at']} by edgekit {s['edgekit_version']} (schema {s['schema_version']})")
 

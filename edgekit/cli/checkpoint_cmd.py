@@ -8,12 +8,12 @@ from pathlib import Path
 import typer
 
 from edgekit.cli import app
-from edgekit.models.gemma4.presets import PRESETS, get_preset
+from edgekit.models import get_preset, preset_names
 
 
 @app.command("make-checkpoint")
 def make_checkpoint(
-    preset: str = typer.Argument(..., help=f"One of: {', '.join(PRESETS)}."),
+    preset: str = typer.Argument(..., help=f"One of: {', '.join(preset_names())}."),
     out_dir: Path = typer.Argument(..., help="Directory to write (must not exist or be empty)."),
     seed: int = typer.Option(0, "--seed", help="Random seed for the weights."),
     layers: int = typer.Option(None, "--layers", help="Cut the decoder to N layers (keeps the layer pattern)."),

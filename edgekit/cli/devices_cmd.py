@@ -9,7 +9,7 @@ import typer
 
 from edgekit.cli import app
 from edgekit.formats import FORMATS
-from edgekit.profiles import MODALITIES
+from edgekit.models.family import MODALITIES
 from edgekit.recipes import RECIPES
 
 

@@ -21,13 +21,13 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from edgekit.bundle import replace_directory
-from edgekit.errors import InputError, require
+from edgekit.errors import InputError
 from edgekit.models.gemma4.presets import Preset, build_config
+from edgekit.models.gemma4.tensor_specs import TensorSpec, tensor_specs
 from edgekit.progress import progress_bar
 from edgekit.models.gemma4.special_tokens import layout_for
 
@@ -38,31 +38,6 @@ _ROW_CHUNK_ELEMENTS = 64 * 1024 * 1024
 # Finite clip bounds, as released checkpoints have (transformers' init uses +-inf):
 # the exporters must handle real values, not infinities.
 _CLIP_BOUND = 8.0
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * 2  # bf16
-
-
-def tensor_specs(config: dict[str, Any]) -> list[TensorSpec]:
-    """Every persistent tensor of the model, in state-dict order, tied lm_head left out."""
-    torch = require("torch", extra="export")
-    transformers = require("transformers", extra="export")
-    cfg = transformers.Gemma4Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
-    with torch.device("meta"):
-        model = transformers.Gemma4ForConditionalGeneration(cfg)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    return [TensorSpec(name, tuple(t.shape)) for name, t in model.state_dict().items() if name not in tied]
 
 
 def _init_tensor(spec: TensorSpec, *, seed: int):
@@ -201,13 +176,13 @@ def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int
 
 
 def _is_checkpoint(path: Path) -> bool:
-    from edgekit.checkpoint import SUPPORTED_MODEL_TYPES
+    from edgekit.models import FAMILIES
 
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(config, dict) and config.get("model_type") in SUPPORTED_MODEL_TYPES
+    return isinstance(config, dict) and any(config.get("model_type") in f.model_types for f in FAMILIES)
 
 
 def _check_disk_space(out_dir: Path, needed: int) -> None:

@@ -2,7 +2,7 @@
 
 transformers' Gemma4AudioModel.forward does not export: it builds its chunked-attention
 mask through masking_utils' vmap path (the legacy exporter trips on torch.vmap; dynamo
-with a dynamic length fails, shared/EXPORT-NOTES.md). This module runs transformers' own
+with a dynamic length fails, docs/export-notes.md). This module runs transformers' own
 subsampling convs, conformer layers and projections on the same weights, and builds the
 blocked [B,1,blocks,chunk,context] mask directly from the frame mask — the same values
 Gemma4AudioModel._convert_4d_mask_to_blocked_5d produces, without vmap. Parity against

@@ -40,7 +40,7 @@ class BakedClipLinear(nn.Module):
     """Gemma4ClippableLinear with its clip bounds as Python floats (shares the weight).
 
     onnxscript's optimizer turns `clamp(x, min_buffer, max_buffer)` into a `Clip` with
-    undefined bounds that onnxruntime refuses to load (shared/EXPORT-NOTES.md, Traps);
+    undefined bounds that onnxruntime refuses to load (docs/export-notes.md, Traps);
     float bounds become constants. Infinite bounds (transformers' init) drop the clamp.
     """
 

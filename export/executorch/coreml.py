@@ -6,7 +6,7 @@ preprocess is coremltools' ct.convert to an ML program, saved as an .mlpackage i
 program needs Apple's Core ML runtime: executorch.runtime on Linux answers "Backend
 CoreMLBackend is not registered", and model_type COMPILED_MODEL (an .mlmodelc made at
 export time) fails off macOS ("This model was not loaded or compiled with the Core ML
-Framework"). Measurements: /tmp/coreml_check/FINDINGS.md of the session that added this.
+Framework").
 
 Two fixes make the text_decoder one Core ML delegate with its KV caches as Core ML states:
 

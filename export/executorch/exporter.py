@@ -21,8 +21,6 @@ from pathlib import Path
 import torch
 
 from edgekit.bundle import Bundle, BundleWriter
-from edgekit.errors import ExportError
-from edgekit.formats import get_format
 from edgekit.export import bundle_metadata
 from edgekit.export.executorch import methods as M
 from edgekit.export.executorch.coreml import coreml_partitioner
@@ -33,7 +31,8 @@ from edgekit.export.lazy_upcast import load_in_checkpoint_dtype, upcast_
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_AUDIO_PREPROCESSOR, METHOD_TEXT_DECODER,
                               METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER, Manifest, MethodSpec)
 from edgekit.checkpoint import Checkpoint
-from edgekit.plan import prefill_chunk
+from edgekit.compute_shapes import prefill_chunk
+from edgekit.plan import ExportPlan
 from edgekit.progress import progress_bar
 
 PTE_FILE = "model.pte"
@@ -45,17 +44,8 @@ PTD_FILE = str(Path(PTE_FILE).with_suffix(".ptd"))
 COREML_METHODS = (METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER)
 
 
-def check_modalities(checkpoint: Checkpoint, modalities: tuple[str, ...]) -> None:
-    """A modality the checkpoint has no tower for is a one-line error, before any slow work."""
-    for modality, present in (("vision", checkpoint.has_vision), ("audio", checkpoint.has_audio)):
-        if modality in modalities and not present:
-            others = ",".join(m for m in modalities if m != modality)
-            raise ExportError(f"{checkpoint.path} has no {modality} tower ({modality}_config is null); "
-                              f"export with --modalities {others}")
-
-
 def max_seq_len(text_config, context_length: int) -> int:
-    """Most tokens one text_decoder call takes: edgekit.plan.prefill_chunk (PREFILL_CHUNK,
+    """Most tokens one text_decoder call takes: edgekit.compute_shapes.prefill_chunk (PREFILL_CHUNK,
     never more than the sliding window, which keeps a sliding layer's ring under two windows:
     window + chunk - 1 slots; for the released models both are 512)."""
     return prefill_chunk(text_config.to_dict(), context_length)
@@ -114,13 +104,8 @@ def _release_tables(lm) -> None:
 
 # --- entry point ---------------------------------------------------------------------------
 
-def export_executorch(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool = False) -> Bundle:
+def export_executorch(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path, overwrite: bool = False) -> Bundle:
     """Write an ExecuTorch bundle for `plan` to `output` and return it (loaded, files checked)."""
-    check_modalities(checkpoint, plan.modalities)
-    allowed = get_format("executorch").recipes_for(plan.backend)
-    if plan.recipe.name not in allowed:
-        raise ExportError(f"recipe {plan.recipe.name} is not an ExecuTorch recipe for {plan.backend}; "
-                          f"choose one of: {', '.join(allowed)}")
     started = time.monotonic()
     lm = load_in_checkpoint_dtype(checkpoint)  # bf16 weights, upcast one module at a time
     seq_len = max_seq_len(lm.config.text_config, plan.context_length)
@@ -175,19 +160,12 @@ def _manifest(checkpoint: Checkpoint, plan, builds, reports, lowered, *, tokens,
                           "delegates": lowered[name].delegates, "kernels": list(lowered[name].kernels),
                           "planned_memory_bytes": lowered[name].planned_bytes})
         for name, b in builds.items())
-    has_audio, has_vision = METHOD_AUDIO_ENCODER in builds, METHOD_VISION_ENCODER in builds
     schemes = {name: "+".join(dict.fromkeys(r.schemes.values())) for name, r in reports.items()}
     if plan.recipe.name == "fp16":  # Core ML computes in fp16; XNNPACK runs the unquantized rest in fp32
         schemes |= {name: "fp32" for name in schemes if name not in on_coreml}
-    return Manifest(
-        model=bundle_metadata.model_info(checkpoint, size=plan.model), device=plan.device, format="executorch",
-        backend=plan.backend, quant_recipes=schemes | {"recipe": plan.recipe.name},
-        methods=methods, max_context=plan.context_length, special_tokens=tokens,
-        audio_preprocessing=bundle_metadata.audio_preprocessing(checkpoint) if has_audio else None,
-        image_preprocessing=(bundle_metadata.image_preprocessing(checkpoint, max_soft_tokens=plan.vision_token_budget)
-                             if has_vision else None),
+    return bundle_metadata.manifest_for(
+        checkpoint, plan, methods=methods, quant_schemes=schemes, tokens=tokens,
         extra={
-            "modalities": list(plan.modalities),
             "program": PTE_FILE,
             **({"program_data": PTD_FILE} if plan.external_weights else {}),
             "metadata_methods": list(METADATA_METHODS),

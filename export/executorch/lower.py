@@ -6,7 +6,7 @@
                                                                          XNNPACK, or Core ML: coreml.py)
         ─► to_executorch (quant fusion + const prop, reinplace, sym-shape memory planning) ─► .pte
 
-Settings that work with executorch 1.5.1 / torch 2.13 (shared/EXPORT-NOTES.md): strict export
+Settings that work with executorch 1.5.1 / torch 2.13 (docs/export-notes.md): strict export
 (non-strict programs fail in lowering); the dynamically quantized partitioner before the
 plain one; quant fusion and constant propagation (quantized embedding lookups need them);
 graph inputs not memory planned; sym-shape evaluation by constraints (the dynamic seq_len).

@@ -53,7 +53,7 @@ from edgekit.export.components.token_embedding import TokenEmbedding
 from edgekit.export.components.vision_encoder import VisionEncoder
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_AUDIO_PREPROCESSOR, METHOD_TEXT_DECODER,
                               METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER, TensorSpec)
-from edgekit.plan import vision_query_chunk
+from edgekit.compute_shapes import vision_query_chunk
 from edgekit.runtimes.mel_features import MAX_SAMPLES, PAD_TO_MULTIPLE_OF, MelParams
 
 # Dim names in the manifest (TensorSpec shapes) for the dynamic dimensions.

@@ -6,9 +6,9 @@
     fp32                                          untouched
 
 Weight-only linears are refused: on XNNPACK they give wrong outputs and no smaller file
-(shared/EXPORT-NOTES.md), and edgekit.formats keeps them out of the executorch recipes.
+(docs/export-notes.md), and edgekit.formats keeps them out of the executorch recipes.
 Quantization parameters use the "affine" algorithm: the default hqq_scale_only took ~350 s
-on a 0.89 B model against 18 s (shared/EXPORT-NOTES.md).
+on a 0.89 B model against 18 s (docs/export-notes.md).
 
 Modules are quantized in place (the loaded model is consumed). A linear whose input width
 is not a multiple of its group size stays in float and is reported (tiny test models
@@ -33,11 +33,11 @@ from torch import nn
 
 from edgekit.errors import ExportError
 from edgekit.export.lazy_upcast import release_pages, upcast_
-from edgekit.models.gemma4.param_count import PER_LAYER_EMBEDDING
+from edgekit.models.family import PER_LAYER_EMBEDDING
 from edgekit.recipes import QuantScheme, Recipe
 
 # torchao's embedding quantization overflows int32 on the full 2.35 B-element E2B
-# per-layer table (shared/EXPORT-NOTES.md, after ExecuTorch's gemma4 example): tables
+# per-layer table (docs/export-notes.md, after ExecuTorch's gemma4 example): tables
 # above this many elements are split by columns into parts quantized one at a time.
 # 2**28 elements keeps each part's fp32 copy at 1 GiB (E2B's table: 9 parts).
 MAX_TABLE_ELEMENTS = 2**28

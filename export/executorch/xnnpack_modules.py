@@ -4,7 +4,7 @@
    its `pow` is square-only and its `mean` only averages the two inner dims of a 4-D tensor.
    Each of the ~8 norms per decoder layer then falls back to portable kernels and splits the
    graph into another delegate (tiny E2B decoder: 200 delegates; lowering time and per-call
-   overhead grow with them; shared/EXPORT-NOTES.md saw the same). XnnpackRMSNorm takes the
+   overhead grow with them; docs/export-notes.md saw the same). XnnpackRMSNorm takes the
    mean as a product with a constant [1, D] row of 1/D and the power as `rsqrt`: mul, linear,
    add and rsqrt all delegate (24 delegates). Equal to transformers' to float rounding.
 

@@ -42,7 +42,8 @@ from edgekit.export.onnx.stream_quantize import TableSource, quantize_graph_int4
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING,
                               METHOD_VISION_ENCODER, Manifest, MethodSpec, TensorSpec)
 from edgekit.checkpoint import Checkpoint
-from edgekit.models.gemma4.param_count import PER_LAYER_EMBEDDING
+from edgekit.models.family import PER_LAYER_EMBEDDING
+from edgekit.plan import ExportPlan
 from edgekit.progress import progress_bar
 
 # Which recipe key governs the big weights of each graph (edgekit.recipes weight keys).
@@ -141,14 +142,6 @@ def _audio_spec(lm) -> GraphSpec:
                                    L.AUDIO_FEATURES: {1: L.NUM_AUDIO_TOKENS},
                                    L.AUDIO_FEATURES + "_mask": {1: L.NUM_AUDIO_TOKENS}},
                      dynamic_shapes=encoder.dynamic_shapes())
-
-
-def check_modalities(checkpoint: Checkpoint, modalities: tuple[str, ...]) -> None:
-    """A modality the checkpoint has no tower for is a one-line error, before any slow work."""
-    for modality, present in (("vision", checkpoint.has_vision), ("audio", checkpoint.has_audio)):
-        if modality in modalities and not present:
-            others = ",".join(m for m in modalities if m != modality)
-            raise ExportError(f"{checkpoint.path} has no {modality} tower; export with --modalities {others}")
 
 
 # Export order: the decoder (the largest graph in fp32) last, so the loaded model can be
@@ -305,9 +298,8 @@ def _method_spec(method: str, path: Path, hints: dict) -> MethodSpec:
 
 # --- entry point ---------------------------------------------------------------------------
 
-def export_onnx(checkpoint: Checkpoint, *, plan, output: Path, overwrite: bool = False) -> Bundle:
+def export_onnx(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path, overwrite: bool = False) -> Bundle:
     """Write an ONNX bundle for `plan` to `output` and return it (loaded, files checked)."""
-    check_modalities(checkpoint, plan.modalities)
     methods = graph_methods(plan)
     # a recipe the format cannot write fails before the slow load
     schemes = {method: _scheme(method, plan.recipe) for method in methods}
@@ -364,17 +356,8 @@ def _release_exported_modules(lm, method: str) -> None:
         model.audio_tower = model.embed_audio = None
 
 
-def _manifest(checkpoint: Checkpoint, plan, root: Path, built: list[BuiltGraph]) -> Manifest:
-    methods = tuple(_method_spec(g.method, root / g.file, g.extra) for g in built)
-    has_audio = any(g.method == METHOD_AUDIO_ENCODER for g in built)
-    has_vision = any(g.method == METHOD_VISION_ENCODER for g in built)
-    return Manifest(
-        model=bundle_metadata.model_info(checkpoint, size=plan.model), device=plan.device, format="onnx",
-        backend=plan.backend, execution_providers=plan.execution_providers,
-        quant_recipes={g.method: g.scheme for g in built} | {"recipe": plan.recipe.name},
-        methods=methods, max_context=plan.context_length, special_tokens=bundle_metadata.special_tokens(checkpoint),
-        audio_preprocessing=bundle_metadata.audio_preprocessing(checkpoint) if has_audio else None,
-        image_preprocessing=(bundle_metadata.image_preprocessing(checkpoint, max_soft_tokens=plan.vision_token_budget)
-                             if has_vision else None),
-        extra={"modalities": list(plan.modalities), "genai_config": L.GENAI_CONFIG_FILE},
+def _manifest(checkpoint: Checkpoint, plan: ExportPlan, root: Path, built: list[BuiltGraph]) -> Manifest:
+    return bundle_metadata.manifest_for(
+        checkpoint, plan, methods=tuple(_method_spec(g.method, root / g.file, g.extra) for g in built),
+        quant_schemes={g.method: g.scheme for g in built}, extra={"genai_config": L.GENAI_CONFIG_FILE},
     )

@@ -131,7 +131,7 @@ def quantize_graph_int4(raw: Path, out: Path, *, block_size: int, matmuls: bool 
 def _ort_quantizer(block_size: int):
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-    # accuracy_level=4 (int8 compute): without it int4 decodes 2x slower on CPU (EXPORT-NOTES).
+    # accuracy_level=4 (int8 compute): without it int4 decodes 2x slower on CPU (docs/export-notes.md).
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4, bits=4,
                                           op_types_to_quantize=("MatMul", "Gather"),
                                           quant_axes=(("MatMul", 0), ("Gather", 1)))

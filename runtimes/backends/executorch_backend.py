@@ -27,7 +27,9 @@ from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_T
 
 
 class ExecutorchBackend:
-    def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, *, providers: tuple[str, ...] | None = None,
+                 threads: int | None = None) -> None:
+        # `providers` are ONNX Runtime's; a .pte's delegates were chosen at export.
         self.bundle = bundle
         self.manifest = bundle.manifest
         if self.manifest.backend == "coreml" and sys.platform != "darwin":
@@ -35,7 +37,7 @@ class ExecutorchBackend:
                                     "which only Apple devices have (iOS 18 / macOS 15 or later)")
         self._torch = require("torch", extra="executorch")
         _runtime_without_compiler()  # the bindings, without the compiler package they would import
-        try:  # quantized embedding kernels register themselves on import (shared/EXPORT-NOTES.md)
+        try:  # quantized embedding kernels register themselves on import (docs/export-notes.md)
             import executorch.kernels.quantized  # noqa: F401
         except ImportError:
             pass

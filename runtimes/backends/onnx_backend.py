@@ -15,7 +15,6 @@ import numpy as np
 from edgekit import onnx_layout as L
 from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, MissingDependencyError
-from edgekit.plan import PREFILL_CHUNK
 from edgekit.runtimes.backends.base import pad_audio_frames
 from edgekit.runtimes.free_heap import release_free_heap
 from edgekit.runtimes.mapped_pages import advise_random_access, release_file_pages
@@ -56,12 +55,13 @@ class OnnxBackend:
     # thought channel, so the next turn goes back a few tokens before it), and the rows are cut
     # once per this many positions. 128 rows of E2B's 12 sliding layers: 3 MiB; an answer adds
     # its own rows until the next turn.
-    sliding_slack: int = PREFILL_CHUNK
+    sliding_slack: int  # the manifest's prefill_chunk, set in __init__
 
     def __init__(self, bundle: Bundle, *, providers: tuple[str, ...] | None = None,
                  threads: int | None = None) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
+        self.sliding_slack = self.manifest.prefill_chunk
         self._providers = usable_providers(tuple(providers or self.manifest.execution_providers
                                                  or ("CPUExecutionProvider",)))
         self._threads = threads

@@ -16,45 +16,22 @@ embedding table, which is counted apart because it stays memory-mapped:
     vision_encoder        vision tower + embed_vision
 
 Each component is split by weight kind (edgekit.recipes.WEIGHT_KINDS), which is what
-quantization recipes match on.
+quantization recipes match on. The result types are the family interface's
+(edgekit.models.family).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 from edgekit.errors import CheckpointError
+from edgekit.models.family import PER_LAYER_EMBEDDING, ComponentParams, TextLayer
 from edgekit.manifest import (
     METHOD_AUDIO_ENCODER,
     METHOD_TEXT_DECODER,
     METHOD_TOKEN_EMBEDDING,
     METHOD_VISION_ENCODER,
 )
-
-PER_LAYER_EMBEDDING = "per_layer_embedding"
-COMPONENTS: tuple[str, ...] = (
-    METHOD_TOKEN_EMBEDDING, PER_LAYER_EMBEDDING, METHOD_TEXT_DECODER, METHOD_AUDIO_ENCODER, METHOD_VISION_ENCODER,
-)
-
-
-@dataclass(frozen=True)
-class ComponentParams:
-    """Parameter counts of one component, by weight kind."""
-
-    name: str
-    embedding: int = 0
-    linear: int = 0
-    lm_head: int = 0  # only an untied lm_head is a parameter of its own
-    other: int = 0  # norms, convolutions, biases, position tables, per-dim scales
-
-    @property
-    def total(self) -> int:
-        return self.embedding + self.linear + self.lm_head + self.other
-
-    def by_kind(self) -> dict[str, int]:
-        return {"embedding": self.embedding, "linear": self.linear, "lm_head": self.lm_head, "other": self.other}
-
 
 # --- config access -----------------------------------------------------------------------
 
@@ -64,19 +41,6 @@ def _int(cfg: Mapping[str, Any], key: str, section: str, default: int | None = N
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise CheckpointError(f"config.json: {section}.{key} must be a non-negative integer, got {value!r}")
     return value
-
-
-@dataclass(frozen=True)
-class TextLayer:
-    """The attention shape of one decoder layer, as Gemma4TextAttention builds it."""
-
-    index: int
-    kind: str  # "sliding_attention" | "full_attention"
-    head_dim: int
-    num_kv_heads: int
-    shares_kv: bool  # reuses an earlier layer's K/V: owns no k/v projections and no cache
-    intermediate_size: int
-    has_v_proj: bool
 
 
 def text_layers(text: Mapping[str, Any]) -> list[TextLayer]:

@@ -180,7 +180,7 @@ _REAL_VISION = {
     "standardize": False,
 }
 # Tiny towers: same structure, tiny widths. The first subsampling conv keeps 128
-# channels: the mel-bin count (shared/EXPORT-NOTES.md).
+# channels: the mel-bin count (docs/export-notes.md).
 _TINY_AUDIO = {**_REAL_AUDIO, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                "subsampling_conv_channels": [128, 16], "output_proj_dims": 48}
 _TINY_VISION = {**_REAL_VISION, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

@@ -135,7 +135,7 @@ def load_reference_processor(path: Path):
     """transformers' Gemma4Processor for the checkpoint at `path`, offline.
 
     With torchvision installed this is simply `AutoProcessor.from_pretrained(path)`.
-    Without it (torchvision wheels do not load beside torch 2.13.0, shared/EXPORT-NOTES.md)
+    Without it (torchvision wheels do not load beside torch 2.13.0, docs/export-notes.md)
     AutoProcessor fails: the video processor needs torchvision, and Gemma4Processor
     refuses video_processor=None because its class check looks the expected
     VideoProcessorMixin up on the top-level transformers module, where only a dummy

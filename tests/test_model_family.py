@@ -1,0 +1,59 @@
+"""The model-family seam: Gemma 4 is one entry of edgekit.models.FAMILIES, and a second
+family (tests/toy_family/, one folder) plans through the same code once it has its line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgekit import models
+from edgekit.errors import CheckpointError
+from edgekit.models.gemma4 import FAMILY as GEMMA4
+from edgekit.models.gemma4.presets import PRESETS, build_config
+from edgekit.plan import make_plan
+from edgekit.profiles import load_profiles
+from edgekit.registry import Registry
+from tests.toy_family import FAMILY as TOY
+
+
+@pytest.fixture
+def with_toy(monkeypatch):
+    monkeypatch.setattr(models, "FAMILIES", Registry("model family", (GEMMA4, TOY), error=CheckpointError))
+
+
+def _toy_checkpoint(tmp_path, **text):
+    config = {"model_type": "toy", "text_config": {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 1000,
+                                                   "num_attention_heads": 4, "max_position_embeddings": 2048, **text}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_an_unknown_model_type_names_the_families_edgekit_reads(tmp_path):
+    with pytest.raises(CheckpointError, match="a 'toy' checkpoint, not Gemma 4 \\(model_type must be one of: gemma4\\)"):
+        make_plan(_toy_checkpoint(tmp_path), profile=load_profiles().get("pi5-8gb"))
+
+
+def test_a_second_family_plans_through_the_same_code(tmp_path, with_toy):
+    plan = make_plan(_toy_checkpoint(tmp_path), profile=load_profiles().get("pi5-8gb"), recipe_name="fp32")
+    assert plan.family is TOY and plan.model == "toy-small"
+    assert plan.context_length == 2048  # the model's limit wins over the profile's 8192 default
+    assert any("max_position_embeddings" in note for note in plan.notes)
+    assert plan.modalities == ("text",)  # the profile's audio and vision: the toy has no towers
+    sizes = {c.name: c.size_bytes for c in plan.components}
+    # fp32: 4 bytes a weight; the tied lm_head is stored again in the decoder
+    assert sizes["token_embedding"] == 4 * 1000 * 64
+    assert sizes["text_decoder"] == 4 * (2 * 12 * 64 * 64 + 5 * 64 + 1000 * 64)
+    # every layer global with 4 KV heads of 16: K and V of 64 floats (fp32 ONNX cache) per token per layer
+    assert plan.kv_cache.bytes_per_token == 2 * 2 * 64 * 4 and plan.kv_cache.global_layers == 2
+    with pytest.raises(CheckpointError, match="text_config needs positive"):
+        make_plan(_toy_checkpoint(tmp_path, hidden_size=0), profile=load_profiles().get("pi5-8gb"))
+
+
+def test_gemma4_is_the_registered_family_of_its_presets():
+    for name, preset in PRESETS.items():
+        config = build_config(preset)
+        assert models.family_for_config(config) is GEMMA4
+        assert models.get_preset(name) is preset
+    assert GEMMA4.size_of(build_config(PRESETS["e2b-shape"])["text_config"]) == "e2b"
+    assert GEMMA4.size_of(build_config(PRESETS["tiny-e2b"])["text_config"]) == "custom"
