@@ -28,9 +28,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from edgekit.errors import InputError
+from edgekit.models.gemma4 import limits
 
 # Gemma4ImageProcessorPil accepts only these soft-token budgets (_SUPPORTED_SOFT_TOKENS).
-SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
+SUPPORTED_SOFT_TOKENS = limits.VISION_TOKEN_BUDGETS
 
 # PILImageResampling values (= PIL.Image.Resampling); a manifest may name them instead.
 _RESAMPLE_BY_NAME = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}

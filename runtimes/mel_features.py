@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import InputError
+from edgekit.models.gemma4 import limits
 
 # Gemma4AudioFeatureExtractor.__call__ defaults: clips are zero-padded to a multiple of
 # 128 samples and cut at 480000 samples (30 s at 16 kHz). Here a longer clip is an error
@@ -35,8 +36,8 @@ PAD_TO_MULTIPLE_OF = 128
 MAX_SAMPLES = 480_000
 
 # Gemma4Processor.__init__ defaults: one soft token per 40 ms, at most 750 per clip.
-AUDIO_MS_PER_TOKEN = 40
-AUDIO_SEQ_LENGTH = 750
+AUDIO_MS_PER_TOKEN = limits.AUDIO_MS_PER_TOKEN
+AUDIO_SEQ_LENGTH = limits.AUDIO_MAX_TOKENS
 
 # Gemma4AudioSubSampleConvProjection (modeling_gemma4.py): two Conv2d layers with
 # kernel 3, stride 2, padding 1 along time; architectural constants, not in any config.

@@ -150,7 +150,7 @@ def test_build_reads_the_checkpoints_processor_config(tmp_path: Path) -> None:
         config = processor_config({})
         config["feature_extractor"].update(feature_extractor)
         (tmp_path / PROCESSOR_CONFIG).write_text(json.dumps(config))
-        return Checkpoint(path=tmp_path, config={}, headers=[])
+        return Checkpoint(path=tmp_path, config={"model_type": "gemma4"}, headers=[])
 
     build = audio_preprocessor(checkpoint())
     assert build.name == METHOD_AUDIO_PREPROCESSOR

@@ -57,3 +57,44 @@ def test_gemma4_is_the_registered_family_of_its_presets():
         assert models.get_preset(name) is preset
     assert GEMMA4.size_of(build_config(PRESETS["e2b-shape"])["text_config"]) == "e2b"
     assert GEMMA4.size_of(build_config(PRESETS["tiny-e2b"])["text_config"]) == "custom"
+
+
+# --- the device side carries only the runtime --------------------------------------------
+
+_RUNTIME_ONLY = r"""
+import importlib, pkgutil, sys
+import edgekit.runtimes, edgekit.runtimes.backends
+for pkg in (edgekit.runtimes, edgekit.runtimes.backends):
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+host = ("edgekit.plan", "edgekit.export", "edgekit.testing", "edgekit.apps", "edgekit.cli", "torch", "transformers")
+print(sorted(m for m in sys.modules if m.startswith(host)))
+"""
+
+
+def test_the_runtime_imports_nothing_host_side():
+    """Every module of edgekit.runtimes imports: none of the planner, the exporters, the test
+    fixtures, the apps, the CLI, torch or transformers comes with it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-c", _RUNTIME_ONLY], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_each_format_names_its_exporter_and_runtime():
+    from edgekit.errors import NotAvailableError
+    from edgekit.formats import FORMATS
+
+    for fmt in FORMATS:
+        if fmt.exporter is None:
+            with pytest.raises(NotAvailableError, match=fmt.unavailable[:40]):
+                fmt.load_exporter()
+        else:
+            assert fmt.exporter.startswith(f"edgekit.export.{fmt.name}.")  # one folder per format
+        if fmt.runtime is not None:
+            assert fmt.runtime.startswith("edgekit.runtimes.backends.")
+            assert callable(fmt.load_runtime())

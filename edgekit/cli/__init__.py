@@ -22,6 +22,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: typer's rich panels label every option with its Python type ("<bool>").
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -87,7 +89,18 @@ def _raise_terminated(signum: int, _frame: Any) -> None:
     raise Terminated(signum)
 
 
+def _is_devnull(fd: int) -> bool:
+    import os
+
+    try:
+        out, null = os.fstat(fd), os.stat(os.devnull)
+    except (OSError, ValueError):
+        return False
+    return (out.st_rdev, out.st_ino) == (null.st_rdev, null.st_ino)
+
+
 def main(argv: list[str] | None = None) -> None:
+    stdout_was_null = _is_devnull(1)  # `edgekit ... > /dev/null`: an exit 1 there is a real one
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if threading.current_thread() is threading.main_thread():
@@ -110,6 +123,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except TyperException as exc:  # usage errors: bad option, missing argument, bad value
         _fail(f"{exc.format_message()} (see `edgekit --help`)", 2)
+    except BrokenPipeError:  # `edgekit ... | head` closed the pipe: the reader has what it wanted
+        _silence_stdout()
+        sys.exit(0)
+    except SystemExit as exc:
+        if exc.code == 1 and _stdout_was_closed(was_null=stdout_was_null):
+            sys.exit(0)
+        raise
     except (Abort, KeyboardInterrupt):
         _fail("interrupted", 130)
     except Terminated as exc:
@@ -118,6 +138,22 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
+
+
+def _stdout_was_closed(*, was_null: bool) -> bool:
+    """Whether a library met a closed stdout pipe and exited 1 for it: click wraps stdout to
+    hush the next flush; rich points stdout at /dev/null first."""
+    if type(sys.stdout).__name__.lstrip("_") == "PacifyFlushWrapper":
+        return True
+    return not was_null and _is_devnull(1)
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout again at exit; pointing it at /dev/null keeps that flush quiet.
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _fail(message: str, code: int) -> None:

@@ -50,8 +50,8 @@ _THREADS = typer.Option(None, "--threads", help="CPU threads for the runtime.")
 def run(
     bundle: Path = typer.Argument(..., help="Bundle directory (NAME.edgekit)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="User message."),
-    image: list[Path] = typer.Option([], "--image", help="Image file to show the model (repeatable)."),
-    audio: list[Path] = typer.Option([], "--audio", help="WAV file to play to the model (repeatable)."),
+    image: list[Path] = typer.Option([], "--image", metavar="FILE", help="Image file to show the model (repeatable)."),
+    audio: list[Path] = typer.Option([], "--audio", metavar="WAV", help="WAV file to play to the model (repeatable)."),
     system: str = typer.Option(None, "--system", help="System prompt."),
     think: bool = typer.Option(False, "--think", help="Let the model think before answering (its thinking "
                                "goes to stderr, or to \"thought\" with --json)."),

@@ -31,12 +31,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgekit.models.gemma4 import limits
 from edgekit.export.components.vision_encoder import bake_clipped_linears
 
 # Two stride-2 convs (Gemma4AudioSubSampleConvProjection): 4 frames per soft token (40 ms).
-FRAME_MULTIPLE = 4
-# Released config: at most 30 s of audio -> 750 tokens (processing_gemma4 audio_seq_length).
-MAX_FRAMES = 3000
+FRAME_MULTIPLE = limits.MEL_FRAMES_PER_TOKEN
+MAX_FRAMES = limits.AUDIO_MAX_TOKENS * limits.MEL_FRAMES_PER_TOKEN  # 30 s
 
 
 def blocked_attention_mask(token_mask: torch.Tensor, *, chunk: int, past: int, future: int,

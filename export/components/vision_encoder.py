@@ -32,6 +32,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear, repeat_kv
 
+from edgekit.models.gemma4 import limits
+
 NEG_INF = torch.finfo(torch.float32).min
 
 
@@ -133,7 +135,7 @@ def chunk_queries(layers: nn.Module, chunk: int) -> None:
 class VisionEncoder(nn.Module):
     """Patches of one image -> soft tokens in text-embedding space, padded to the budget."""
 
-    def __init__(self, lm, max_soft_tokens: int = 280, *, query_chunk: int | None = None) -> None:
+    def __init__(self, lm, max_soft_tokens: int = limits.IMAGE_SOFT_TOKENS, *, query_chunk: int | None = None) -> None:
         """`lm` is a loaded Gemma4ForConditionalGeneration (weights are shared, not copied).
         `query_chunk`: queries per attention block (None: transformers' attention as loaded)."""
         super().__init__()

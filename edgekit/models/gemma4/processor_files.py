@@ -28,13 +28,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgekit.models.gemma4 import limits
+
 PROCESSOR_CONFIG = "processor_config.json"
 
-# Gemma4Processor.__init__ defaults: 280 soft tokens per image; audio capped at 750
-# tokens (30 s), one token per 40 ms (two stride-2 convolutions over 10 ms frames).
-IMAGE_SEQ_LENGTH = 280
-AUDIO_SEQ_LENGTH = 750
-AUDIO_MS_PER_TOKEN = 40
+IMAGE_SEQ_LENGTH = limits.IMAGE_SOFT_TOKENS
+AUDIO_SEQ_LENGTH = limits.AUDIO_MAX_TOKENS
+AUDIO_MS_PER_TOKEN = limits.AUDIO_MS_PER_TOKEN
 _RESCALE = 1 / 255
 _BICUBIC = 3  # PILImageResampling.BICUBIC
 

@@ -1,0 +1,34 @@
+"""Conventions every `edgekit` command keeps: a closed pipe is not an error, help texts
+speak the user's words (no Python types)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+_EDGEKIT = [sys.executable, "-m", "edgekit"]
+
+
+@pytest.mark.parametrize("args", [["translate", "--list-languages"], ["devices"], ["--help"]])
+def test_a_reader_that_closed_the_pipe_is_not_an_error(args):
+    """`edgekit devices | head -0`: the reader is gone before the first line is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([*_EDGEKIT, *args], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                cwd=ROOT, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("command", ["export", "plan", "run", "chat", "make-checkpoint", "translate", "bench"])
+def test_help_shows_no_python_types(command):
+    result = subprocess.run([*_EDGEKIT, command, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "<bool>" not in result.stdout and "list[" not in result.stdout, result.stdout
