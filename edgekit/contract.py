@@ -17,11 +17,12 @@ import sys
 from contextvars import ContextVar
 from typing import Annotated, Any, Callable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Strict, ValidationError
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Strict, ValidationError
 from pydantic_core import ErrorDetails
 
 Int = Annotated[int, Strict()]
-Float = Annotated[float, Strict()]  # strict still takes an int: 1 is a fine 1.0
+# Strict still takes an int (1 is a fine 1.0); inf and NaN are no setting's sensible value.
+Float = Annotated[float, Strict(), AllowInfNan(False)]
 Str = Annotated[str, Strict()]
 Bool = Annotated[bool, Strict()]
 
@@ -33,6 +34,8 @@ class Frozen(BaseModel):
     """Immutable, field names are the file's keys, unknown keys ignored (subclasses may forbid)."""
 
     model_config = ConfigDict(frozen=True, extra="ignore", protected_namespaces=(),
+                              # JSON's NaN/Infinity in free-form `extra` values survive a round trip.
+                              ser_json_inf_nan="constants",
                               # The schema describes what edgekit writes: every key, defaults included.
                               json_schema_serialization_defaults_required=True)
 
@@ -69,7 +72,9 @@ def key_path(loc: Sequence[int | str]) -> str:
     """('methods', 1, 'inputs', 0, 'dtype') -> "methods[1].inputs[0].dtype"."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        # A key from the file may hold a newline or control characters: quote it, so the error stays one line.
+        name = part if isinstance(part, int) or part.isprintable() else repr(part)
+        out += f"[{name}]" if isinstance(part, int) else (f".{name}" if out else name)
     return out
 
 

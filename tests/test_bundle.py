@@ -150,6 +150,8 @@ def test_from_dict_errors_name_the_key():
     (lambda d: d.update(chat_template="../t.jinja"), "key 'chat_template' is not a plain relative path"),
     (lambda d: d.update(model=[]), "key 'model' must be an object"),
     (lambda d: d["quant_schemes"].update(text_decoder=4), "key 'quant_schemes.text_decoder' must be a string"),
+    (lambda d: d["quant_schemes"].update({"a\nb": 4}), "key 'quant_schemes.'a\\nb'' must be a string"),
+    (lambda d: d["audio_preprocessing"].update(mel_floor=float("nan")), "key 'audio_preprocessing.mel_floor'"),
 ])
 def test_each_failure_is_one_bundle_error_naming_the_key(edit, message):
     data = make_manifest().to_dict()
