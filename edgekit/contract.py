@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from contextvars import ContextVar
-from typing import Annotated, Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Strict, ValidationError
 from pydantic_core import ErrorDetails
@@ -119,10 +119,15 @@ def first_error(exc: ValidationError, *, mapping: str = "a mapping") -> tuple[st
     return describe(exc.errors(include_url=False)[0], mapping=mapping)
 
 
-def schema_text(model: type[BaseModel], title: str, schema_id: str) -> str:
-    """The JSON Schema of `model` as it is committed (sorted keys, trailing newline)."""
+def schema_text(model: type[BaseModel], title: str, schema_id: str, *,
+                mode: Literal["validation", "serialization"]) -> str:
+    """The JSON Schema of `model` as it is committed (sorted keys, trailing newline).
+
+    mode "serialization" describes a file edgekit writes (every key present), "validation"
+    one a person writes (keys with defaults may be left out).
+    """
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": schema_id,
-              **model.model_json_schema(mode="serialization"), "title": title}
+              **model.model_json_schema(mode=mode), "title": title}
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 

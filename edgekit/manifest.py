@@ -309,7 +309,7 @@ def model_sizes() -> tuple[str, ...]:
 def schema_json() -> str:
     """manifest.schema.json, generated: `python -m edgekit.manifest --schema > edgekit/manifest.schema.json`."""
     return schema_text(Manifest, f"edgekit bundle manifest (manifest.json), schema_version {SCHEMA_VERSION}",
-                       f"urn:edgekit:bundle-manifest:{SCHEMA_VERSION}")
+                       f"urn:edgekit:bundle-manifest:{SCHEMA_VERSION}", mode="serialization")
 
 
 if __name__ == "__main__":
