@@ -13,7 +13,6 @@ checks sizes only (a stat per file), because hashing a multi-GB bundle takes sec
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -24,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, get_args
 
+from pydantic_core import PydanticSerializationError
+
 from edgekit.errors import BundleError, ExportError, InputError
 from edgekit.manifest import (
-    MANIFEST_FILE, VERIFICATION_PASSED, FileEntry, Key, Manifest, check_relative_path,
+    MANIFEST_FILE, VERIFICATION_PASSED, FileEntry, Manifest, check_relative_path,
 )
 
 VerifyLevel = Literal["full", "sizes", "none"]
@@ -136,7 +137,7 @@ class BundleWriter:
         _check_references(manifest, set(names), where="the bundle being written")
         entries = _hash_files(tmp, names)
         _default_modes(tmp, names)
-        final = dataclasses.replace(manifest, files=tuple(entries))
+        final = manifest.replace(files=tuple(entries))
         _write_manifest(tmp / MANIFEST_FILE, final)
         _fsync_tree(tmp, names)
         self._install(tmp)
@@ -423,9 +424,9 @@ def inspect_bundle(path: Path | str, *, verify: VerifyLevel = "sizes") -> dict[s
     data = m.to_dict()
     return {
         "path": str(bundle.path),
-        **{k: data[k] for k in (Key.SCHEMA_VERSION, Key.EDGEKIT_VERSION, Key.CREATED_AT, Key.MODEL, Key.DEVICE,
-                                Key.FORMAT, Key.BACKEND, Key.EXECUTION_PROVIDERS, Key.RECIPE,
-                                Key.QUANT_SCHEMES, Key.MAX_CONTEXT, Key.PREFILL_CHUNK, Key.METHODS)},
+        **{k: data[k] for k in ("schema_version", "edgekit_version", "created_at", "model", "device", "format",
+                                "backend", "execution_providers", "recipe", "quant_schemes", "max_context",
+                                "prefill_chunk", "methods")},
         "files": [{"path": f.path, "size": f.size} for f in m.files],
         "total_size": m.total_size,
         "files_checked": verify,
@@ -438,16 +439,16 @@ def update_manifest(bundle_path: Path | str, **changes: Any) -> Manifest:
 
     `files` and `schema_version` cannot change: they describe what the writer wrote.
     """
-    fixed = {Key.FILES, Key.SCHEMA_VERSION}
-    known = {f.name for f in dataclasses.fields(Manifest)}
+    fixed = {"files", "schema_version"}
+    known = set(Manifest.model_fields)
     bad = sorted(set(changes) - (known - fixed))
     if bad:
         raise InputError(f"cannot update manifest field {bad[0]!r} (changeable: {', '.join(sorted(known - fixed))})")
     bundle = load_bundle(bundle_path, verify="none")
-    updated = dataclasses.replace(bundle.manifest, **changes)
+    updated = bundle.manifest.replace(**changes)
     try:
         Manifest.from_dict(json.loads(json.dumps(updated.to_dict())))  # what a reader will see must load
-    except TypeError as exc:
+    except (TypeError, PydanticSerializationError) as exc:
         raise InputError(f"manifest update is not JSON-serializable: {exc}") from None
     target = bundle.path / MANIFEST_FILE
     tmp = bundle.path / (MANIFEST_FILE + ".tmp")

@@ -1,23 +1,27 @@
-"""The bundle manifest (manifest.json): its key names, its dataclasses, and validation.
+"""The bundle manifest (manifest.json), defined once: the pydantic models below.
 
 This is the contract between `export/` (writer), `runtimes/` and the CLI (readers) and
-the Android app. Every key name lives here once, as a constant; readers use these
-constants or the dataclasses, never a re-typed string. manifest.schema.json beside this
-file describes the same JSON for other languages (tests keep the two in agreement).
+the Android app. Field names are the JSON keys. manifest.schema.json beside this file is
+generated from the models for other languages (`python -m edgekit.manifest --schema`;
+a test checks the committed file is current).
 
 Compatibility: a reader refuses a newer `schema_version` and ignores keys it does not
-know, so an additive change within a version does not break older readers.
+know, so an additive change within a version does not break older readers. Every
+failure to read is one BundleError naming the key path ("methods[1].inputs[0].dtype").
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
-from dataclasses import dataclass, field
-from pathlib import PurePosixPath
-from typing import Any, Mapping
+import re
+from typing import Annotated, Any, Callable, Literal, Union
+
+from annotated_types import Ge, MinLen
+from pydantic import (AfterValidator, BeforeValidator, Field, Strict, StringConstraints, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
 
 from edgekit import __version__
+from edgekit.contract import Bool, Float, Frozen, Int, Str, first_error, schema_main, schema_text
 from edgekit.errors import BundleError
 
 # 2: `recipe` and `quant_schemes` (were mixed in `quant_recipes`), `prefill_chunk`.
@@ -43,183 +47,130 @@ METHOD_AUDIO_PREPROCESSOR = "audio_preprocessor"
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 ARCHITECTURE = "gemma4"
 
-# `edgekit verify` saves its report under Key.VERIFICATION; this bool says if it passed.
+# `edgekit verify` saves its report under the manifest's `verification`; this bool says if it passed.
 VERIFICATION_PASSED = "passed"
 
 
-# --- key names ---------------------------------------------------------------------------
-# Dataclass field names equal these values (a test checks it), so attribute and key agree.
+class _Spec(Frozen):
+    """A manifest part: a failed construction or read is one BundleError naming the key path."""
+
+    @classmethod
+    def _error(cls, exc: ValidationError) -> Exception:
+        path, problem = first_error(exc, mapping="an object")
+        if problem == "is missing":
+            return BundleError(f"bundle manifest is missing key '{path}'")
+        return BundleError(f"bundle manifest key '{path}' {problem}" if path else f"bundle manifest {problem}")
 
 
-class Key:
-    SCHEMA_VERSION = "schema_version"
-    EDGEKIT_VERSION = "edgekit_version"
-    CREATED_AT = "created_at"
-    MODEL = "model"
-    DEVICE = "device"
-    FORMAT = "format"
-    BACKEND = "backend"
-    EXECUTION_PROVIDERS = "execution_providers"
-    RECIPE = "recipe"
-    QUANT_SCHEMES = "quant_schemes"
-    METHODS = "methods"
-    MAX_CONTEXT = "max_context"
-    PREFILL_CHUNK = "prefill_chunk"
-    SPECIAL_TOKENS = "special_tokens"
-    CHAT_TEMPLATE = "chat_template"
-    AUDIO = "audio_preprocessing"
-    IMAGE = "image_preprocessing"
-    FILES = "files"
-    VERIFICATION = "verification"
-    EXTRA = "extra"
+def _one_of(choices: Callable[[], tuple[str, ...]]) -> Any:
+    """A string from a table that is read when checked (the tables import this module)."""
+
+    def check(value: str) -> str:
+        if value not in choices():
+            raise ValueError(f"must be one of {', '.join(choices())}")
+        return value
+
+    return Annotated[Str, AfterValidator(check),
+                     Field(json_schema_extra=lambda schema: schema.update(enum=list(choices())))]
 
 
-class ModelKey:
-    NAME = "name"
-    ARCHITECTURE = "architecture"
-    SOURCE_CONFIG_SHA256 = "source_config_sha256"
-    SIZE = "size"
-    NUM_LAYERS = "num_layers"
-    HIDDEN_SIZE = "hidden_size"
-    VOCAB_SIZE = "vocab_size"
+def _dim(value: Any) -> Any:
+    if isinstance(value, bool) or not (isinstance(value, int) and value >= 0 or isinstance(value, str) and value):
+        raise ValueError("must be a size or a dim name")
+    return value
 
 
-class MethodKey:
-    NAME = "name"
-    FILE = "file"
-    INPUTS = "inputs"
-    OUTPUTS = "outputs"
-    EXTRA = "extra"
+# A bundle path stays inside the bundle: relative, "/"-separated, no empty, "." or ".." part, not the
+# manifest. One regex, so the check here and the JSON Schema's pattern are the same rule.
+_BUNDLE_PATH = r"^(?!manifest\.json$)(?!(?:.*/)?\.{1,2}(?:/|$))[^/\\]+(?:/[^/\\]+)*$"
 
 
-class TensorKey:
-    NAME = "name"
-    DTYPE = "dtype"
-    SHAPE = "shape"
+def _relative(path: str) -> str:
+    if not re.fullmatch(_BUNDLE_PATH, path):
+        raise ValueError("is not a plain relative path inside the bundle")
+    return path
 
 
-class FileKey:
-    PATH = "path"
-    SIZE = "size"
-    SHA256 = "sha256"
+def check_relative_path(path: str) -> str:
+    try:
+        return _relative(path)
+    except ValueError:
+        raise BundleError(f"bundle file name {path!r} is not a plain relative path inside the bundle") from None
 
 
-class TokenKey:
-    BOS_ID = "bos_id"
-    EOS_IDS = "eos_ids"
-    PAD_ID = "pad_id"
-    SOT_ID = "sot_id"
-    EOT_ID = "eot_id"
-    IMAGE_TOKEN_ID = "image_token_id"
-    AUDIO_TOKEN_ID = "audio_token_id"
-    VIDEO_TOKEN_ID = "video_token_id"
-    BOI_ID = "boi_id"
-    EOI_ID = "eoi_id"
-    BOA_ID = "boa_id"
-    EOA_ID = "eoa_id"
-    EXTRA = "extra"
+def _unique(what: str, key: Callable[[Any], str]) -> AfterValidator:
+    def check(items: tuple[Any, ...]) -> tuple[Any, ...]:
+        names = [key(item) for item in items]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"lists {what} {dup[0]!r} twice")
+        return items
+
+    return AfterValidator(check)
 
 
-class AudioKey:
-    SAMPLING_RATE = "sampling_rate"
-    FEATURE_SIZE = "feature_size"
-    FRAME_LENGTH = "frame_length"
-    HOP_LENGTH = "hop_length"
-    FFT_LENGTH = "fft_length"
-    MIN_FREQUENCY = "min_frequency"
-    MAX_FREQUENCY = "max_frequency"
-    MEL_FLOOR = "mel_floor"
-    PREEMPHASIS = "preemphasis"
-    PREEMPHASIS_HTK_FLAVOR = "preemphasis_htk_flavor"
-    INPUT_SCALE_FACTOR = "input_scale_factor"
-    MS_PER_TOKEN = "ms_per_token"
-    MAX_TOKENS = "max_tokens"
-    EXTRA = "extra"
+NonNegative = Annotated[int, Strict(), Ge(0)]
+Positive = Annotated[int, Strict(), Ge(1)]
+BundlePath = Annotated[Str, AfterValidator(_relative), Field(json_schema_extra={"pattern": _BUNDLE_PATH})]
+# A str in a shape names a dynamic dim ("seq_len"); the union documents it, _dim checks it.
+Dim = Annotated[Union[NonNegative, Annotated[str, Strict(), MinLen(1)]], BeforeValidator(_dim)]
+Sha256 = Annotated[str, Strict(), StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+FormatName = _one_of(lambda: format_names())
+ModelSize = _one_of(lambda: (*model_sizes(), "custom"))  # a released size of the family (e2b, e4b, ...)
 
 
-class ImageKey:
-    PATCH_SIZE = "patch_size"
-    POOLING_KERNEL_SIZE = "pooling_kernel_size"
-    MAX_SOFT_TOKENS = "max_soft_tokens"
-    RESCALE_FACTOR = "rescale_factor"
-    IMAGE_MEAN = "image_mean"
-    IMAGE_STD = "image_std"
-    RESAMPLE = "resample"
-    EXTRA = "extra"
+class ModelInfo(_Spec):
+    name: Str
+    architecture: Str = ARCHITECTURE
+    source_config_sha256: Str  # sha256 of the checkpoint's config.json: which model this is
+    size: ModelSize
+    num_layers: Int
+    hidden_size: Int
+    vocab_size: Int
 
 
-# --- dataclasses -------------------------------------------------------------------------
+class TensorSpec(_Spec):
+    """One input or output of a method."""
 
-
-@dataclass(frozen=True, kw_only=True)
-class ModelInfo:
-    name: str
-    architecture: str = ARCHITECTURE
-    source_config_sha256: str  # sha256 of the checkpoint's config.json: which model this is
-    size: str  # a released size of the family (e2b, e4b, ...) or "custom"
-    num_layers: int
-    hidden_size: int
-    vocab_size: int
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output of a method; a str in `shape` names a dynamic dim ("seq_len")."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(self.shape))
-        if self.dtype not in DTYPES:
-            raise BundleError(f"tensor {self.name!r} has dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+    name: Str
+    dtype: Literal[DTYPES]
+    shape: tuple[Dim, ...]
 
     @property
     def is_dynamic(self) -> bool:
         return any(isinstance(d, str) for d in self.shape)
 
 
-@dataclass(frozen=True)
-class MethodSpec:
+class MethodSpec(_Spec):
     """A callable graph in a model file: a .pte method, an .onnx graph, an .mlpackage."""
 
-    name: str
-    file: str
+    name: Str
+    file: BundlePath
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "inputs", tuple(self.inputs))
-        object.__setattr__(self, "outputs", tuple(self.outputs))
+    extra: dict[str, Any] = {}
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    path: str  # relative, "/"-separated
-    size: int
-    sha256: str
+class FileEntry(_Spec):
+    path: BundlePath  # relative, "/"-separated
+    size: NonNegative
+    sha256: Sha256
 
 
-@dataclass(frozen=True)
-class SpecialTokens:
-    bos_id: int
-    eos_ids: tuple[int, ...]  # generation stops at any of these
-    pad_id: int
-    sot_id: int | None = None  # <|turn>
-    eot_id: int | None = None  # <turn|>
-    image_token_id: int | None = None
-    audio_token_id: int | None = None
-    video_token_id: int | None = None
-    boi_id: int | None = None
-    eoi_id: int | None = None
-    boa_id: int | None = None
-    eoa_id: int | None = None
-    extra: dict[str, int] = field(default_factory=dict)  # other roles, e.g. "think_token"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eos_ids", tuple(self.eos_ids))
+class SpecialTokens(_Spec):
+    bos_id: Int
+    eos_ids: Annotated[tuple[Int, ...], MinLen(1)]  # generation stops at any of these: none would never stop
+    pad_id: Int
+    sot_id: Int | None = None  # <|turn>
+    eot_id: Int | None = None  # <turn|>
+    image_token_id: Int | None = None
+    audio_token_id: Int | None = None
+    video_token_id: Int | None = None
+    boi_id: Int | None = None
+    eoi_id: Int | None = None
+    boa_id: Int | None = None
+    eoa_id: Int | None = None
+    extra: dict[str, Int] = {}  # other roles, e.g. "think_token"
 
     @classmethod
     def from_layout(cls, layout: Any) -> SpecialTokens:
@@ -234,88 +185,88 @@ class SpecialTokens:
         return cls(eos_ids=tuple(layout.eos_ids), extra=ids, **kwargs)
 
 
-@dataclass(frozen=True)
-class AudioPreprocessing:
+class AudioPreprocessing(_Spec):
     """Log-mel settings of the audio tower; defaults mirror transformers' Gemma4AudioFeatureExtractor."""
 
-    sampling_rate: int
-    feature_size: int  # mel bins
-    frame_length: int  # samples
-    hop_length: int  # samples
-    fft_length: int
-    ms_per_token: int  # one soft token per this many ms of audio
-    max_tokens: int  # soft tokens per clip at most
-    min_frequency: float = 0.0
-    max_frequency: float = 8000.0
-    mel_floor: float = 1e-3
-    preemphasis: float = 0.0
-    preemphasis_htk_flavor: bool = True
-    input_scale_factor: float = 1.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    sampling_rate: Int
+    feature_size: Int  # mel bins
+    frame_length: Int  # samples
+    hop_length: Int  # samples
+    fft_length: Int
+    min_frequency: Float = 0.0
+    max_frequency: Float = 8000.0
+    mel_floor: Float = 1e-3
+    preemphasis: Float = 0.0
+    preemphasis_htk_flavor: Bool = True
+    input_scale_factor: Float = 1.0
+    ms_per_token: Int  # one soft token per this many ms of audio
+    max_tokens: Int  # soft tokens per clip at most
+    extra: dict[str, Any] = {}
 
 
-@dataclass(frozen=True)
-class ImagePreprocessing:
+class ImagePreprocessing(_Spec):
     """Resize/patch settings of the vision tower; defaults mirror transformers' Gemma4ImageProcessor."""
 
-    patch_size: int
-    pooling_kernel_size: int
-    max_soft_tokens: int
-    rescale_factor: float = 1 / 255
-    image_mean: tuple[float, ...] = (0.0, 0.0, 0.0)
-    image_std: tuple[float, ...] = (1.0, 1.0, 1.0)
-    resample: str = "bicubic"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "image_mean", tuple(self.image_mean))
-        object.__setattr__(self, "image_std", tuple(self.image_std))
+    patch_size: Int
+    pooling_kernel_size: Int
+    max_soft_tokens: Int
+    rescale_factor: Float = 1 / 255
+    image_mean: tuple[Float, ...] = (0.0, 0.0, 0.0)
+    image_std: tuple[Float, ...] = (1.0, 1.0, 1.0)
+    resample: Str = "bicubic"
+    extra: dict[str, Any] = {}
 
 
 def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-@dataclass(frozen=True, kw_only=True)
-class Manifest:
+class Manifest(_Spec):
+    """manifest.json. Readers ignore keys they do not know, so an additive change keeps schema_version;
+    a removal or rename bumps it."""
+
+    schema_version: Literal[SCHEMA_VERSION] = SCHEMA_VERSION
+    # No default in the schema: it would go stale with every release.
+    edgekit_version: Str = Field(__version__, json_schema_extra=lambda schema: schema.pop("default", None))
+    created_at: Str = Field(default_factory=_utc_now)
     model: ModelInfo
-    device: str  # device profile name from devices.yaml
-    format: str  # a name in edgekit.formats.FORMATS
-    backend: str  # e.g. "xnnpack", "cpu", "cuda", "coreml"
-    execution_providers: tuple[str, ...] = ()  # onnxruntime providers in order of preference
-    recipe: str  # the quantization recipe the bundle was exported with (edgekit.recipes)
-    quant_schemes: dict[str, str]  # method name -> the storage schemes its weights use, "+"-joined
-    methods: tuple[MethodSpec, ...]
-    max_context: int
-    prefill_chunk: int  # most tokens one text_decoder call takes; the runner feeds prompts in such chunks
+    device: Str  # device profile name from devices.yaml
+    format: FormatName  # a name in edgekit.formats.FORMATS
+    backend: Str  # e.g. "xnnpack", "cpu", "cuda", "coreml"
+    execution_providers: tuple[Str, ...] = ()  # onnxruntime providers in order of preference
+    recipe: Str  # the quantization recipe the bundle was exported with (edgekit.recipes)
+    quant_schemes: dict[str, Str]  # method name -> the storage schemes its weights use, "+"-joined
+    methods: Annotated[tuple[MethodSpec, ...], _unique("method", lambda m: m.name)]
+    max_context: Positive
+    prefill_chunk: Positive  # most tokens one text_decoder call takes; the runner feeds prompts in such chunks
     special_tokens: SpecialTokens
-    chat_template: str | None = CHAT_TEMPLATE_FILE  # a file name inside the bundle
+    chat_template: BundlePath | None = CHAT_TEMPLATE_FILE  # a file name inside the bundle
     audio_preprocessing: AudioPreprocessing | None = None
     image_preprocessing: ImagePreprocessing | None = None
-    files: tuple[FileEntry, ...] = ()  # filled in by BundleWriter.finalize
+    files: Annotated[tuple[FileEntry, ...], _unique("file", lambda f: f.path)] = ()  # BundleWriter.finalize
     verification: dict[str, Any] | None = None  # report saved by `edgekit verify`
-    extra: dict[str, Any] = field(default_factory=dict)  # format-specific: opset, ir_version, ...
-    schema_version: int = SCHEMA_VERSION
-    edgekit_version: str = __version__
-    created_at: str = field(default_factory=_utc_now)
+    extra: dict[str, Any] = {}  # format-specific: opset, ir_version, ...
 
-    def __post_init__(self) -> None:
-        for name in ("execution_providers", "methods", "files"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        formats, sizes = format_names(), (*model_sizes(), "custom")
-        if self.format not in formats:
-            raise BundleError(f"bundle format {self.format!r} is unknown; expected one of {', '.join(formats)}")
-        if self.model.size not in sizes:
-            raise BundleError(f"model size {self.model.size!r} is unknown; expected one of {', '.join(sizes)}")
-        if self.max_context <= 0:
-            raise BundleError(f"max_context must be positive, got {self.max_context}")
-        if not 0 < self.prefill_chunk <= self.max_context:
-            raise BundleError(f"prefill_chunk must be from 1 to max_context ({self.max_context}), got {self.prefill_chunk}")
-        _no_duplicates("method", [m.name for m in self.methods])
-        _no_duplicates("file", [f.path for f in self.files])
-        named = [m.file for m in self.methods] + [f.path for f in self.files]
-        for name in named + ([self.chat_template] if self.chat_template else []):
-            check_relative_path(name)
+    @model_validator(mode="before")
+    @classmethod
+    def _version_first(cls, data: Any) -> Any:
+        # Checked before anything else: a newer manifest may lack keys this version requires.
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if type(version) is int and version > SCHEMA_VERSION:
+            raise BundleError(f"bundle manifest schema {version} is newer than this edgekit understands "
+                              f"({SCHEMA_VERSION}); upgrade edgekit")
+        if type(version) is int and version < SCHEMA_VERSION:
+            raise BundleError(f"bundle manifest schema {version} is older than this edgekit reads "
+                              f"({SCHEMA_VERSION}); export the bundle again")
+        return data
+
+    @field_validator("prefill_chunk")
+    @classmethod
+    def _chunk_fits_context(cls, chunk: int, info: ValidationInfo) -> int:
+        context = info.data.get("max_context")
+        if context is not None and chunk > context:
+            raise ValueError(f"must be at most max_context ({context})")
+        return chunk
 
     def method(self, name: str) -> MethodSpec:
         for m in self.methods:
@@ -331,13 +282,15 @@ class Manifest:
         return sum(f.size for f in self.files)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict, keys in the order of Key (what manifest.json looks like)."""
-        data = _plain(self)
-        return {key: data[key] for key in all_keys(Key)}
+        """JSON-ready dict, keys in field order (what manifest.json looks like)."""
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, data: Any) -> Manifest:
-        return _read_manifest(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise cls._error(exc) from None
 
 
 def format_names() -> tuple[str, ...]:
@@ -353,197 +306,11 @@ def model_sizes() -> tuple[str, ...]:
     return sizes()
 
 
-def all_keys(namespace: type) -> list[str]:
-    return [v for k, v in vars(namespace).items() if k.isupper()]
+def schema_json() -> str:
+    """manifest.schema.json, generated: `python -m edgekit.manifest --schema > edgekit/manifest.schema.json`."""
+    return schema_text(Manifest, f"edgekit bundle manifest (manifest.json), schema_version {SCHEMA_VERSION}",
+                       f"urn:edgekit:bundle-manifest:{SCHEMA_VERSION}", mode="serialization")
 
 
-def check_relative_path(path: str) -> str:
-    """A bundle path must stay inside the bundle: relative, "/"-separated, no "..", not the manifest."""
-    parts = PurePosixPath(path).parts
-    if (not path or "\\" in path or path.startswith("/") or ".." in parts or "." in path.split("/")
-            or "" in path.split("/") or path == MANIFEST_FILE):
-        raise BundleError(f"bundle file name {path!r} is not a plain relative path inside the bundle")
-    return path
-
-
-def _no_duplicates(what: str, names: list[str]) -> None:
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise BundleError(f"bundle manifest lists {what} {dup[0]!r} twice")
-
-
-def _plain(value: Any) -> Any:
-    """Dataclasses -> dicts, tuples -> lists, recursively (dataclasses.asdict keeps tuples)."""
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
-
-
-# --- reading and validation --------------------------------------------------------------
-
-
-class _Obj:
-    """Typed access to one JSON object; errors name the full key path ("methods[0].file")."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        if not isinstance(data, dict):
-            raise BundleError(f"bundle manifest: '{where or 'manifest'}' must be an object, got {type(data).__name__}")
-        self.data, self.where = data, where
-
-    def path(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def req(self, key: str, kind: type) -> Any:
-        if key not in self.data or self.data[key] is None:
-            raise BundleError(f"bundle manifest is missing key '{self.path(key)}'")
-        return _check(self.data[key], kind, self.path(key))
-
-    def opt(self, key: str, kind: type, default: Any = None) -> Any:
-        value = self.data.get(key)
-        return default if value is None else _check(value, kind, self.path(key))
-
-    def obj(self, key: str, *, required: bool = True) -> _Obj | None:
-        if not required and self.data.get(key) is None:
-            return None
-        return _Obj(self.req(key, dict), self.path(key))
-
-    def objs(self, key: str) -> list[_Obj]:
-        return [_Obj(item, f"{self.path(key)}[{i}]") for i, item in enumerate(self.req(key, list))]
-
-    def list_of(self, key: str, kind: type, *, required: bool = True) -> tuple | None:
-        items = self.req(key, list) if required else self.opt(key, list)
-        if items is None:
-            return None
-        return tuple(_check(v, kind, f"{self.path(key)}[{i}]") for i, v in enumerate(items))
-
-    def dict_of(self, key: str, kind: type, *, required: bool = True) -> dict:
-        items = self.req(key, dict) if required else self.opt(key, dict, {})
-        return {k: _check(v, kind, f"{self.path(key)}.{k}") for k, v in items.items()}
-
-
-def _check(value: Any, kind: type, where: str) -> Any:
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is object or (isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)):
-        return value
-    raise BundleError(f"bundle manifest key '{where}' must be {kind.__name__}, got {type(value).__name__} {value!r:.40}")
-
-
-def _tensor(o: _Obj) -> TensorSpec:
-    shape = o.req(TensorKey.SHAPE, list)
-    for i, dim in enumerate(shape):
-        if isinstance(dim, bool) or not (isinstance(dim, int) and dim >= 0 or isinstance(dim, str) and dim):
-            raise BundleError(f"bundle manifest key '{o.path(TensorKey.SHAPE)}[{i}]' must be a size or a dim name")
-    dtype = o.req(TensorKey.DTYPE, str)
-    if dtype not in DTYPES:
-        raise BundleError(f"bundle manifest key '{o.path(TensorKey.DTYPE)}' is {dtype!r}; expected one of {', '.join(DTYPES)}")
-    return TensorSpec(name=o.req(TensorKey.NAME, str), dtype=dtype, shape=tuple(shape))
-
-
-def _method(o: _Obj) -> MethodSpec:
-    return MethodSpec(
-        name=o.req(MethodKey.NAME, str), file=o.req(MethodKey.FILE, str),
-        inputs=tuple(_tensor(t) for t in o.objs(MethodKey.INPUTS)),
-        outputs=tuple(_tensor(t) for t in o.objs(MethodKey.OUTPUTS)),
-        extra=o.opt(MethodKey.EXTRA, dict, {}),
-    )
-
-
-def _choice(o: _Obj, key: str, choices: tuple[str, ...]) -> str:
-    value = o.req(key, str)
-    if value not in choices:
-        raise BundleError(f"bundle manifest key '{o.path(key)}' is {value!r}; expected one of {', '.join(choices)}")
-    return value
-
-
-def _model(o: _Obj) -> ModelInfo:
-    return ModelInfo(
-        name=o.req(ModelKey.NAME, str), architecture=o.req(ModelKey.ARCHITECTURE, str),
-        source_config_sha256=o.req(ModelKey.SOURCE_CONFIG_SHA256, str), size=_choice(o, ModelKey.SIZE, (*model_sizes(), "custom")),
-        num_layers=o.req(ModelKey.NUM_LAYERS, int), hidden_size=o.req(ModelKey.HIDDEN_SIZE, int),
-        vocab_size=o.req(ModelKey.VOCAB_SIZE, int),
-    )
-
-
-def _tokens(o: _Obj) -> SpecialTokens:
-    optional = [k for k in all_keys(TokenKey) if k not in (TokenKey.BOS_ID, TokenKey.EOS_IDS, TokenKey.PAD_ID,
-                                                            TokenKey.EXTRA)]
-    return SpecialTokens(
-        bos_id=o.req(TokenKey.BOS_ID, int), eos_ids=o.list_of(TokenKey.EOS_IDS, int), pad_id=o.req(TokenKey.PAD_ID, int),
-        extra=o.dict_of(TokenKey.EXTRA, int, required=False), **{k: o.opt(k, int) for k in optional},
-    )
-
-
-def _audio(o: _Obj) -> AudioPreprocessing:
-    K, d = AudioKey, AudioPreprocessing
-    defaults = {f.name: f.default for f in dataclasses.fields(d)}
-    return d(
-        **{k: o.req(k, int) for k in (K.SAMPLING_RATE, K.FEATURE_SIZE, K.FRAME_LENGTH, K.HOP_LENGTH, K.FFT_LENGTH)},
-        **{k: o.opt(k, float, defaults[k]) for k in (K.MIN_FREQUENCY, K.MAX_FREQUENCY, K.MEL_FLOOR, K.PREEMPHASIS,
-                                                    K.INPUT_SCALE_FACTOR)},
-        preemphasis_htk_flavor=o.opt(K.PREEMPHASIS_HTK_FLAVOR, bool, defaults[K.PREEMPHASIS_HTK_FLAVOR]),
-        ms_per_token=o.req(K.MS_PER_TOKEN, int),
-        max_tokens=o.req(K.MAX_TOKENS, int),
-        extra=o.opt(K.EXTRA, dict, {}),
-    )
-
-
-def _image(o: _Obj) -> ImagePreprocessing:
-    K, d = ImageKey, ImagePreprocessing
-    defaults = {f.name: f.default for f in dataclasses.fields(d)}
-    return d(
-        **{k: o.req(k, int) for k in (K.PATCH_SIZE, K.POOLING_KERNEL_SIZE, K.MAX_SOFT_TOKENS)},
-        rescale_factor=o.opt(K.RESCALE_FACTOR, float, defaults[K.RESCALE_FACTOR]),
-        image_mean=o.list_of(K.IMAGE_MEAN, float, required=False) or defaults[K.IMAGE_MEAN],
-        image_std=o.list_of(K.IMAGE_STD, float, required=False) or defaults[K.IMAGE_STD],
-        resample=o.opt(K.RESAMPLE, str, defaults[K.RESAMPLE]), extra=o.opt(K.EXTRA, dict, {}),
-    )
-
-
-def _file(o: _Obj) -> FileEntry:
-    sha = o.req(FileKey.SHA256, str)
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise BundleError(f"bundle manifest key '{o.path(FileKey.SHA256)}' is not a lowercase hex sha256")
-    size = o.req(FileKey.SIZE, int)
-    if size < 0:
-        raise BundleError(f"bundle manifest key '{o.path(FileKey.SIZE)}' is negative")
-    return FileEntry(path=o.req(FileKey.PATH, str), size=size, sha256=sha)
-
-
-def _read_manifest(data: Any) -> Manifest:
-    o = _Obj(data, "")
-    version = o.req(Key.SCHEMA_VERSION, int)
-    # Checked first: a newer manifest may lack keys this version requires.
-    if version > SCHEMA_VERSION:
-        raise BundleError(f"bundle manifest schema {version} is newer than this edgekit understands "
-                          f"({SCHEMA_VERSION}); upgrade edgekit")
-    if version < SCHEMA_VERSION:
-        raise BundleError(f"bundle manifest schema {version} is older than this edgekit reads ({SCHEMA_VERSION}); "
-                          "export the bundle again")
-    audio, image = o.obj(Key.AUDIO, required=False), o.obj(Key.IMAGE, required=False)
-    return Manifest(
-        schema_version=version,
-        edgekit_version=o.req(Key.EDGEKIT_VERSION, str),
-        created_at=o.req(Key.CREATED_AT, str),
-        model=_model(o.obj(Key.MODEL)),
-        device=o.req(Key.DEVICE, str),
-        format=_choice(o, Key.FORMAT, format_names()),
-        backend=o.req(Key.BACKEND, str),
-        execution_providers=o.list_of(Key.EXECUTION_PROVIDERS, str, required=False) or (),
-        recipe=o.req(Key.RECIPE, str),
-        quant_schemes=o.dict_of(Key.QUANT_SCHEMES, str),
-        methods=tuple(_method(m) for m in o.objs(Key.METHODS)),
-        max_context=o.req(Key.MAX_CONTEXT, int),
-        prefill_chunk=o.req(Key.PREFILL_CHUNK, int),
-        special_tokens=_tokens(o.obj(Key.SPECIAL_TOKENS)),
-        chat_template=o.opt(Key.CHAT_TEMPLATE, str),
-        audio_preprocessing=_audio(audio) if audio else None,
-        image_preprocessing=_image(image) if image else None,
-        files=tuple(_file(f) for f in o.objs(Key.FILES)),
-        verification=o.opt(Key.VERIFICATION, dict),
-        extra=o.opt(Key.EXTRA, dict, {}),
-    )
+if __name__ == "__main__":
+    raise SystemExit(schema_main(schema_json))

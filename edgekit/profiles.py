@@ -1,21 +1,26 @@
-"""Device profiles: devices.yaml, loaded into frozen dataclasses and checked on load.
+"""Device profiles: devices.yaml, defined once as the pydantic models below.
 
-Adding a device means adding an entry to devices.yaml, nothing else. Every key is
-checked when the file loads (after litert-torch's `LayerQuantRecipe.verify`): unknown
-or missing keys, wrong types, and values the rest of edgekit cannot honour — a recipe
-the format cannot export, a backend the format has no runtime for, a vision budget the
-processor does not offer. Errors name the file, the profile and the key.
+Adding a device means adding an entry to devices.yaml, nothing else; a user adds or
+replaces profiles with their own files (`--devices FILE`, EDGEKIT_DEVICES), never by
+editing the installed package. Every key is checked when a file loads: the models check
+each key (unknown or missing keys, types, ranges, names from edgekit's tables), and
+_check_profile what spans keys — a recipe the format cannot export on that backend, a
+backend the format has no runtime for, a vision budget the model's family does not offer,
+execution providers. Errors name the file, the profile and the key. devices.schema.json
+is generated from the models (`python -m edgekit.profiles --schema`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Sequence
 
 import yaml
+from annotated_types import Gt, Le
+from pydantic import AfterValidator, ConfigDict, Strict, StringConstraints, ValidationError
 
+from edgekit.contract import Float, Frozen, first_error, schema_main, schema_text
 from edgekit.errors import DeviceProfileError
 from edgekit.formats import FORMATS
 from edgekit.models import FAMILIES, model_sizes
@@ -24,6 +29,7 @@ from edgekit.recipes import RECIPES
 from edgekit.registry import Registry
 
 PACKAGED_PROFILES = Path(__file__).resolve().parent / "devices.yaml"
+DEVICES_ENV = "EDGEKIT_DEVICES"  # the user's profile files, joined by os.pathsep
 
 MODEL_SIZES: tuple[str, ...] = model_sizes()
 # Soft-token budgets any family's image processor offers; a profile's must be its model's.
@@ -36,38 +42,63 @@ ISA_FEATURES: tuple[str, ...] = (
 ACCELERATOR_KINDS: tuple[str, ...] = ("gpu", "npu")
 
 
-@dataclass(frozen=True)
-class CpuSpec:
-    arch: str
-    cores: int
-    core: str  # core names, e.g. "4x Cortex-A76"
-    isa: tuple[str, ...]
+class _Entry(Frozen):
+    """A devices.yaml mapping: an unknown key is a typo, so it fails instead of being ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
-@dataclass(frozen=True)
-class Accelerator:
-    kind: str
-    name: str
-    tops: float | None = None  # vendor's peak int8 TOPS, where published
+def _unique(items: tuple[Any, ...]) -> tuple[Any, ...]:
+    if len(set(items)) != len(items):
+        raise ValueError("must not repeat an entry")
+    return items
 
 
-@dataclass(frozen=True)
-class DeviceProfile:
-    name: str
-    description: str
-    ram_gb: float
-    bundle_memory_share: float  # fraction of RAM one bundle may use
+def _in_model_order(modalities: tuple[str, ...]) -> tuple[str, ...]:
+    if "text" not in modalities:
+        raise ValueError("must include 'text'")
+    return tuple(m for m in MODALITIES if m in modalities)
+
+
+PositiveInt = Annotated[int, Strict(), Gt(0)]
+PositiveNumber = Annotated[Float, Gt(0)]
+NonEmpty = Annotated[str, Strict(), StringConstraints(strip_whitespace=False, min_length=1, pattern=r"\S")]
+
+
+def _names(*choices: Any) -> Any:
+    return Literal[choices]  # Literal[("a", "b")] is Literal["a", "b"]: an enum in the schema
+
+
+class CpuSpec(_Entry):
+    arch: _names(*CPU_ARCHES)
+    cores: PositiveInt
+    core: NonEmpty  # core names, e.g. "4x Cortex-A76"
+    isa: Annotated[tuple[_names(*ISA_FEATURES), ...], AfterValidator(_unique)]
+
+
+class Accelerator(_Entry):
+    kind: _names(*ACCELERATOR_KINDS)
+    name: NonEmpty
+    tops: PositiveNumber | None = None  # vendor's peak int8 TOPS, where published
+
+
+class DeviceProfile(_Entry):
+    name: NonEmpty
+    description: NonEmpty
+    ram_gb: PositiveNumber
+    bundle_memory_share: Annotated[Float, Gt(0), Le(1)]  # fraction of RAM one bundle may use
     cpu: CpuSpec
-    memory_bandwidth_gbps: float
+    memory_bandwidth_gbps: PositiveNumber
     accelerators: tuple[Accelerator, ...]
-    format: str
-    backend: str
-    execution_providers: tuple[str, ...]  # ONNX Runtime EPs in priority order; () for other formats
-    recipe: str
-    model: str  # recommended model size: e2b | e4b
-    max_context: int
-    vision_token_budget: int
-    modalities: tuple[str, ...]
+    format: _names(*FORMATS.names())
+    backend: NonEmpty  # one of the format's backends (checked in _check_profile)
+    # ONNX Runtime EPs in priority order; () for other formats.
+    execution_providers: Annotated[tuple[NonEmpty, ...], AfterValidator(_unique)] = ()
+    recipe: _names(*RECIPES.names())
+    model: _names(*MODEL_SIZES)  # recommended model size
+    max_context: PositiveInt
+    vision_token_budget: _names(*VISION_TOKEN_BUDGETS)
+    modalities: Annotated[tuple[_names(*MODALITIES), ...], AfterValidator(_unique), AfterValidator(_in_model_order)]
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -75,25 +106,54 @@ class DeviceProfile:
         return int(self.ram_gb * 1024**3 * self.bundle_memory_share)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "memory_budget_bytes": self.memory_budget_bytes}
+        return {**self.model_dump(mode="json"), "memory_budget_bytes": self.memory_budget_bytes}
+
+
+class DevicesFile(_Entry):
+    """The whole devices.yaml; only for the schema: the loader checks entry by entry to name each."""
+
+    devices: tuple[DeviceProfile, ...]
+
+
+def schema_json() -> str:
+    """devices.schema.json, generated: `python -m edgekit.profiles --schema > edgekit/devices.schema.json`."""
+    return schema_text(DevicesFile, "edgekit device profiles (devices.yaml)", "urn:edgekit:devices",
+                       mode="validation")
 
 
 class ProfileRegistry(Registry[DeviceProfile]):
-    """The profiles of one devices.yaml; `.get(name)` raises DeviceProfileError listing names."""
+    """The profiles of devices.yaml and the user's files; `.get(name)` raises DeviceProfileError listing names."""
 
-    def __init__(self, profiles: list[DeviceProfile], *, source: Path) -> None:
+    def __init__(self, profiles: list[DeviceProfile], *, sources: tuple[Path, ...]) -> None:
         super().__init__("device", profiles, error=DeviceProfileError)
-        self.source = source
+        self.sources = sources  # in the order read: later files override earlier ones by name
 
 
-def load_profiles(path: Path | None = None) -> ProfileRegistry:
-    """Read and check devices.yaml (the packaged one unless `path` is given)."""
-    path = Path(path) if path is not None else PACKAGED_PROFILES
-    where = f"{path.name}: "
+def user_profile_files(devices: Sequence[Path | str] = ()) -> tuple[Path, ...]:
+    """EDGEKIT_DEVICES (paths joined by os.pathsep), then `--devices` files: the later wins."""
+    env = os.environ.get(DEVICES_ENV, "")
+    return tuple(Path(p) for p in env.split(os.pathsep) if p) + tuple(Path(p) for p in devices)
+
+
+def load_profiles(path: Path | None = None, *, devices: Sequence[Path | str] = ()) -> ProfileRegistry:
+    """Read and check devices.yaml (the packaged one unless `path` is given), then the user's
+    files (EDGEKIT_DEVICES, then `devices`), each adding profiles or replacing one by name."""
+    base = Path(path) if path is not None else PACKAGED_PROFILES
+    # A packaged file is named by its file name; a user's file by the path they gave.
+    files = [(base, f"{base.name}: ")] + [(p, f"{p}: ") for p in user_profile_files(devices)]
+    profiles: dict[str, DeviceProfile] = {}
+    for file, where in files:
+        for profile in _read_file(file, where):
+            profiles[profile.name] = profile
+    return ProfileRegistry(list(profiles.values()), sources=tuple(f for f, _ in files))
+
+
+def _read_file(path: Path, where: str) -> list[DeviceProfile]:
     try:
         data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise DeviceProfileError(f"cannot read device profiles {path}: {exc.strerror or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DeviceProfileError(f"cannot read device profiles {path}: {reason}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
@@ -108,144 +168,46 @@ def load_profiles(path: Path | None = None) -> ProfileRegistry:
         if entry["name"] in seen:
             raise DeviceProfileError(f"{where}duplicate profile {entry['name']!r}")
         seen.add(entry["name"])
-        profiles.append(_parse_profile(entry, _Where(f"{where}profile {entry['name']!r}: ")))
-    return ProfileRegistry(profiles, source=path)
+        prefix = f"{where}profile {entry['name']!r}: "
+        try:
+            profile = DeviceProfile.model_validate(entry)
+        except ValidationError as exc:
+            key, problem = first_error(exc)
+            raise DeviceProfileError(f"{prefix}key '{key}' {problem}") from None
+        _check_profile(profile, prefix)
+        profiles.append(profile)
+    return profiles
 
 
-# --- checking one entry ------------------------------------------------------------------
+# --- checks across keys (each key alone is checked by the models above) ----------------
 
 
-@dataclass(frozen=True)
-class _Where:
-    prefix: str
+def _check_profile(p: DeviceProfile, prefix: str) -> None:
+    def fail(key: str, message: str) -> DeviceProfileError:
+        return DeviceProfileError(f"{prefix}key '{key}' {message}")
 
-    def fail(self, key: str, message: str, value: Any = dataclasses.MISSING) -> DeviceProfileError:
-        got = "" if value is dataclasses.MISSING else f", got {value!r}"
-        return DeviceProfileError(f"{self.prefix}key {key!r} {message}{got}")
-
-
-_REQUIRED = {f.name for f in dataclasses.fields(DeviceProfile)} - {"execution_providers"}
-_OPTIONAL = {"execution_providers"}
-
-
-def _check_keys(d: Mapping[str, Any], required: set[str], optional: set[str], where: _Where, prefix: str = "") -> None:
-    for key in d:
-        if key not in required | optional:
-            known = ", ".join(sorted(required | optional))
-            raise where.fail(prefix + str(key), f"is unknown (known keys: {known})")
-    for key in sorted(required):
-        if key not in d:
-            raise where.fail(prefix + key, "is missing")
-
-
-def _number(d: Mapping[str, Any], key: str, where: _Where, *, integer: bool = False, label: str = "") -> Any:
-    value = d[key]
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or value <= 0:
-        raise where.fail(label or key, f"must be a positive {'integer' if integer else 'number'}", value)
-    return value
-
-
-def _string(d: Mapping[str, Any], key: str, where: _Where, *, label: str = "") -> str:
-    value = d[key]
-    if not isinstance(value, str) or not value.strip():
-        raise where.fail(label or key, "must be a non-empty string", value)
-    return value
-
-
-def _choice(d: Mapping[str, Any], key: str, choices: tuple, where: _Where, *, label: str = "") -> Any:
-    value = d[key]
-    if isinstance(value, bool) or value not in choices:
-        raise where.fail(label or key, f"must be one of {', '.join(map(str, choices))}", value)
-    return value
-
-
-def _string_list(d: Mapping[str, Any], key: str, where: _Where, *, choices: tuple | None = None,
-                 label: str = "") -> tuple[str, ...]:
-    value = d[key]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise where.fail(label or key, "must be a list of strings", value)
-    if len(set(value)) != len(value):
-        raise where.fail(label or key, "must not repeat an entry", value)
-    for v in value:
-        if choices is not None and v not in choices:
-            raise where.fail(label or key, f"has unknown entry {v!r} (choose from {', '.join(choices)})")
-    return tuple(value)
-
-
-def _parse_cpu(value: Any, where: _Where) -> CpuSpec:
-    if not isinstance(value, dict):
-        raise where.fail("cpu", "must be a mapping with arch, cores, core, isa", value)
-    _check_keys(value, {"arch", "cores", "core", "isa"}, set(), where, prefix="cpu.")
-    return CpuSpec(
-        arch=_choice(value, "arch", CPU_ARCHES, where, label="cpu.arch"),
-        cores=_number(value, "cores", where, integer=True, label="cpu.cores"),
-        core=_string(value, "core", where, label="cpu.core"),
-        isa=_string_list(value, "isa", where, choices=ISA_FEATURES, label="cpu.isa"),
-    )
-
-
-def _parse_accelerators(value: Any, where: _Where) -> tuple[Accelerator, ...]:
-    if not isinstance(value, list):
-        raise where.fail("accelerators", "must be a list (possibly empty)", value)
-    out = []
-    for i, acc in enumerate(value):
-        label = f"accelerators[{i}]"
-        if not isinstance(acc, dict):
-            raise where.fail(label, "must be a mapping with kind, name and optional tops", acc)
-        _check_keys(acc, {"kind", "name"}, {"tops"}, where, prefix=f"{label}.")
-        tops = _number(acc, "tops", where, label=f"{label}.tops") if "tops" in acc else None
-        out.append(Accelerator(_choice(acc, "kind", ACCELERATOR_KINDS, where, label=f"{label}.kind"),
-                               _string(acc, "name", where, label=f"{label}.name"), tops))
-    return tuple(out)
-
-
-def _parse_profile(entry: Mapping[str, Any], where: _Where) -> DeviceProfile:
-    _check_keys(entry, _REQUIRED, _OPTIONAL, where)
-    share = entry["bundle_memory_share"]
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-        raise where.fail("bundle_memory_share", "must be a fraction in (0, 1]", share)
-    fmt = FORMATS.get(_choice(entry, "format", FORMATS.names(), where))
-    backend = _string(entry, "backend", where)
-    if backend not in fmt.backend_names:
-        raise where.fail("backend", f"{backend!r} is not a backend of format {fmt.name!r} "
-                                    f"(choose one of: {', '.join(fmt.backend_names)})")
-    recipe = _choice(entry, "recipe", RECIPES.names(), where)
-    if recipe not in fmt.recipes_for(backend):
-        raise where.fail("recipe", f"{recipe!r} is not supported by format {fmt.name!r} on {backend} "
-                                   f"(supported: {', '.join(fmt.recipes_for(backend))})")
-    providers = _execution_providers(entry, fmt, backend, where)
-    modalities = _string_list(entry, "modalities", where, choices=MODALITIES)
-    if "text" not in modalities:
-        raise where.fail("modalities", "must include 'text'", list(modalities))
-    return DeviceProfile(
-        name=entry["name"],
-        description=_string(entry, "description", where),
-        ram_gb=_number(entry, "ram_gb", where),
-        bundle_memory_share=float(share),
-        cpu=_parse_cpu(entry["cpu"], where),
-        memory_bandwidth_gbps=_number(entry, "memory_bandwidth_gbps", where),
-        accelerators=_parse_accelerators(entry["accelerators"], where),
-        format=fmt.name,
-        backend=backend,
-        execution_providers=providers,
-        recipe=recipe,
-        model=_choice(entry, "model", MODEL_SIZES, where),
-        max_context=_number(entry, "max_context", where, integer=True),
-        vision_token_budget=_choice(entry, "vision_token_budget", VISION_TOKEN_BUDGETS, where),
-        modalities=tuple(m for m in MODALITIES if m in modalities),
-    )
-
-
-def _execution_providers(entry: Mapping[str, Any], fmt: Any, backend: str, where: _Where) -> tuple[str, ...]:
-    allowed = fmt.backend(backend).execution_providers
+    fmt = FORMATS.get(p.format)
+    if p.backend not in fmt.backend_names:
+        raise fail("backend", f"{p.backend!r} is not a backend of format {fmt.name!r} "
+                              f"(choose one of: {', '.join(fmt.backend_names)})")
+    if p.recipe not in fmt.recipes_for(p.backend):
+        raise fail("recipe", f"{p.recipe!r} is not supported by format {fmt.name!r} on {p.backend} "
+                             f"(supported: {', '.join(fmt.recipes_for(p.backend))})")
+    family = next(f for f in FAMILIES if p.model in f.sizes)
+    if p.vision_token_budget not in family.vision_token_budgets:
+        raise fail("vision_token_budget", f"{p.vision_token_budget} is not offered by {family.display_name} "
+                                          f"(choose one of: {', '.join(map(str, family.vision_token_budgets))})")
+    allowed = fmt.backend(p.backend).execution_providers
     if not fmt.uses_execution_providers:
-        if entry.get("execution_providers"):
-            raise where.fail("execution_providers", f"only applies to format onnx, not {fmt.name!r}")
-        return ()
-    if "execution_providers" not in entry:
-        raise where.fail("execution_providers", f"is missing (format {fmt.name!r} needs it)")
-    providers = _string_list(entry, "execution_providers", where, choices=allowed)
-    if not providers:
-        raise where.fail("execution_providers", "must list at least one provider")
-    return providers
+        if p.execution_providers:
+            raise fail("execution_providers", f"only applies to format onnx, not {fmt.name!r}")
+        return
+    if not p.execution_providers:
+        raise fail("execution_providers", f"must list at least one provider (format {fmt.name!r} needs it)")
+    for provider in p.execution_providers:
+        if provider not in allowed:
+            raise fail("execution_providers", f"has unknown entry {provider!r} (choose from {', '.join(allowed)})")
+
+
+if __name__ == "__main__":
+    raise SystemExit(schema_main(schema_json))

@@ -128,7 +128,7 @@ def verify_bundle(bundle_path: Path, checkpoint: Checkpoint, *, steps: int = 64,
     image_feats = audio_feats = None
     with progress_bar("Verifying", total=steps + 3) as advance:
         if manifest.has_method(METHOD_VISION_ENCODER):
-            params = ImageParams.from_dict(dataclasses.asdict(manifest.image_preprocessing))
+            params = ImageParams.from_dict(manifest.image_preprocessing.model_dump())
             pixels, positions, _ = preprocess_image(test_image(), params=params)
             image_feats = backend.encode_image(pixels, positions)
             with torch.no_grad():
@@ -142,7 +142,7 @@ def verify_bundle(bundle_path: Path, checkpoint: Checkpoint, *, steps: int = 64,
         if manifest.has_method(METHOD_AUDIO_ENCODER):
             audio = manifest.audio_preprocessing
             features, mask = log_mel_features(test_audio(), params=MelParams.from_dict(
-                {**dataclasses.asdict(audio), **audio.extra}))
+                {**audio.model_dump(), **audio.extra}))
             audio_feats = backend.encode_audio(features, mask)
             f, m = torch.from_numpy(features)[None], torch.from_numpy(mask)[None]
             with torch.no_grad():

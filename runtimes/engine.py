@@ -121,7 +121,7 @@ class Engine:
             if item.kind == "image":
                 if not manifest.has_method(METHOD_VISION_ENCODER):
                     raise InputError("this bundle has no vision encoder; export it with --modalities including vision")
-                params = ImageParams.from_dict(dataclasses.asdict(manifest.image_preprocessing))
+                params = ImageParams.from_dict(manifest.image_preprocessing.model_dump())
                 pixels, positions, tokens = preprocess_image(item.source, params=params)
                 # Only the image's own patches: padding would cost encoder time for nothing.
                 patches = tokens * params.pooling_kernel_size**2
@@ -134,7 +134,7 @@ class Engine:
                 audio = manifest.audio_preprocessing
                 waveform = (np.asarray(item.source, np.float32) if isinstance(item.source, np.ndarray)
                             else load_audio(item.source, target_rate=audio.sampling_rate))
-                params = MelParams.from_dict({**dataclasses.asdict(audio), **audio.extra})
+                params = MelParams.from_dict({**audio.model_dump(), **audio.extra})
                 inputs = log_mel_features(waveform, params=params)
                 item.features = self._encoded_once(used, "audio", inputs, self.backend.encode_audio)
                 stats.audio_seconds += len(waveform) / audio.sampling_rate

@@ -5,7 +5,6 @@ No model, no torch: bundles here hold a few small fake files. Fast (a few second
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -22,13 +21,13 @@ from edgekit import bundle as bundle_mod
 from edgekit.bundle import BundleWriter, inspect_bundle, load_bundle, update_manifest, verify_files
 from edgekit.errors import BundleError, ExportError, InputError
 from edgekit.manifest import (
-    MANIFEST_FILE, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, SCHEMA_VERSION, AudioKey, AudioPreprocessing, FileKey,
-    ImageKey, ImagePreprocessing, Key, Manifest, MethodKey, MethodSpec, ModelInfo, ModelKey, SpecialTokens, TensorKey,
-    TensorSpec, TokenKey, all_keys,
+    MANIFEST_FILE, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, SCHEMA_VERSION, AudioPreprocessing, ImagePreprocessing,
+    Manifest, MethodSpec, ModelInfo, SpecialTokens, TensorSpec, format_names, schema_json,
 )
 from edgekit.models.gemma4.special_tokens import layout_for
 
-SCHEMA = json.loads((Path(bundle_mod.__file__).parent / "manifest.schema.json").read_text())
+SCHEMA_FILE = Path(bundle_mod.__file__).parent / "manifest.schema.json"
+SCHEMA = json.loads(SCHEMA_FILE.read_text())
 
 
 def make_manifest(**overrides) -> Manifest:
@@ -78,28 +77,28 @@ def leftovers(parent: Path) -> list[str]:
 # --- manifest ----------------------------------------------------------------------------
 
 
-def test_manifest_round_trip_and_key_constants():
+def test_manifest_round_trip():
     m = make_manifest()
     data = json.loads(json.dumps(m.to_dict()))
     assert Manifest.from_dict(data) == m
-    # Key constants and dataclass fields are the same names, so attribute and JSON key agree.
-    pairs = [(Key, Manifest), (ModelKey, ModelInfo), (MethodKey, MethodSpec), (TensorKey, TensorSpec),
-             (FileKey, bundle_mod.FileEntry), (TokenKey, SpecialTokens), (AudioKey, AudioPreprocessing),
-             (ImageKey, ImagePreprocessing)]
-    for keys, cls in pairs:
-        assert set(all_keys(keys)) == {f.name for f in dataclasses.fields(cls)}, cls
-    assert list(data) == all_keys(Key)
+    assert list(data)[:3] == ["schema_version", "edgekit_version", "created_at"]  # field order is key order
     assert m.method(METHOD_TEXT_DECODER).inputs[1].is_dynamic
     assert m.special_tokens.eos_ids == (1, 6)  # <eos>, <turn|> in the packed 512 layout
 
 
-def test_schema_agrees_with_dataclasses():
-    assert set(SCHEMA["properties"]) == set(all_keys(Key)) == set(SCHEMA["required"])
-    assert SCHEMA["properties"][Key.SCHEMA_VERSION]["const"] == SCHEMA_VERSION
-    for keys, name in [(ModelKey, "model"), (MethodKey, "method"), (TensorKey, "tensor"), (FileKey, "file"),
-                       (TokenKey, "special_tokens"), (AudioKey, "audio_preprocessing"),
-                       (ImageKey, "image_preprocessing")]:
-        assert set(SCHEMA["$defs"][name]["properties"]) == set(all_keys(keys)), name
+def test_committed_schema_is_the_generated_one():
+    # Regenerate with: python -m edgekit.manifest --schema > edgekit/manifest.schema.json
+    assert SCHEMA_FILE.read_text() == schema_json()
+    assert set(SCHEMA["properties"]) == set(Manifest.model_fields) == set(SCHEMA["required"])
+    assert SCHEMA["properties"]["schema_version"]["const"] == SCHEMA_VERSION
+    assert SCHEMA["properties"]["format"]["enum"] == list(format_names())  # one table: edgekit.formats
+
+
+def test_schema_cli_prints_the_schema():
+    result = subprocess.run([sys.executable, "-m", "edgekit.manifest", "--schema"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == SCHEMA_FILE.read_text()
 
 
 def test_written_manifest_validates_against_schema(tmp_path):
@@ -110,7 +109,7 @@ def test_written_manifest_validates_against_schema(tmp_path):
     # A text-only manifest (no towers, no template) is valid too.
     text_only = make_manifest(audio_preprocessing=None, image_preprocessing=None, chat_template=None).to_dict()
     jsonschema.validate(text_only, SCHEMA, cls=jsonschema.Draft202012Validator)
-    for bad in ({**data, Key.FORMAT: "tflite"}, {**data, Key.FILES: [{"path": "../x", "size": 1, "sha256": "0" * 64}]}):
+    for bad in ({**data, "format": "tflite"}, {**data, "files": [{"path": "../x", "size": 1, "sha256": "0" * 64}]}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, SCHEMA, cls=jsonschema.Draft202012Validator)
 
@@ -118,25 +117,56 @@ def test_written_manifest_validates_against_schema(tmp_path):
 def test_from_dict_errors_name_the_key():
     data = make_manifest().to_dict()
     with pytest.raises(BundleError, match="schema 3 is newer than this edgekit understands \\(2\\); upgrade edgekit"):
-        Manifest.from_dict({**data, Key.SCHEMA_VERSION: 3})
+        Manifest.from_dict({**data, "schema_version": 3})
     with pytest.raises(BundleError, match="schema 1 is older than this edgekit reads \\(2\\); export the bundle again"):
-        Manifest.from_dict({**data, Key.SCHEMA_VERSION: 1})
-    del data[Key.MODEL][ModelKey.VOCAB_SIZE]
+        Manifest.from_dict({**data, "schema_version": 1})
+    del data["model"]["vocab_size"]
     with pytest.raises(BundleError, match="missing key 'model.vocab_size'"):
         Manifest.from_dict(data)
     data = make_manifest().to_dict()
-    data[Key.METHODS][1][MethodKey.INPUTS][0][TensorKey.DTYPE] = "torch.float32"
-    with pytest.raises(BundleError, match=r"methods\[1\].inputs\[0\].dtype"):
+    data["methods"][1]["inputs"][0]["dtype"] = "torch.float32"
+    with pytest.raises(BundleError, match=r"key 'methods\[1\].inputs\[0\].dtype'"):
         Manifest.from_dict(data)
-    data = make_manifest().to_dict()
-    data[Key.MAX_CONTEXT] = "256"
-    with pytest.raises(BundleError, match="'max_context' must be int"):
-        Manifest.from_dict(data)
-    with pytest.raises(BundleError, match="not a plain relative path"):
+    with pytest.raises(BundleError, match="'max_context' must be an integer, got '256'"):
+        Manifest.from_dict({**make_manifest().to_dict(), "max_context": "256"})
+    with pytest.raises(BundleError, match=r"'files\[0\].path' is not a plain relative path"):
         Manifest.from_dict({**make_manifest().to_dict(),
-                            Key.FILES: [{"path": "/etc/passwd", "size": 1, "sha256": "0" * 64}]})
+                            "files": [{"path": "/etc/passwd", "size": 1, "sha256": "0" * 64}]})
     # Unknown keys are ignored: an additive change does not break older readers.
     assert Manifest.from_dict({**make_manifest().to_dict(), "future_key": 1}).device == "pi5"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["special_tokens"].update(eos_ids=[]), "key 'special_tokens.eos_ids' must not be empty"),
+    (lambda d: d.update(prefill_chunk=257), "key 'prefill_chunk' must be at most max_context (256)"),
+    (lambda d: d.update(max_context=0), "key 'max_context'"),
+    (lambda d: d.update(format="tflite"), "key 'format' must be one of onnx, executorch, coreml"),
+    (lambda d: d["model"].update(size="e9b"), "key 'model.size' must be one of"),
+    (lambda d: d.update(methods=d["methods"] * 2), "key 'methods' lists method 'text_decoder' twice"),
+    (lambda d: d.update(files=[{"path": "a", "size": -1, "sha256": "0" * 64}]), "key 'files[0].size'"),
+    (lambda d: d.update(files=[{"path": "a", "size": 1, "sha256": "A" * 64}]), "key 'files[0].sha256'"),
+    (lambda d: d.update(files=[{"path": "a", "size": 1, "sha256": "0" * 64}] * 2), "lists file 'a' twice"),
+    (lambda d: d["methods"][0]["inputs"][0].update(shape=[True]), "key 'methods[0].inputs[0].shape[0]' must be a size"),
+    (lambda d: d.update(chat_template="../t.jinja"), "key 'chat_template' is not a plain relative path"),
+    (lambda d: d.update(model=[]), "key 'model' must be an object"),
+    (lambda d: d["quant_schemes"].update(text_decoder=4), "key 'quant_schemes.text_decoder' must be a string"),
+    (lambda d: d["quant_schemes"].update({"a\nb": 4}), "key 'quant_schemes.'a\\nb'' must be a string"),
+    (lambda d: d["audio_preprocessing"].update(mel_floor=float("nan")), "key 'audio_preprocessing.mel_floor'"),
+])
+def test_each_failure_is_one_bundle_error_naming_the_key(edit, message):
+    data = make_manifest().to_dict()
+    edit(data)
+    with pytest.raises(BundleError) as info:
+        Manifest.from_dict(data)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_constructing_a_bad_spec_is_a_bundle_error():
+    # Exporters build these directly; a mistake there is a BundleError too, not a pydantic one.
+    with pytest.raises(BundleError, match="key 'dtype'"):
+        TensorSpec("x", "torch.float32", (1,))
+    with pytest.raises(BundleError, match="key 'max_context'"):
+        make_manifest(max_context=-1)
 
 
 # --- atomic writing ----------------------------------------------------------------------
@@ -326,7 +356,7 @@ def test_bad_manifests(tmp_path):
     target = write_bundle(tmp_path / "tiny.edgekit")
     manifest = target / MANIFEST_FILE
     data = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({**data, Key.SCHEMA_VERSION: 3}))
+    manifest.write_text(json.dumps({**data, "schema_version": 3}))
     with pytest.raises(BundleError, match="bundle manifest schema 3 is newer than this edgekit understands"):
         load_bundle(target)
     manifest.write_text('{"schema_version": 1,')

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import yaml
@@ -16,7 +17,7 @@ from edgekit.manifest import format_names
 from edgekit.profiles import PACKAGED_PROFILES, VISION_TOKEN_BUDGETS, load_profiles
 from edgekit.recipes import RECIPES, Recipe, Rule, get_recipe
 from edgekit.registry import Registry
-from tests.conftest import run_cli
+from tests.conftest import assert_clean_failure, run_cli
 
 REQUIRED_DEVICES = ("pi4-4gb", "pi5-8gb", "jetson-orin-nano-8gb", "android-flagship", "android-midrange",
                     "iphone-15-pro", "mac-m-series")
@@ -80,25 +81,29 @@ def _broken(tmp_path, name: str, edit) -> object:
 
 BROKEN = [
     ("pi5-8gb", lambda e: e.update(ram_gb="eight"),
-     "devices.yaml: profile 'pi5-8gb': key 'ram_gb' must be a positive number, got 'eight'"),
+     "devices.yaml: profile 'pi5-8gb': key 'ram_gb' must be a number, got 'eight'"),
     ("pi5-8gb", lambda e: e.pop("max_context"), "profile 'pi5-8gb': key 'max_context' is missing"),
     ("pi5-8gb", lambda e: e.update(ramgb=8), "key 'ramgb' is unknown"),
-    ("pi5-8gb", lambda e: e.update(bundle_memory_share=1.5), "key 'bundle_memory_share' must be a fraction in (0, 1]"),
-    ("pi5-8gb", lambda e: e.update(bundle_memory_share=0), "key 'bundle_memory_share'"),
-    ("pi5-8gb", lambda e: e.update(format="tflite"), "key 'format' must be one of onnx, executorch, coreml"),
+    ("pi5-8gb", lambda e: e.update(bundle_memory_share=1.5), "key 'bundle_memory_share' must be less than or equal to 1, got 1.5"),
+    ("pi5-8gb", lambda e: e.update(bundle_memory_share=0), "key 'bundle_memory_share' must be greater than 0"),
+    ("pi5-8gb", lambda e: e.update(format="tflite"), "key 'format' must be one of 'onnx', 'executorch' or 'coreml', got 'tflite'"),
     ("pi5-8gb", lambda e: e.update(recipe="8da4w"), "key 'recipe' '8da4w' is not supported by format 'onnx'"),
     ("pi5-8gb", lambda e: e.update(recipe="int3"), "key 'recipe' must be one of"),
     ("pi5-8gb", lambda e: e.update(backend="xnnpack"), "key 'backend' 'xnnpack' is not a backend of format 'onnx'"),
     ("pi5-8gb", lambda e: e.update(vision_token_budget=300), "key 'vision_token_budget' must be one of 70, 140"),
-    ("pi5-8gb", lambda e: e.update(modalities=["text", "smell"]), "key 'modalities' has unknown entry 'smell'"),
+    ("pi5-8gb", lambda e: e.update(modalities=["text", "smell"]), "key 'modalities[1]' must be one of 'text', 'audio' or 'vision', got 'smell'"),
     ("pi5-8gb", lambda e: e.update(modalities=["audio"]), "key 'modalities' must include 'text'"),
-    ("pi5-8gb", lambda e: e.update(model="e8b"), "key 'model' must be one of e2b, e4b"),
-    ("pi5-8gb", lambda e: e.update(max_context=True), "key 'max_context' must be a positive integer"),
-    ("pi5-8gb", lambda e: e["cpu"].update(isa=["neon", "dotprd"]), "key 'cpu.isa' has unknown entry 'dotprd'"),
-    ("pi5-8gb", lambda e: e["cpu"].update(cores="four"), "key 'cpu.cores' must be a positive integer, got 'four'"),
+    ("pi5-8gb", lambda e: e.update(modalities=["text", "text"]), "key 'modalities' must not repeat an entry"),
+    ("pi5-8gb", lambda e: e.update(max_context=0), "key 'max_context' must be greater than 0"),
+    ("pi5-8gb", lambda e: e.update(description="  "), "key 'description'"),
+    ("pi5-8gb", lambda e: e["cpu"].update(sockets=2), "key 'cpu.sockets' is unknown"),
+    ("pi5-8gb", lambda e: e.update(model="e8b"), "key 'model' must be one of 'e2b' or 'e4b'"),
+    ("pi5-8gb", lambda e: e.update(max_context=True), "key 'max_context' must be an integer, got True"),
+    ("pi5-8gb", lambda e: e["cpu"].update(isa=["neon", "dotprd"]), "key 'cpu.isa[1]' must be one of 'neon'"),
+    ("pi5-8gb", lambda e: e["cpu"].update(cores="four"), "key 'cpu.cores' must be an integer, got 'four'"),
     ("pi5-8gb", lambda e: e["cpu"].pop("arch"), "key 'cpu.arch' is missing"),
     ("pi5-8gb", lambda e: e.update(accelerators=[{"kind": "tpu", "name": "x"}]), "key 'accelerators[0].kind'"),
-    ("pi5-8gb", lambda e: e.pop("execution_providers"), "key 'execution_providers' is missing"),
+    ("pi5-8gb", lambda e: e.pop("execution_providers"), "key 'execution_providers' must list at least one provider"),
     ("pi5-8gb", lambda e: e.update(execution_providers=["CUDAExecutionProvider"]),
      "key 'execution_providers' has unknown entry 'CUDAExecutionProvider'"),
     ("android-flagship", lambda e: e.update(execution_providers=["CPUExecutionProvider"]),
@@ -198,3 +203,64 @@ def test_cli_devices_table():
     result = run_cli("devices", timeout=60)
     assert result.returncode == 0, result.stderr
     assert all(name in result.stdout for name in REQUIRED_DEVICES)
+
+
+# --- the generated schema ----------------------------------------------------------------
+
+
+def test_committed_devices_schema_is_the_generated_one():
+    # Regenerate with: python -m edgekit.profiles --schema > edgekit/devices.schema.json
+    import jsonschema
+
+    from edgekit.profiles import schema_json
+
+    committed = PACKAGED_PROFILES.parent / "devices.schema.json"
+    assert committed.read_text() == schema_json()
+    schema = json.loads(committed.read_text())
+    jsonschema.validate(yaml.safe_load(PACKAGED_PROFILES.read_text()), schema,
+                        cls=jsonschema.Draft202012Validator)
+
+
+# --- the user's own profiles -------------------------------------------------------------
+
+
+def _user_file(tmp_path, name: str, entries: list[dict]) -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"devices": entries}))
+    return str(path)
+
+
+def _pi5(**changes) -> dict:
+    return {**next(e for e in _entries() if e["name"] == "pi5-8gb"), **changes}
+
+
+def test_cli_devices_file_adds_and_overrides_profiles(tmp_path):
+    mine = _user_file(tmp_path, "mine.yaml", [_pi5(name="rock5b-16gb", ram_gb=16), _pi5(ram_gb=16)])
+    result = run_cli("devices", "--json", "--devices", mine, timeout=60)
+    assert result.returncode == 0, result.stderr
+    profiles = {p["name"]: p for p in json.loads(result.stdout)}
+    assert profiles["rock5b-16gb"]["ram_gb"] == 16  # added
+    assert profiles["pi5-8gb"]["ram_gb"] == 16  # replaced by name
+    assert set(REQUIRED_DEVICES) <= set(profiles)  # the packaged ones stay
+
+
+def test_environment_files_apply_in_order_and_devices_option_wins(tmp_path):
+    first = _user_file(tmp_path, "a.yaml", [_pi5(ram_gb=10), _pi5(name="extra-a")])
+    second = _user_file(tmp_path, "b.yaml", [_pi5(ram_gb=12)])
+    last = _user_file(tmp_path, "c.yaml", [_pi5(ram_gb=14)])
+    env = {"EDGEKIT_DEVICES": os.pathsep.join([first, second])}
+    result = run_cli("devices", "--json", env=env, timeout=60)
+    profiles = {p["name"]: p for p in json.loads(result.stdout)}
+    assert profiles["pi5-8gb"]["ram_gb"] == 12 and "extra-a" in profiles
+    result = run_cli("devices", "--json", "--devices", last, env=env, timeout=60)
+    assert {p["name"]: p for p in json.loads(result.stdout)}["pi5-8gb"]["ram_gb"] == 14
+
+
+@pytest.mark.parametrize("command", [("devices",), ("plan", "no-such-checkpoint", "--device", "pi5-8gb"),
+                                     ("export", "no-such-checkpoint", "--device", "pi5-8gb")])
+def test_bad_user_file_is_one_line_naming_it(tmp_path, command):
+    bad = _user_file(tmp_path, "bad.yaml", [_pi5(ram_gb="lots")])
+    result = run_cli(*command, "--devices", bad, timeout=60)
+    assert_clean_failure(result, code=4, contains=f"{bad}: profile 'pi5-8gb': key 'ram_gb' must be a number")
+    result = run_cli(*command, env={"EDGEKIT_DEVICES": str(tmp_path / "missing.yaml")}, timeout=60)
+    assert_clean_failure(result, code=4, contains=f"cannot read device profiles {tmp_path / 'missing.yaml'}")

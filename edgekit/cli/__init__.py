@@ -51,6 +51,12 @@ def error_line(message: str) -> str:
     return f"edgekit: error: {first_line}"
 
 
+# Every command that takes --device takes this too, so a user's own profiles work everywhere.
+DEVICES_OPTION: Any = typer.Option(
+    [], "--devices", metavar="FILE",
+    help="Your own devices.yaml: adds profiles or replaces packaged ones by name (repeatable; "
+         "EDGEKIT_DEVICES=FILE[:FILE] does the same).")
+
 # Command modules register themselves on `app`; imported here so `edgekit --help` lists them.
 from edgekit.cli import checkpoint_cmd, devices_cmd, bundle_cmd, export_cmd, runtime_cmd  # noqa: E402,F401
 from edgekit.apps import register_commands  # noqa: E402

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from edgekit.cli import app
+from edgekit.cli import DEVICES_OPTION, app
 from edgekit.formats import FORMATS
 from edgekit.models.family import MODALITIES
 from edgekit.recipes import RECIPES
@@ -22,11 +22,12 @@ def _params(n: int) -> str:
 
 
 @app.command("devices")
-def devices(json_output: bool = typer.Option(False, "--json", help="Print the profiles as a JSON list.")) -> None:
-    """List the device profiles of devices.yaml."""
+def devices(json_output: bool = typer.Option(False, "--json", help="Print the profiles as a JSON list."),
+            devices_files: list[Path] = DEVICES_OPTION) -> None:
+    """List the device profiles: devices.yaml's and your own."""
     from edgekit.profiles import load_profiles
 
-    profiles = list(load_profiles())
+    profiles = list(load_profiles(devices=devices_files))
     if json_output:
         typer.echo(json.dumps([p.to_dict() for p in profiles], indent=2))
         return
@@ -53,12 +54,13 @@ def plan(
     modalities: str = typer.Option(None, "--modalities", help=f"Comma list of {','.join(MODALITIES)}."),
     context: int = typer.Option(None, "--context", help="Context length in tokens (default: the profile's)."),
     json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    devices_files: list[Path] = DEVICES_OPTION,
 ) -> None:
     """Show what a bundle of CHECKPOINT for DEVICE would hold, and whether it fits."""
     from edgekit.plan import make_plan
     from edgekit.profiles import load_profiles
 
-    profile = load_profiles().get(device)
+    profile = load_profiles(devices=devices_files).get(device)
     result = make_plan(checkpoint, profile=profile, format_name=format, recipe_name=quant, modalities=modalities,
                        context=context)
     if json_output:

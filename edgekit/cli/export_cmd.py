@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from edgekit.cli import app
+from edgekit.cli import DEVICES_OPTION, app
 
 
 @app.command("export")
@@ -24,6 +24,7 @@ def export(
     force: bool = typer.Option(False, "--force", help="Export even if the plan says it does not fit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    devices_files: list[Path] = DEVICES_OPTION,
 ) -> None:
     """Trace, quantize and write a bundle for DEVICE (checks the plan fits first)."""
     import time
@@ -34,7 +35,7 @@ def export(
     from edgekit.plan import make_plan
     from edgekit.profiles import load_profiles
 
-    profile = load_profiles().get(device)
+    profile = load_profiles(devices=devices_files).get(device)
     plan = make_plan(checkpoint, profile=profile, format_name=format, recipe_name=quant, modalities=modalities,
                      context=context, external_weights=external_weights)
     plan.check_fits(force=force)

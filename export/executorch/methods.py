@@ -39,7 +39,6 @@ valid rows are a prefix. The stock runner's own image/audio inputs (raw uint8 im
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -231,7 +230,7 @@ def audio_preprocessor(checkpoint_or_params) -> MethodBuild:
     params = checkpoint_or_params
     if not isinstance(params, MelParams):
         audio = bundle_metadata.audio_preprocessing(checkpoint_or_params)
-        params = MelParams.from_dict({**dataclasses.asdict(audio), **audio.extra})
+        params = MelParams.from_dict({**audio.model_dump(), **audio.extra})
     module = LogMelSpectrogram(params).eval()
     return MethodBuild(
         METHOD_AUDIO_PREPROCESSOR, module, module.example_inputs(), module.dynamic_shapes(),
