@@ -18,10 +18,12 @@ PREFILL_CHUNK = 128
 ACTIVATION_BYTES = 4  # CPU kernels compute in fp32 whatever the weight storage
 
 
-def prefill_chunk(text: Mapping[str, Any], context_length: int) -> int:
-    """Most tokens one decoder call takes where the graph fixes it (ExecuTorch's max_seq_len):
-    PREFILL_CHUNK, never more than the context or the sliding window."""
-    return max(1, min(context_length, PREFILL_CHUNK, int(text.get("sliding_window", PREFILL_CHUNK))))
+def prefill_chunk(text: Mapping[str, Any], context_length: int, *, ring_buffer: bool = True) -> int:
+    """Most tokens one decoder call takes: PREFILL_CHUNK, never more than the context, and
+    where sliding layers keep a ring buffer (ExecuTorch's max_seq_len) never more than the
+    sliding window, which keeps a ring under two windows."""
+    window = int(text.get("sliding_window", PREFILL_CHUNK)) if ring_buffer else PREFILL_CHUNK
+    return max(1, min(context_length, PREFILL_CHUNK, window))
 
 
 # Bytes of one block of vision attention scores (fp32) where the format chunks queries.

@@ -205,20 +205,17 @@ def test_quantized_tables_run_in_executorch_at_their_stated_bits(scheme, tmp_pat
 
 
 def test_missing_tower_is_a_one_line_error_before_any_work(tiny_e2b, tmp_path):
+    """The plan refuses a modality the checkpoint has no tower for, before anything loads;
+    the exporters take the plan's word for it."""
     from edgekit.testing.checkpoint_writer import make_checkpoint
-    from edgekit.errors import ExportError
-    from edgekit.export.executorch.exporter import export_executorch
+    from edgekit.errors import InputError
     from edgekit.models.gemma4.presets import PRESETS
 
     no_audio = make_checkpoint(PRESETS["tiny-e2b"], tmp_path / "no-audio", seed=0, audio=False)
-    # make_plan refuses this too; the exporter must not rely on it.
-    plan = dataclasses.replace(_plan(no_audio, "fp32", "text"), modalities=("text", "audio"))
-    out = tmp_path / "x.edgekit"
-    with pytest.raises(ExportError) as err:
-        export_executorch(load(no_audio), plan=plan, output=out)
+    with pytest.raises(InputError) as err:
+        _plan(no_audio, "fp32", "text,audio")
     message = str(err.value)
-    assert "\n" not in message and "no audio tower" in message and "--modalities text" in message
-    assert not out.exists()
+    assert "\n" not in message and "no audio tower" in message and "drop audio from --modalities" in message
 
 
 # --- fp32 bundle -----------------------------------------------------------------------------

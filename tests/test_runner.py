@@ -178,7 +178,7 @@ def _sliding_rows(engine) -> int:
     return max(v.shape[2] for k, v in engine.backend._past.items() if k in sliding)
 
 
-def test_chat_after_an_answer_longer_than_the_window_reuses_the_cache(onnx_fp32_bundle, monkeypatch):
+def test_chat_after_an_answer_longer_than_the_window_reuses_the_cache(onnx_fp32_bundle):
     """The sliding layers' rows are cut as the prompt is fed, but not those back to where the
     answer began: the next turn re-renders the whole answer, and still feeds only itself."""
     slack = 12  # the tiny tokenizer spells the generation prompt's empty thought channel in ~10 tokens
@@ -197,14 +197,12 @@ def test_chat_after_an_answer_longer_than_the_window_reuses_the_cache(onnx_fp32_
     assert "".join(load(onnx_fp32_bundle).generate(history, sampling=GREEDY)) == second
 
 
-def test_chat_past_the_kept_sliding_rows_feeds_the_prompt_again(onnx_fp32_bundle, monkeypatch):
+def test_chat_past_the_kept_sliding_rows_feeds_the_prompt_again(onnx_fp32_bundle):
     """With the sliding layers' rows kept only 1 position before the answer began, the next
     turn (which re-renders a few template tokens before it) cannot go back into the cache: the
     engine feeds the whole prompt and answers as a fresh session."""
-    from edgekit.runtimes.backends.onnx_backend import OnnxBackend
-
-    monkeypatch.setattr(OnnxBackend, "sliding_slack", 1)
     engine = load(onnx_fp32_bundle)
+    engine.backend.sliding_slack = 1
     history = [{"role": "user", "content": "Hello there, tell me a story."}]
     first = "".join(engine.generate(history, sampling=GREEDY))
     _sliding, window = engine.backend._sliding_past

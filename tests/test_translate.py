@@ -411,7 +411,7 @@ def test_microphone_tells_when_its_queue_overflows(conversation):
 
 def test_microphone_errors_say_what_to_install_or_check(monkeypatch):
     monkeypatch.setitem(sys.modules, "sounddevice", None)  # not installed
-    with pytest.raises(MissingDependencyError, match=r"pip install 'edgekit\[audio\]'"):
+    with pytest.raises(MissingDependencyError, match=r"pip install 'gemma-edgekit\[audio\]'"):
         import_sounddevice()
     with pytest.raises(InputError, match=r"no microphone.*python -m sounddevice"):
         find_input_device(FakeSoundDevice(silence(1), has_input=False), None, rate=RATE)
