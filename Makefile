@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   venv + install + tiny random-weight checkpoint + plan, export for a Pi 5, a prompt
+#   make demo   venv + install + tiny random-weight checkpoint + plan, export for a Pi 5, verify, bench
 #   make test   venv + install + the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -24,7 +24,9 @@ demo: setup
 	$(BIN)/edgekit make-checkpoint tiny-e2b $(DEMO)/tiny-e2b --overwrite
 	$(BIN)/edgekit plan $(DEMO)/tiny-e2b --device pi5-8gb
 	$(BIN)/edgekit export $(DEMO)/tiny-e2b --device pi5-8gb --output $(DEMO)/tiny-e2b-pi5.edgekit --overwrite
-	$(BIN)/edgekit run $(DEMO)/tiny-e2b-pi5.edgekit --prompt "Hello from a Raspberry Pi" --max-new-tokens 16 --stats
+	$(BIN)/edgekit verify $(DEMO)/tiny-e2b-pi5.edgekit --reference $(DEMO)/tiny-e2b --steps 16
+	$(BIN)/edgekit bench $(DEMO)/tiny-e2b-pi5.edgekit --prompt-tokens 32 --decode-tokens 16
+	@echo "The checkpoint's weights are random, so its answers are noise: export a real checkpoint to chat (README)."
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from edgekit.progress import STAGE_PREFIX
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,12 +46,13 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 def assert_clean_failure(result: subprocess.CompletedProcess, *, code: int | None = None,
                          contains: str | None = None) -> None:
-    """A bad input gives a non-zero exit and one line on stderr, without a traceback."""
+    """A bad input gives a non-zero exit and one error line on stderr (after any stage lines
+    of the work done before it), without a traceback."""
     assert result.returncode != 0, result.stdout
     if code is not None:
         assert result.returncode == code, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(STAGE_PREFIX)]
     assert len(lines) == 1, result.stderr
     if contains is not None:
         assert contains in lines[0], lines[0]
@@ -77,6 +80,7 @@ def onnx_int4_bundle(tiny_e4b, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny-e4b-int4.edgekit"
     result = run_cli("export", str(tiny_e4b), "--device", "pi5-8gb", "-o", str(out), "--json")
     assert result.returncode == 0, result.stderr
+    (out.parent / "export.stderr").write_text(result.stderr)  # its stage lines: test_onnx_export
     return out
 
 

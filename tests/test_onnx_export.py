@@ -412,3 +412,19 @@ def test_export_refuses_what_does_not_fit(tmp_path):
                      "-o", str(tmp_path / "b.edgekit"))
     assert_clean_failure(result, code=5, contains="--force")
     assert not (tmp_path / "b.edgekit").exists()
+
+
+def test_an_export_shows_each_stage_when_stderr_is_not_a_terminal(onnx_int4_bundle):
+    """The CLI export behind onnx_int4_bundle ran with stderr to a pipe: one line per stage,
+    with the time elapsed, so a long export is never silent in a log."""
+    import re
+
+    from edgekit.progress import STAGE_PREFIX
+
+    lines = (onnx_int4_bundle.parent / "export.stderr").read_text().splitlines()
+    assert lines and all(line.startswith(STAGE_PREFIX) for line in lines), lines
+    stages = [re.sub(r"^edgekit: \[ *[\d.]+ s\] ", "", line) for line in lines]
+    assert stages[:2] == ["Loading the checkpoint", "Loading the checkpoint: done"]
+    for method in ("token_embedding", "vision_encoder", "audio_encoder", "text_decoder"):
+        assert stages.index(f"Tracing {method}") < stages.index(f"Quantizing {method}")
+    assert stages[-1] == "Exporting ONNX graphs: done"

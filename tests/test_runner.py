@@ -274,7 +274,12 @@ def test_run_think_json_keeps_the_thought_apart(onnx_fp32_bundle):
 def test_run_streams_and_reports_stats(onnx_fp32_bundle):
     result = run_cli("run", str(onnx_fp32_bundle), "--prompt", "Hi", "--max-new-tokens", "6", "--stats")
     assert result.returncode == 0, result.stderr
-    assert "tok/s" in result.stderr and "peak RSS" in result.stderr
+    assert "tok/s" in result.stderr and "peak RSS" in result.stderr and "encode" not in result.stderr
+    clip = ROOT / "tests" / "assets" / "speech_en.wav"
+    heard = run_cli("run", str(onnx_fp32_bundle), "--prompt", "Hi", "--audio", str(clip), "--max-new-tokens", "2",
+                    "--stats")
+    assert heard.returncode == 0, heard.stderr
+    assert re.search(r"audio encode \d+\.\d\d s", heard.stderr) and "image encode" not in heard.stderr
 
 
 def test_sampling_is_reproducible_with_a_seed(onnx_fp32_bundle):
@@ -374,6 +379,12 @@ def test_bench_reports_speed_and_memory(onnx_fp32_bundle):
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["prefill_tok_s"] > 0 and out["decode_tok_s"] > 0 and out["peak_rss_mb"] > 0
+    table = run_cli("bench", str(onnx_fp32_bundle), "--prompt-tokens", "16", "--decode-tokens", "4",
+                    env={"COLUMNS": "100"})
+    assert table.returncode == 0, table.stderr
+    for row in ("bundle size", "prefill (16 tokens)", "decode (4 tokens)", "peak RSS"):
+        assert row in table.stdout
+    assert "_" not in table.stdout.replace(onnx_fp32_bundle.name, "")  # no raw key names
     assert_clean_failure(run_cli("bench", str(onnx_fp32_bundle), "--prompt-tokens", "0"), code=2)
 
 

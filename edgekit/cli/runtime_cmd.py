@@ -25,11 +25,17 @@ def _content(text: str, images: list[Path], audios: list[Path]):
     return [*parts, {"type": "text", "text": text}]
 
 
+def stats_line(s) -> str:
+    """One line of an answer's numbers; the encoders' time where an image or a clip was encoded."""
+    encoders = "".join(f" | {name} encode {seconds:.2f} s" for name, seconds in
+                       (("image", s.image_encode_s), ("audio", s.audio_encode_s)) if seconds)
+    return (f"[{s.prompt_tokens} prompt tokens ({s.prefilled_tokens} fed), {s.new_tokens} new{encoders} | "
+            f"TTFT {s.time_to_first_token_s:.2f} s | prefill {s.prefill_tok_s:.1f} tok/s | "
+            f"decode {s.decode_tok_s:.1f} tok/s | peak RSS {s.peak_rss_mb:.0f} MB | {s.stop_reason}]")
+
+
 def _print_stats(stats) -> None:
-    s = stats
-    typer.echo(f"[{s.prompt_tokens} prompt tokens ({s.prefilled_tokens} fed), {s.new_tokens} new | "
-               f"TTFT {s.time_to_first_token_s:.2f} s | prefill {s.prefill_tok_s:.1f} tok/s | "
-               f"decode {s.decode_tok_s:.1f} tok/s | peak RSS {s.peak_rss_mb:.0f} MB | {s.stop_reason}]", err=True)
+    typer.echo(stats_line(stats), err=True)
 
 
 def _show_thought(piece: str) -> None:
@@ -171,8 +177,13 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{Path(result.bundle).name} ({result.format}, {result.recipe})")
-    for key, value in result.to_dict().items():
-        if key != "bundle":
-            table.add_row(key.replace("_", " "), str(value))
+    r = result
+    table = Table(title=f"{Path(r.bundle).name} ({r.format}, {r.recipe})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for label, value in (("bundle size", f"{r.bundle_mb:,.1f} MB"), ("load", f"{r.load_s:.2f} s"),
+                         (f"prefill ({r.prompt_tokens} tokens)", f"{r.prefill_tok_s:,.1f} tok/s"),
+                         (f"decode ({r.decode_tokens} tokens)", f"{r.decode_tok_s:,.1f} tok/s"),
+                         ("peak RSS", f"{r.peak_rss_mb:,.0f} MB")):
+        table.add_row(label, value)
     Console().print(table)

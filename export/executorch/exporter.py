@@ -107,7 +107,8 @@ def _release_tables(lm) -> None:
 def export_executorch(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path, overwrite: bool = False) -> Bundle:
     """Write an ExecuTorch bundle for `plan` to `output` and return it (loaded, files checked)."""
     started = time.monotonic()
-    lm = load_in_checkpoint_dtype(checkpoint)  # bf16 weights, upcast one module at a time
+    with progress_bar("Loading the checkpoint", total=None):
+        lm = load_in_checkpoint_dtype(checkpoint)  # bf16 weights, upcast one module at a time
     seq_len = max_seq_len(lm.config.text_config, plan.context_length)
     vocab_size = lm.config.text_config.vocab_size
     tokens = bundle_metadata.special_tokens(checkpoint)

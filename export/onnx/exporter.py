@@ -303,7 +303,8 @@ def export_onnx(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path, overw
     methods = graph_methods(plan)
     # a recipe the format cannot write fails before the slow load
     schemes = {method: _scheme(method, plan.recipe) for method in methods}
-    lm = load_in_checkpoint_dtype(checkpoint)  # bf16 weights; each graph upcasts its own modules
+    with progress_bar("Loading the checkpoint", total=None):
+        lm = load_in_checkpoint_dtype(checkpoint)  # bf16 weights; each graph upcasts its own modules
     vocab_size = lm.config.text_config.vocab_size
     use_fusable_norms_(lm)  # one SimplifiedLayerNormalization per norm once onnxruntime loads a graph
     output = Path(output)
