@@ -166,7 +166,11 @@ def test_int4_bundle_is_quantized_smaller_and_within_bounds(onnx_int4_bundle, on
     assert manifest.quant_recipes["recipe"] == "int4"
     assert "MatMulNBits" in _ops(onnx_int4_bundle / "decoder.onnx")
     assert "GatherBlockQuantized" in _ops(onnx_int4_bundle / "embedding.onnx")
-    # int8 towers come out of onnxruntime's quantizer as private temp files: not in a bundle
+    # the towers' linears int8 weight-only, as the recipe says (not dynamic int8 MatMulInteger)
+    for tower in ("vision_encoder", "audio_encoder"):
+        assert _matmul_bits(onnx_int4_bundle / L.GRAPH_FILES[tower]) == {8}
+        assert manifest.quant_recipes[tower] == "int8-b128"
+    # every file the bundle holds takes one mode, whichever tool wrote it
     modes = {f.name: f.stat().st_mode & 0o777 for f in onnx_int4_bundle.iterdir()}
     assert len(set(modes.values())) == 1 and modes["manifest.json"] & 0o444 == 0o444, modes
     result = run_cli("verify", str(onnx_int4_bundle), "--reference", str(tiny_e4b), "--steps", "32", "--json")
@@ -175,6 +179,13 @@ def test_int4_bundle_is_quantized_smaller_and_within_bounds(onnx_int4_bundle, on
     # Measured on tiny-e4b, 32 steps: logits cosine 0.94 (bounds in export/verify.py).
     assert report["methods"]["text_decoder"]["min_cosine"] >= 0.90
     assert report["methods"]["text_decoder"]["token_agreement"] >= 0.75
+
+
+def _matmul_bits(path: Path) -> set[int]:
+    """The bits of a graph's MatMulNBits nodes; MatMulInteger (dynamic int8) counts as 0."""
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    return {({a.name: a.i for a in n.attribute}["bits"] if n.op_type == "MatMulNBits" else 0)
+            for n in nodes if n.op_type in ("MatMulNBits", "MatMulInteger")}
 
 
 def test_size_first_recipe_stores_the_per_layer_rows_in_two_bits(tiny_e2b_4layers, tmp_path):
