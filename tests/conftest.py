@@ -115,12 +115,13 @@ export_executorch(load(ckpt), plan=dataclasses.replace(plan, vision_token_budget
 class ExportJob:
     """One export in a child process; its output goes to files (no pipe to fill up)."""
 
-    def __init__(self, argv: list[str], out: Path) -> None:
+    def __init__(self, argv: list[str], out: Path, *, nice: int = 0) -> None:
         self.out = out
         self._log = out.with_suffix(".log")
         self._err = out.with_suffix(".stderr")
         with open(self._log, "w") as log, open(self._err, "w") as err:
-            self._proc = subprocess.Popen(argv, stdout=log, stderr=err, text=True, cwd=ROOT)
+            self._proc = subprocess.Popen(argv, stdout=log, stderr=err, text=True, cwd=ROOT,
+                                          preexec_fn=(lambda: os.nice(nice)) if nice else None)
 
     def result(self, timeout: float = 1500) -> tuple[str, str]:
         """(stdout, stderr) once it exits 0; fails the test with the log's tail otherwise."""
@@ -181,7 +182,7 @@ def executorch_exports(request, tiny_e2b, tiny_e4b, tiny_e2b_4layers, tmp_path_f
 def _bundles_waited_for(item) -> set[str]:
     """Which background-exported bundle fixtures a test waits for (by name, or through a
     parameter marked `executorch_bundles` that looks them up at run time)."""
-    used = {"executorch_bundles", "iphone_bundle"} & set(getattr(item, "fixturenames", ()))
+    used = {"executorch_bundles", "iphone_bundle", "plan_size_bundle"} & set(getattr(item, "fixturenames", ()))
     if item.get_closest_marker("executorch_bundles") is not None:
         used.add("executorch_bundles")
     return used
@@ -196,9 +197,12 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _start_executorch_exports_early(request) -> None:
-    """Start the ExecuTorch exports with the session, so they overlap every other test."""
-    if _waited_for(request) and importlib.util.find_spec("executorch.runtime") is not None:
+    """Start the background exports with the session, so they overlap every other test."""
+    used = _waited_for(request)
+    if used - {"plan_size_bundle"} and importlib.util.find_spec("executorch.runtime") is not None:
         request.getfixturevalue("executorch_exports")
+    if "plan_size_bundle" in used:
+        request.getfixturevalue("plan_size_exports")
 
 
 def _waited_for(request) -> set[str]:
@@ -227,3 +231,57 @@ def iphone_bundle(executorch_exports) -> tuple[Path, str]:
     job = executorch_exports.get("iphone")
     _, stderr = job.result()
     return job.out, stderr
+
+
+# --- plan-vs-bundle sizes: every (format, backend, recipe) an exporter writes (tests/plan_sizes.py) ---
+
+@pytest.fixture(scope="session")
+def plan_size_checkpoint(tmp_path_factory) -> Path:
+    from tests.plan_sizes import make
+
+    return make(tmp_path_factory.mktemp("ckpt") / "plan-sizes")
+
+
+@pytest.fixture(scope="session")
+def plan_size_exports(plan_size_checkpoint, tmp_path_factory) -> ExportJobs:
+    """One background process per format exports its cases one after another (the ExecuTorch
+    cases only where executorch imports, Core ML's only where coremltools does). They run
+    niced: their tests run last, so they take the CPU the other tests leave idle instead of
+    slowing those down (~60 s of CPU for ONNX, ~170 s for ExecuTorch)."""
+    from tests.plan_sizes import cases
+
+    out = tmp_path_factory.mktemp("plan-sizes")
+    formats = ["onnx"] + (["executorch"] if importlib.util.find_spec("executorch.runtime") is not None else [])
+    coreml = importlib.util.find_spec("coremltools") is not None
+
+    def job(fmt: str) -> ExportJob:
+        ids = [c.id for c in cases() if c.format == fmt and (c.backend != "coreml" or coreml)]
+        return ExportJob([sys.executable, "-m", "tests.plan_sizes", str(plan_size_checkpoint), str(out / fmt), *ids],
+                         out / fmt, nice=10)
+
+    jobs = ExportJobs({fmt: (lambda fmt=fmt: job(fmt)) for fmt in formats})
+    for fmt in formats:
+        jobs.get(fmt)
+    yield jobs
+    jobs.kill_all()
+
+
+@pytest.fixture
+def plan_size_bundle(plan_size_exports):
+    """Waits for a case's background export: the bundle, loaded (a failed export fails the test
+    with its traceback)."""
+    from edgekit.bundle import load_bundle
+    from tests.plan_sizes import bundle_path, error_path
+
+    def get(case):
+        if case.format == "executorch":
+            pytest.importorskip("executorch.runtime")
+        if case.backend == "coreml":
+            pytest.importorskip("coremltools")
+        job = plan_size_exports.get(case.format)
+        job.result()
+        if error_path(job.out, case).exists():
+            pytest.fail(f"export of {case.id} failed:\n{error_path(job.out, case).read_text()[-4000:]}")
+        return load_bundle(bundle_path(job.out, case))
+
+    return get

@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -166,7 +167,11 @@ def test_int4_bundle_is_quantized_smaller_and_within_bounds(onnx_int4_bundle, on
     assert manifest.recipe == "int4"
     assert "MatMulNBits" in _ops(onnx_int4_bundle / "decoder.onnx")
     assert "GatherBlockQuantized" in _ops(onnx_int4_bundle / "embedding.onnx")
-    # int8 towers come out of onnxruntime's quantizer as private temp files: not in a bundle
+    # the towers' linears int8 weight-only, as the recipe says (not dynamic int8 MatMulInteger)
+    for tower in ("vision_encoder", "audio_encoder"):
+        assert _matmul_bits(onnx_int4_bundle / L.GRAPH_FILES[tower]) == {8}
+        assert manifest.quant_schemes[tower] == "int8-b128"
+    # every file the bundle holds takes one mode, whichever tool wrote it
     modes = {f.name: f.stat().st_mode & 0o777 for f in onnx_int4_bundle.iterdir()}
     assert len(set(modes.values())) == 1 and modes["manifest.json"] & 0o444 == 0o444, modes
     result = run_cli("verify", str(onnx_int4_bundle), "--reference", str(tiny_e4b), "--steps", "32", "--json")
@@ -175,6 +180,49 @@ def test_int4_bundle_is_quantized_smaller_and_within_bounds(onnx_int4_bundle, on
     # Measured on tiny-e4b, 32 steps: logits cosine 0.94 (bounds in export/verify.py).
     assert report["methods"]["text_decoder"]["min_cosine"] >= 0.90
     assert report["methods"]["text_decoder"]["token_agreement"] >= 0.75
+
+
+def _matmul_bits(path: Path) -> set[int]:
+    """The bits of a graph's MatMulNBits nodes; MatMulInteger (dynamic int8) counts as 0."""
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    return {({a.name: a.i for a in n.attribute}["bits"] if n.op_type == "MatMulNBits" else 0)
+            for n in nodes if n.op_type in ("MatMulNBits", "MatMulInteger")}
+
+
+def test_int8_bundle_stores_every_linear_and_table_in_one_byte_and_verifies(plan_size_bundle, plan_size_checkpoint):
+    """The int8 recipe as it says: every decoder linear and the tied lm_head MatMulNBits bits=8
+    (block 128, int8 compute: accuracy_level 4, without which it ran ~100x slower), both
+    tables GatherBlockQuantized bits=8: one byte per weight of each; the manifest names
+    each graph's scheme, and verify passes the int8 bound. The bundle is the plan-size export
+    of the int8 recipe (tests/plan_sizes.py: every width a multiple of the block)."""
+    from edgekit.export.verify import verify_bundle
+    from edgekit.models.family import PER_LAYER_EMBEDDING
+    from edgekit.models.gemma4.param_count import count_parameters
+    from tests.plan_sizes import Case
+
+    bundle = plan_size_bundle(Case("onnx", "cpu", "int8"))
+    checkpoint = load(plan_size_checkpoint)
+    counts = count_parameters(checkpoint.config)
+    text = checkpoint.text_config
+    expected = {"text_decoder": counts["text_decoder"].linear + text["vocab_size"] * text["hidden_size"],
+                "token_embedding": counts["token_embedding"].embedding + counts[PER_LAYER_EMBEDDING].embedding}
+    for method, weights in expected.items():
+        graph = onnx.load(str(bundle.file(L.GRAPH_FILES[method])), load_external_data=False).graph
+        stored = {t.name: t for t in graph.initializer if t.data_type == onnx.TensorProto.UINT8}
+        assert sum(np.prod(t.dims) for t in stored.values()) == weights, method
+        weight_input = {"MatMulNBits": 1, "GatherBlockQuantized": 0}
+        nodes = [n for n in graph.node if n.op_type in weight_input]
+        assert {n.input[weight_input[n.op_type]] for n in nodes} == set(stored), method
+        for n in nodes:
+            attrs = {a.name: a.i for a in n.attribute}
+            assert (attrs["bits"], attrs["block_size"]) == (8, 128), n.name
+            assert n.op_type != "MatMulNBits" or attrs["accuracy_level"] == 4, n.name
+    assert "MatMulInteger" not in _ops(bundle.file(L.GRAPH_FILES["text_decoder"]))
+    assert bundle.manifest.quant_schemes == {"token_embedding": "int8-emb-b128", "text_decoder": "int8-b128"}
+    assert bundle.manifest.recipe == "int8"
+    report = verify_bundle(bundle.path, checkpoint, steps=16, save=False)
+    assert report["bounds"]["min_cosine"] == 0.998
+    assert report["passed"], (report["failures"], report["methods"]["text_decoder"])
 
 
 def test_size_first_recipe_stores_the_per_layer_rows_in_two_bits(tiny_e2b_4layers, tmp_path):

@@ -1,6 +1,7 @@
-"""The one-weight-at-a-time int4 quantizer writes what onnxruntime's whole-model quantizer
-writes: same MatMulNBits / GatherBlockQuantized weights, same outputs, for tables read in
-row chunks and for a tied lm_head reached through a Transpose."""
+"""The one-weight-at-a-time quantizer writes what onnxruntime's whole-model quantizer writes:
+same MatMulNBits / GatherBlockQuantized weights, same outputs, for tables read in row chunks
+and for a tied lm_head reached through a Transpose; 2- and 8-bit tables, which onnxruntime's
+Gather quantizer does not write, hold the nearest levels."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.errors import ExportError
 from edgekit.export.onnx import stream_quantize
-from edgekit.export.onnx.stream_quantize import TableSource, quantize_graph_int4
+from edgekit.export.onnx.stream_quantize import TableSource, quantize_graph_weights
 
 VOCAB, HIDDEN, FF = 300, 64, 96
 
@@ -56,15 +57,28 @@ def _save_external(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def _ort_whole_model(model: onnx.ModelProto, block: int) -> onnx.ModelProto:
+def _folded(w: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """_graph with the tied head's Transpose folded by hand: onnxruntime's whole-model
+    quantizer only reaches a MatMul whose B is an initializer."""
+    folded = _graph(w["table"], w)
+    nodes = [n for n in folded.graph.node if n.op_type != "Transpose"]
+    nodes[-1].input[1] = "table_t"
+    del folded.graph.node[:]
+    folded.graph.node.extend(nodes)
+    folded.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w["table"].T), "table_t"))
+    return folded
+
+
+def _ort_whole_model(model: onnx.ModelProto, block: int, *, bits: int = 4,
+                     op_types: tuple[str, ...] = ("MatMul", "Gather")) -> onnx.ModelProto:
     """onnxruntime's MatMulNBitsQuantizer on the loaded model, as the exporter used to run it."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     axes = (("MatMul", 0), ("Gather", 1))
-    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=4,
-                                          op_types_to_quantize=("MatMul", "Gather"), quant_axes=axes)
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=True, accuracy_level=4,
-                                     op_types_to_quantize=("MatMul", "Gather"), quant_axes=axes, algo_config=config)
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=bits,
+                                          op_types_to_quantize=op_types, quant_axes=axes)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=4,
+                                     op_types_to_quantize=op_types, quant_axes=axes, algo_config=config)
     quantizer.process()
     return quantizer.model.model
 
@@ -84,14 +98,7 @@ def _initializer(path: Path, name: str) -> np.ndarray:
 @pytest.mark.parametrize("block", [32, 64])
 def test_streamed_graph_equals_onnxruntime_whole_model_quantizer(tmp_path, monkeypatch, block):
     w = _weights()
-    # The reference can only reach the tied head once the Transpose is folded by hand.
-    folded = _graph(w["table"], w)
-    nodes = [n for n in folded.graph.node if n.op_type != "Transpose"]
-    nodes[-1].input[1] = "table_t"
-    del folded.graph.node[:]
-    folded.graph.node.extend(nodes)
-    folded.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w["table"].T), "table_t"))
-    reference = _ort_whole_model(folded, block)
+    reference = _ort_whole_model(_folded(w), block)
 
     # Streamed: the real rows come from the source 7 rows at a time.
     raw = _save_external(_stand_in_graph(w), tmp_path / "raw.onnx")
@@ -103,8 +110,8 @@ def test_streamed_graph_equals_onnxruntime_whole_model_quantizer(tmp_path, monke
         return w["table"][a:b]
 
     out = tmp_path / "out.onnx"
-    counts = quantize_graph_int4(raw, out, block_size=block,
-                                 tables={"table": TableSource(VOCAB, HIDDEN, read, block_size=block, fp16_scales=False)})
+    counts = quantize_graph_weights(raw, out, block_size=block,
+                                    tables={"table": TableSource(VOCAB, HIDDEN, read, block_size=block, fp16_scales=False)})
 
     assert counts == {"matmuls": 3, "tables": 1}
     assert len(reads) == -(-VOCAB // 7) and reads[-1][1] == VOCAB
@@ -128,8 +135,8 @@ def test_fp16_table_scales_halve_the_scale_bytes_and_keep_the_rows(tmp_path):
         return {"table": TableSource(VOCAB, HIDDEN, lambda a, b: w["table"][a:b], fp16_scales=fp16_scales)}
 
     fp32, fp16 = tmp_path / "fp32.onnx", tmp_path / "fp16.onnx"
-    quantize_graph_int4(raw, fp32, block_size=32, tables=source(False))
-    quantize_graph_int4(raw, fp16, block_size=32, tables=source(True))
+    quantize_graph_weights(raw, fp32, block_size=32, tables=source(False))
+    quantize_graph_weights(raw, fp16, block_size=32, tables=source(True))
 
     np.testing.assert_array_equal(_initializer(fp16, "table_Q4"), _initializer(fp32, "table_Q4"))
     scales16, scales32 = _initializer(fp16, "table_scales"), _initializer(fp32, "table_scales")
@@ -156,9 +163,9 @@ def test_two_bit_table_rows_are_the_nearest_levels(tmp_path, monkeypatch, block)
     raw = _save_external(_stand_in_graph(w), tmp_path / "raw.onnx")
     monkeypatch.setattr(stream_quantize, "_TABLE_CHUNK_ELEMENTS", 7 * HIDDEN)
     out = tmp_path / "out.onnx"
-    quantize_graph_int4(raw, out, block_size=32, matmuls=False,
-                        tables={"table": TableSource(VOCAB, HIDDEN, lambda a, b: w["table"][a:b], bits=2,
-                                                     block_size=block)})
+    quantize_graph_weights(raw, out, block_size=32, matmuls=False,
+                           tables={"table": TableSource(VOCAB, HIDDEN, lambda a, b: w["table"][a:b], bits=2,
+                                                        block_size=block)})
     node = next(n for n in onnx.load(str(out), load_external_data=False).graph.node
                 if n.op_type == "GatherBlockQuantized")
     assert {a.name: a.i for a in node.attribute}["bits"] == 2
@@ -176,13 +183,47 @@ def test_two_bit_table_rows_are_the_nearest_levels(tmp_path, monkeypatch, block)
     assert cosine.mean() > 0.85, cosine.mean()
 
 
+def test_eight_bit_matmuls_are_onnxruntimes_and_table_rows_the_nearest_levels(tmp_path, monkeypatch):
+    """int8 weights (the `int8` recipe): MatMulNBits bits=8 with the bytes onnxruntime's
+    whole-model quantizer writes, and an 8-bit GatherBlockQuantized table, which that quantizer
+    cannot write (its Gather path is 4-bit only): one byte per value, each the nearest of the
+    levels -128..127 x its block's scale. Block 128 is wider than the rows (64): the partial
+    block is cut back to the rows' width. Streamed in chunks of 7 rows."""
+    w = _weights()
+    reference = tmp_path / "ref.onnx"
+    onnx.save(_ort_whole_model(_folded(w), 128, bits=8, op_types=("MatMul",)), str(reference))
+    raw = _save_external(_stand_in_graph(w), tmp_path / "raw.onnx")
+    monkeypatch.setattr(stream_quantize, "_TABLE_CHUNK_ELEMENTS", 7 * HIDDEN)
+    out = tmp_path / "out.onnx"
+    table = TableSource(VOCAB, HIDDEN, lambda a, b: w["table"][a:b], bits=8, block_size=128, fp16_scales=False)
+    counts = quantize_graph_weights(raw, out, bits=8, block_size=128, tables={"table": table})
+
+    assert counts == {"matmuls": 3, "tables": 1}
+    for name in ("up_Q8", "up_scales", "down_Q8", "down_scales", "table_t_Q8", "table_t_scales"):
+        np.testing.assert_array_equal(_initializer(out, name), _initializer(reference, name))
+    nodes = onnx.load(str(out), load_external_data=False).graph.node
+    assert [({a.name: a.i for a in n.attribute}["bits"], {a.name: a.i for a in n.attribute}.get("accuracy_level"))
+            for n in nodes] == [(8, None), (8, 4), (8, 4), (8, 4)]
+    assert _initializer(out, "table_Q8").shape == (VOCAB, HIDDEN)
+    scales = _initializer(out, "table_scales")
+    assert scales.shape == (VOCAB, 1)
+    ids = np.arange(VOCAB, dtype=np.int64)[None]
+    logits, rows = _run(out, ids)
+    # the scale maps a block's largest magnitude to level -128: its mirror value clips to 127
+    nearest = np.clip(np.round(w["table"] / scales), -128, 127) * scales
+    np.testing.assert_allclose(rows[0], nearest, rtol=0, atol=1e-6)
+    want = _run(_graph(w["table"], w), ids)[0]
+    cosine = (logits * want).sum(-1) / np.linalg.norm(logits, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert cosine.min() > 0.999, cosine.min()
+
+
 def test_big_tensors_start_on_mappable_offsets(tmp_path, monkeypatch):
     monkeypatch.setattr(stream_quantize, "_ALIGN_FROM", 1024)
     w = _weights()
     raw = _save_external(_stand_in_graph(w), tmp_path / "raw.onnx")
     out = tmp_path / "out.onnx"
-    quantize_graph_int4(raw, out, block_size=32, matmuls=False,
-                        tables={"table": TableSource(VOCAB, HIDDEN, lambda a, b: w["table"][a:b])})
+    quantize_graph_weights(raw, out, block_size=32, matmuls=False,
+                           tables={"table": TableSource(VOCAB, HIDDEN, lambda a, b: w["table"][a:b])})
     model = onnx.load(str(out), load_external_data=False)
     for tensor in model.graph.initializer:
         info = {e.key: int(e.value) for e in tensor.external_data if e.key != "location"}
@@ -197,8 +238,8 @@ def test_a_table_no_gather_reads_is_an_error(tmp_path):
     w = _weights()
     raw = _save_external(_graph(w["table"], w), tmp_path / "raw.onnx")
     with pytest.raises(ExportError, match="no Gather reads missing.weight"):
-        quantize_graph_int4(raw, tmp_path / "out.onnx", block_size=32,
-                            tables={"missing.weight": TableSource(4, HIDDEN, lambda a, b: w["table"][a:b])})
+        quantize_graph_weights(raw, tmp_path / "out.onnx", block_size=32,
+                               tables={"missing.weight": TableSource(4, HIDDEN, lambda a, b: w["table"][a:b])})
 
 
 def test_graph_export_keeps_no_reference_to_the_traced_weights(tmp_path):

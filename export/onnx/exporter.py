@@ -3,9 +3,10 @@
     checkpoint ─► transformers model (bf16 as stored) ─► per graph: upcast its modules to fp32
         ─► torch.onnx (dynamo) ─► raw graph ─► quantize ─► bundle (+ genai_config.json)
 
-int4 graphs are quantized one weight at a time (stream_quantize.py) and the embedding
-tables never enter a graph in fp32: at full E2B depth this is what lets the export run in
-well under the 24 GiB that an fp32 load plus an in-memory quantizer needed (RESULTS.md).
+Quantized graphs (int4, int8: weight-only, MatMulNBits / GatherBlockQuantized) are quantized
+one weight at a time (stream_quantize.py) and the embedding tables never enter a graph in
+fp32: at full E2B depth this is what lets the export run in well under the 24 GiB that an
+fp32 load plus an in-memory quantizer needed (RESULTS.md).
 
 Raw graphs go to a scratch directory beside the bundle; only finished graphs enter the
 bundle's temporary directory, which BundleWriter renames into place at the very end.
@@ -37,8 +38,8 @@ from edgekit.export.onnx import genai_config
 from edgekit.export.onnx.fusable_norms import use_fusable_norms_
 from edgekit.export.onnx.graph_export import OPSET, GraphSpec, export_graph
 from edgekit.export.lazy_upcast import load_in_checkpoint_dtype, upcast_
-from edgekit.export.onnx.quantize import quantize_int8_dynamic, to_fp16
-from edgekit.export.onnx.stream_quantize import TableSource, quantize_graph_int4
+from edgekit.export.onnx.quantize import to_fp16
+from edgekit.export.onnx.stream_quantize import TableSource, quantize_graph_weights
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING,
                               METHOD_VISION_ENCODER, Manifest, MethodSpec, TensorSpec)
 from edgekit.checkpoint import Checkpoint
@@ -165,28 +166,39 @@ def graph_methods(plan) -> tuple[str, ...]:
 # --- quantization --------------------------------------------------------------------------
 
 def _scheme(method: str, recipe):
+    """The scheme of `method`'s graph; a recipe this exporter cannot write fails here, before the
+    slow load. The decoder is quantized in one pass: its lm_head may take a block size of its
+    own, not bits of its own."""
     component, kind = _GRAPH_WEIGHTS[method]
     scheme = recipe.scheme_for(component, kind)
+    bits = _stored_bits(scheme, recipe)
     head = recipe.scheme_for(component, "lm_head")
-    if method == METHOD_TEXT_DECODER and head != scheme and not (_is_int4(head) and _is_int4(scheme)):
+    if method == METHOD_TEXT_DECODER and head != scheme and (bits is None or _stored_bits(head, recipe) != bits):
         raise ExportError(f"recipe {recipe.name}: ONNX export needs the lm_head quantized like the decoder "
-                          "linears (int4 may differ in block size)")
+                          "linears (it may differ in block size only)")
     return scheme
 
 
+def _stored_bits(scheme, recipe) -> int | None:
+    """The bits MatMulNBits / GatherBlockQuantized store `scheme`'s weights in; None for a float
+    scheme. Both operators quantize weights only, in blocks."""
+    if not scheme.quantized:
+        return None
+    if scheme.activations != "float" or scheme.group_size is None:
+        raise ExportError(f"recipe {recipe.name}: ONNX bundles store block-wise weight-only schemes, "
+                          f"not {scheme.name}")
+    return scheme.weight_bits
+
+
 def _lm_head_block(method: str, recipe, vocab_size: int) -> tuple[int, int] | None:
-    """(vocab size, block) when the recipe gives the decoder's lm_head its own int4 block."""
+    """(vocab size, block) when the recipe gives the decoder's lm_head its own block size."""
     if method != METHOD_TEXT_DECODER:
         return None
     head = recipe.scheme_for(_GRAPH_WEIGHTS[method][0], "lm_head")
     linear = recipe.scheme_for(*_GRAPH_WEIGHTS[method])
-    if _is_int4(head) and _is_int4(linear) and head.group_size != linear.group_size:
-        return vocab_size, head.group_size or 32
+    if head.quantized and linear.quantized and head.group_size != linear.group_size:
+        return vocab_size, head.group_size
     return None
-
-
-def _is_int4(scheme) -> bool:
-    return scheme.quantized and scheme.weight_bits == 4
 
 
 def _is_table_graph(method: str) -> bool:
@@ -196,17 +208,14 @@ def _is_table_graph(method: str) -> bool:
 def _finish_graph(raw: Path, out: Path, *, method: str, scheme, tables: dict[str, TableSource],
                   lm_head: tuple[int, int] | None = None) -> None:
     """Quantize `raw` by `scheme` and save it as `out` (+ out.data).
-    `tables`: the embedding graph's placeholder tables (int4 recipes), filled in here;
-    `lm_head`: (vocab size, block) for a decoder whose lm_head takes its own int4 block."""
-    if _is_int4(scheme):
-        quantize_graph_int4(raw, out, block_size=scheme.group_size or 32, matmuls=not _is_table_graph(method),
-                            tables=tables, lm_head=lm_head)
-        return
-    if scheme.quantized and scheme.weight_bits == 8:
-        quantize_int8_dynamic(raw, out)
+    `tables`: the embedding graph's placeholder tables (quantized recipes), filled in here;
+    `lm_head`: (vocab size, block) for a decoder whose lm_head takes its own block size."""
+    if scheme.quantized:
+        quantize_graph_weights(raw, out, bits=scheme.weight_bits, block_size=scheme.group_size,
+                               matmuls=not _is_table_graph(method), tables=tables, lm_head=lm_head)
         return
     model = onnx.load(str(raw))
-    if not scheme.quantized and scheme.weight_bits == 16:
+    if scheme.weight_bits == 16:
         model = to_fp16(model)
     _save(model, out)
 
@@ -224,11 +233,11 @@ def _recorded_scheme(method: str, scheme, recipe) -> str:
 
 @contextlib.contextmanager
 def _placeholder_tables(spec: GraphSpec, scheme, recipe) -> Iterator[dict[str, TableSource]]:
-    """For int4 recipes, trace the embedding graph with 2-row stand-ins for its tables, so
+    """For quantized recipes, trace the embedding graph with 2-row stand-ins for its tables, so
     neither torch.onnx nor onnx.load ever holds them in fp32 (E2B's are 11 GB as fp32): the
     quantizer reads the real rows, still in the checkpoint's dtype, in chunks, each table by
     its own scheme (the per-layer table may take 2 bits)."""
-    if not (_is_int4(scheme) and _is_table_graph(spec.name)):
+    if not (scheme.quantized and _is_table_graph(spec.name)):
         yield {}
         return
     swapped: list[tuple[nn.Embedding, nn.Parameter, int | None]] = []
@@ -237,13 +246,13 @@ def _placeholder_tables(spec: GraphSpec, scheme, recipe) -> Iterator[dict[str, T
         if isinstance(module, nn.Embedding):
             table = recipe.scheme_for(PER_LAYER_EMBEDDING if "per_layer" in name else METHOD_TOKEN_EMBEDDING,
                                       "embedding")
-            if table.weight_bits not in (2, 4):
-                raise ExportError(f"recipe {recipe.name}: ONNX int4 bundles store tables in 2 or 4 bits, "
-                                  f"not {table.name} ({name})")
+            if _stored_bits(table, recipe) not in (2, 4, 8):
+                raise ExportError(f"recipe {recipe.name}: quantized ONNX bundles store tables in 2, 4 or 8 "
+                                  f"bits, not {table.name} ({name})")
             real, padding_idx = module.weight, module.padding_idx
             rows, cols = real.shape
             tables[f"{name}.weight"] = TableSource(rows, cols, lambda a, b, w=real: w.detach()[a:b].float().numpy(),
-                                                   bits=table.weight_bits, block_size=table.group_size or 32,
+                                                   bits=table.weight_bits, block_size=table.group_size,
                                                    fp16_scales=table.scale_bits == 16)
             # A value of its own per stand-in: the exporter merges equal initializers, and two
             # tables of one width (hidden == layers x per-layer width) would become one Gather input.

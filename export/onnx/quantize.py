@@ -1,7 +1,7 @@
 """ONNX weight quantization with onnxruntime's own tools.
 
-- int4: stream_quantize.py (MatMulNBits and GatherBlockQuantized, one weight at a time).
-- int8: dynamic int8 (DynamicQuantizeLinear + MatMulInteger) for MatMuls.
+- int4 / int8 (and 2-bit tables): stream_quantize.py (weight-only MatMulNBits and
+  GatherBlockQuantized, one weight at a time).
 - fp16: weights and compute in fp16 for GPUs (the Jetson); graph inputs/outputs stay fp32.
 """
 
@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 from typing import Iterator
 
 import onnx
-
-from edgekit.errors import ExportError
 
 
 @contextlib.contextmanager
@@ -27,17 +24,6 @@ def quiet_ort_logs() -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
-
-
-def quantize_int8_dynamic(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    try:
-        with quiet_ort_logs():
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
-    except Exception as exc:
-        raise ExportError(f"int8 dynamic quantization failed: {exc}") from exc
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,4 +1,5 @@
-"""int4-quantize an exported graph one weight at a time: its fp32 data never sits in RAM.
+"""Weight-only quantize an exported graph (int4 or int8) one weight at a time: its fp32
+data never sits in RAM.
 
 onnxruntime's MatMulNBitsQuantizer works on a loaded ModelProto. At full E2B depth the raw
 decoder graph is 9 GB of fp32 and quantizing it that way held ~1.8x the graph (RESULTS.md
@@ -6,23 +7,27 @@ section 3); the embedding tables would be another 11 GB of fp32 before quantizat
 
     raw.onnx (+ raw.onnx.data) ──┬─ MatMul with a constant B: B read alone from the .data file,
                                  │  quantized by onnxruntime's DefaultWeightOnlyQuantizer (the
-                                 │  per-node step MatMulNBitsQuantizer runs) ─► MatMulNBits
+                                 │  per-node step MatMulNBitsQuantizer runs, 4 or 8 bits)
+                                 │  ─► MatMulNBits
                                  ├─ Gather of a placeholder table: rows read in chunks from the
                                  │  caller (the bf16 checkpoint), onnxruntime's quantize_ndarray
-                                 │  (4-bit) or its MatMulNBits packer (2-bit) ─► GatherBlockQuantized
+                                 │  (4-bit) or its MatMulNBits packer (2- and 8-bit)
+                                 │  ─► GatherBlockQuantized
                                  └─ everything else: bytes copied
                                       └─► out.onnx + out.onnx.data, appended as each is made
 
 Row-chunking a table gives the same bytes as quantizing it whole: blocks run along a row
 (quantize_axis 1) and every row fills whole bytes.
 
-2-bit tables use GatherBlockQuantized's uint8 form, which reads MatMulNBits' layout ([rows,
-blocks, packed block], values offset by 2): onnxruntime's MatMulNBits quantizer writes exactly
-that for the table's transpose (its N = the table's rows).
+2- and 8-bit tables use GatherBlockQuantized's uint8 form, which reads MatMulNBits' layout
+([rows, blocks, packed block], values offset by 2^(bits-1), the default zero point of both
+operators): onnxruntime's MatMulNBits quantizer writes exactly that for the table's transpose
+(its N = the table's rows). onnxruntime's own Gather quantizer writes 4 bits only.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +50,7 @@ _TABLE_CHUNK_ELEMENTS = 1 << 24  # rows per chunk: ~64 MB of fp32 at a time
 @dataclass(frozen=True)
 class TableSource:
     """An embedding table the raw graph holds as a small placeholder initializer, and how to
-    store it: `bits` (2 or 4) per value, one scale per `block_size`, fp16 or fp32 scales."""
+    store it: `bits` (2, 4 or 8) per value, one scale per `block_size`, fp16 or fp32 scales."""
 
     rows: int
     cols: int
@@ -55,21 +60,23 @@ class TableSource:
     fp16_scales: bool = True
 
 
-def quantize_graph_int4(raw: Path, out: Path, *, block_size: int, matmuls: bool = True,
-                        tables: dict[str, TableSource] | None = None,
-                        lm_head: tuple[int, int] | None = None) -> dict[str, int]:
-    """Write `out` (+ `out.data`) from `raw`: MatMul weights (if `matmuls`) int4, symmetric,
-    `block_size` per block, and the `tables` (placeholder initializer name -> source) as each
-    source says. `lm_head` = (vocab size, block size): the MatMul with that many output
+def quantize_graph_weights(raw: Path, out: Path, *, block_size: int, bits: int = 4, matmuls: bool = True,
+                           tables: dict[str, TableSource] | None = None,
+                           lm_head: tuple[int, int] | None = None) -> dict[str, int]:
+    """Write `out` (+ `out.data`) from `raw`: MatMul weights (if `matmuls`) in `bits` (4 or 8),
+    symmetric, `block_size` per block, and the `tables` (placeholder initializer name -> source)
+    as each source says. `lm_head` = (vocab size, block size): the MatMul with that many output
     columns takes that block size instead. Returns counts: {"matmuls": n, "tables": n}."""
+    if matmuls and bits not in (4, 8):
+        raise ExportError(f"MatMul weights take 4 or 8 bits here, not {bits}")
     tables = dict(tables or {})
     model = onnx.load(str(raw), load_external_data=False)
     graph = model.graph
     reader = _Reader(raw.parent)
     inits = {t.name: t for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
-    quantizer = _ort_quantizer(block_size)
-    head_quantizer = _ort_quantizer(lm_head[1]) if lm_head else quantizer
+    quantizer = _ort_quantizer(block_size, bits)
+    head_quantizer = _ort_quantizer(lm_head[1], bits) if lm_head else quantizer
     out_data = out.with_name(out.name + ".data")
     counts = {"matmuls": 0, "tables": 0}
     new_nodes: list[onnx.NodeProto] = []
@@ -91,7 +98,7 @@ def quantize_graph_int4(raw: Path, out: Path, *, block_size: int, matmuls: bool 
             try:
                 replaced = chosen.quantize(node, [scratch])
             except Exception as exc:  # onnxruntime's own message, one line
-                raise ExportError(f"int4 quantization of {node.name or node.output[0]} failed: {exc}") from exc
+                raise ExportError(f"int{bits} quantization of {node.name or node.output[0]} failed: {exc}") from exc
             for made in scratch.initializer[1:]:
                 payload = made.raw_data if made.HasField("raw_data") else numpy_helper.to_array(made).tobytes()
                 made.ClearField("raw_data")
@@ -128,11 +135,13 @@ def quantize_graph_int4(raw: Path, out: Path, *, block_size: int, matmuls: bool 
 
 # --- onnxruntime's quantizer ----------------------------------------------------------------
 
-def _ort_quantizer(block_size: int):
+def _ort_quantizer(block_size: int, bits: int = 4):
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-    # accuracy_level=4 (int8 compute): without it int4 decodes 2x slower on CPU (docs/export-notes.md).
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4, bits=4,
+    # accuracy_level=4 (int8 compute): without it int4 decodes 2x slower on CPU (docs/export-notes.md),
+    # and int8 far worse: a one-token 1536 x 8192 MatMulNBits bits=8 took 47-58 ms against
+    # 0.3-0.6 ms with it (x86, 2 threads, block 32-128).
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4, bits=bits,
                                           op_types_to_quantize=("MatMul", "Gather"),
                                           quant_axes=(("MatMul", 0), ("Gather", 1)))
     return DefaultWeightOnlyQuantizer(config)
@@ -160,8 +169,8 @@ def _gather_block_quantized(node, source: TableSource, data: "_DataFile",
     quantized in row chunks straight into the data file. With fp16 scales the node yields
     fp16 rows, cast back to fp32."""
     bits, block = source.bits, source.block_size
-    if bits not in (2, 4):
-        raise ExportError(f"{node.input[0]}: ONNX tables take 2- or 4-bit schemes, not {bits}-bit")
+    if bits not in (2, 4, 8):
+        raise ExportError(f"{node.input[0]}: ONNX tables take 2-, 4- or 8-bit schemes, not {bits}-bit")
     if bits == 4 and source.cols % 2:
         raise ExportError(f"{node.input[0]}: int4 rows need an even width, got {source.cols}")
     if bits == 2 and source.cols % block:  # MatMulNBits' packing pads a partial block
@@ -171,8 +180,9 @@ def _gather_block_quantized(node, source: TableSource, data: "_DataFile",
         q_tensor = TensorProto(name=name + "_Q4", data_type=TensorProto.INT4, dims=[source.rows, source.cols])
         quantize = _int4_rows
     else:
-        q_tensor = TensorProto(name=name + "_Q2", data_type=TensorProto.UINT8, dims=[source.rows, source.cols // 4])
-        quantize = _uint2_rows
+        q_tensor = TensorProto(name=name + f"_Q{bits}", data_type=TensorProto.UINT8,
+                               dims=[source.rows, source.cols * bits // 8])
+        quantize = functools.partial(_packed_rows, bits=bits)
     scale_chunks: list[np.ndarray] = []
 
     def packed_chunks() -> Iterator[bytes]:
@@ -206,13 +216,16 @@ def _int4_rows(rows: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     return packed, scales
 
 
-def _uint2_rows(rows: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """onnxruntime's MatMulNBits quantizer at 2 bits on the rows' transpose: [rows, blocks,
-    block / 4] bytes (values + 2), scales [rows, blocks]."""
+def _packed_rows(rows: np.ndarray, block: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """onnxruntime's MatMulNBits quantizer at `bits` (2 or 8) on the rows' transpose: [rows,
+    blocks, block * bits / 8] bytes (values + 2^(bits-1)), scales [rows, blocks]. At 8 bits a
+    partial last block is padded there and cut here: GatherBlockQuantized reads [rows, cols] bytes."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=2))
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits))
     packed, scales, _ = quantizer.qbits_block_quant(np.ascontiguousarray(rows.T))
+    if bits == 8:
+        packed = np.ascontiguousarray(packed.reshape(rows.shape[0], -1)[:, :rows.shape[1]])
     return packed, scales
 
 
