@@ -1,12 +1,13 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   venv + install + tiny random-weight checkpoint + plan, export for a Pi 5, verify, bench
 #   make test   venv + install + the test suite
+#   make test-arm   the device install on aarch64 under QEMU (root; builds .cache/arm64-root once)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= out
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-arm demo clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-arm: setup
+	$(BIN)/python -m pytest -q -m arm_emulation tests/test_arm_emulation.py
 
 demo: setup
 	$(BIN)/edgekit make-checkpoint tiny-e2b $(DEMO)/tiny-e2b --overwrite

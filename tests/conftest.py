@@ -190,7 +190,15 @@ def _bundles_waited_for(item) -> set[str]:
 
 def pytest_collection_modifyitems(session, config, items) -> None:
     """Tests that wait for the background ExecuTorch exports run last, so every other test
-    runs while the exports do (same relative order otherwise)."""
+    runs while the exports do (same relative order otherwise); the arm64 emulation tier
+    only when asked for."""
+    # The arm64 emulation tier runs only when named (-m arm_emulation, `make test-arm`): it
+    # needs root and builds a Debian root once (~6 min), so a plain run or `-m slow` leaves it out.
+    if "arm_emulation" not in (config.option.markexpr or ""):
+        arm = [item for item in items if item.get_closest_marker("arm_emulation") is not None]
+        if arm:
+            config.hook.pytest_deselected(items=arm)
+            items[:] = [item for item in items if item.get_closest_marker("arm_emulation") is None]
     waits = [bool(_bundles_waited_for(item)) for item in items]
     items[:] = [i for i, w in zip(items, waits) if not w] + [i for i, w in zip(items, waits) if w]
 
