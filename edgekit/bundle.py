@@ -5,9 +5,9 @@
       model.pte | decoder.onnx + decoder.onnx.data + ... | *.mlpackage/...
       tokenizer.json  tokenizer_config.json  chat_template.jinja
 
-Writing is atomic: files go to `.NAME.edgekit.tmp-XXXX/` beside the target (same
+Writing is atomic: files go to `.NAME.edgekit.tmp-HOST-PID-XXXX/` beside the target (same
 filesystem), and one rename publishes the finished bundle, so an interrupted export
-never leaves a directory that looks like a bundle. Reading is torch-free; its default
+never leaves a directory that looks like a bundle (edgekit.scratch_dirs). Reading is torch-free; its default
 checks sizes only (a stat per file), because hashing a multi-GB bundle takes seconds.
 """
 
@@ -18,7 +18,6 @@ import errno
 import hashlib
 import json
 import os
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +27,15 @@ from edgekit.errors import BundleError, ExportError, InputError
 from edgekit.manifest import (
     MANIFEST_FILE, VERIFICATION_PASSED, FileEntry, Key, Manifest, check_relative_path,
 )
+from edgekit.scratch_dirs import (
+    OLD_MARK, RAW_MARK, TEMP_MARK, is_scratch_name, make_sibling_dir, sibling_path, sweep_stale,
+)
 
 VerifyLevel = Literal["full", "sizes", "none"]
 VERIFY_LEVELS: tuple[str, ...] = get_args(VerifyLevel)
 
 _CHUNK = 1 << 20  # 1 MiB reads: large enough for full disk speed, small enough to stream
 _PROGRESS_MIN_BYTES = 256 << 20  # below this hashing takes well under a second: no bar
-_TEMP_MARK = ".tmp-"
-_OLD_MARK = ".old-"
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class BundleWriter:
         self.target = Path(target_dir).absolute()
         self.overwrite = overwrite
         self._tmp: Path | None = None
+        self._scratch: list[Path] = []
         self._bundle: Bundle | None = None
 
     def __enter__(self) -> BundleWriter:
@@ -81,15 +82,17 @@ class BundleWriter:
         check_target(self.target, overwrite=self.overwrite)
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = _make_sibling_dir(self.target, _TEMP_MARK)
+            self._tmp = make_sibling_dir(self.target, TEMP_MARK)
         except OSError as exc:  # a read-only or unwritable place, a file where a folder should be
             raise ExportError(f"cannot write a bundle in {self.target.parent}: {exc.strerror or exc}") from None
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         tmp, self._tmp = self._tmp, None
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in [tmp, *self._scratch]:
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+        self._scratch = []
         full = _disk_full_error(exc)
         if full is not None:
             name = _name_in(full.filename, tmp) if full.filename else "the bundle"
@@ -100,6 +103,14 @@ class BundleWriter:
         if self._tmp is None:
             raise RuntimeError("BundleWriter is used outside its `with` block or after finalize()")
         return self._tmp
+
+    def scratch_dir(self) -> Path:
+        """A folder beside the target for an exporter's intermediate files (on the bundle's
+        file system, so a multi-GB graph does not fill /tmp); removed when the block exits."""
+        self.temp_dir  # inside the block only
+        folder = make_sibling_dir(self.target, RAW_MARK)
+        self._scratch.append(folder)
+        return folder
 
     def path_for(self, name: str) -> Path:
         """Where to write bundle file `name` (a relative path); its parent directories exist."""
@@ -158,7 +169,7 @@ def replace_directory(new: Path, target: Path) -> None:
         os.rename(new, target)
         _fsync_dir(target.parent)
         return
-    old = target.parent / f".{target.name}{_OLD_MARK}{secrets.token_hex(4)}"
+    old = sibling_path(target, OLD_MARK)  # named for this process: a later run puts it back if this one dies
     os.rename(target, old)
     try:
         os.rename(new, target)
@@ -169,20 +180,10 @@ def replace_directory(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _make_sibling_dir(target: Path, mark: str) -> Path:
-    """`.NAME<mark>XXXXXXXX` beside target; os.mkdir, not mkdtemp, so the published bundle
-    gets the usual umask permissions rather than mkdtemp's owner-only 0700."""
-    while True:
-        path = target.parent / f".{target.name}{mark}{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-
-
 def check_target(target: Path, *, overwrite: bool) -> None:
-    """Refuse a bundle path that exists, unless overwrite and it is an edgekit bundle (or empty)."""
+    """Refuse a bundle path that exists, unless overwrite and it is an edgekit bundle (or
+    empty). First sweeps what a killed export to it left beside it."""
+    sweep_stale(Path(target))
     if not (target.exists() or target.is_symlink()):
         return
     if not overwrite:
@@ -335,10 +336,6 @@ def _hash_progress(total_bytes: int, description: str):
 # --- reading -----------------------------------------------------------------------------
 
 
-def _is_temp_name(name: str) -> bool:
-    return name.startswith(".") and (_TEMP_MARK in name or _OLD_MARK in name)
-
-
 def load_bundle(path: Path | str, *, verify: VerifyLevel = "sizes") -> Bundle:
     """Read and check a bundle. verify: "full" hashes every file, "sizes" stats them, "none" neither."""
     if verify not in VERIFY_LEVELS:
@@ -346,7 +343,7 @@ def load_bundle(path: Path | str, *, verify: VerifyLevel = "sizes") -> Bundle:
     root = Path(path)
     if root.name == MANIFEST_FILE and root.is_file():
         root = root.parent  # `edgekit inspect x.edgekit/manifest.json` means the bundle
-    if _is_temp_name(root.name):
+    if is_scratch_name(root.name):
         raise BundleError(f"{root} is an unfinished bundle left by an interrupted export; delete it and export again")
     if not root.exists():
         raise BundleError(f"bundle not found: {root}")
@@ -450,7 +447,7 @@ def update_manifest(bundle_path: Path | str, **changes: Any) -> Manifest:
     except TypeError as exc:
         raise InputError(f"manifest update is not JSON-serializable: {exc}") from None
     target = bundle.path / MANIFEST_FILE
-    tmp = bundle.path / (MANIFEST_FILE + ".tmp")
+    tmp = sibling_path(target, TEMP_MARK)  # hidden, and named for this process if it is killed
     try:
         _write_manifest(tmp, updated)
         os.replace(tmp, target)

@@ -20,12 +20,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from edgekit.bundle import replace_directory
+from edgekit.checkpoint_output import check_checkpoint_target, make_checkpoint_temp_dir
 from edgekit.errors import InputError, require
 from edgekit.presets import Preset, build_config
 from edgekit.progress import progress_bar
@@ -167,14 +167,7 @@ def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int
     from edgekit.tokenizer_builder import write_tokenizer_files
 
     out_dir = Path(os.path.abspath(out_dir))  # "." too has a parent to write the new one in
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise InputError(f"{out_dir} already exists and is not empty (pass --overwrite to replace it)")
-        # --overwrite replaces a checkpoint, never a folder the user keeps other things in.
-        if not _is_checkpoint(out_dir):
-            raise InputError(f"refusing to overwrite {out_dir}: it is not a Gemma 4 checkpoint (no gemma4 config.json)")
+    check_checkpoint_target(out_dir, overwrite=overwrite)
     try:
         config = build_config(preset, layers=layers)
     except ValueError as exc:
@@ -185,8 +178,7 @@ def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int
     specs = tensor_specs(config)
     _check_disk_space(out_dir, sum(s.nbytes for s in specs))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = make_checkpoint_temp_dir(out_dir)
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2) + "\n")
@@ -198,16 +190,6 @@ def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _is_checkpoint(path: Path) -> bool:
-    from edgekit.model import SUPPORTED_MODEL_TYPES
-
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(config, dict) and config.get("model_type") in SUPPORTED_MODEL_TYPES
 
 
 def _check_disk_space(out_dir: Path, needed: int) -> None:
