@@ -25,8 +25,9 @@ from typing import Any, Callable, Literal, get_args
 
 from edgekit.errors import BundleError, ExportError, InputError
 from edgekit.manifest import (
-    MANIFEST_FILE, VERIFICATION_PASSED, FileEntry, Key, Manifest, check_relative_path,
+    MANIFEST_FILE, VERIFICATION_PASSED, FileEntry, FileKey, Key, Manifest, check_relative_path,
 )
+from edgekit.overwrite_guard import check_replaceable
 from edgekit.scratch_dirs import (
     OLD_MARK, RAW_MARK, TEMP_MARK, is_scratch_name, make_sibling_dir, sibling_path, sweep_stale,
 )
@@ -146,7 +147,7 @@ class BundleWriter:
         names = _listing(tmp)
         _check_references(manifest, set(names), where="the bundle being written")
         entries = _hash_files(tmp, names)
-        _default_modes(tmp, names)
+        default_modes(tmp, names)
         final = dataclasses.replace(manifest, files=tuple(entries))
         _write_manifest(tmp / MANIFEST_FILE, final)
         _fsync_tree(tmp, names)
@@ -181,8 +182,8 @@ def replace_directory(new: Path, target: Path) -> None:
 
 
 def check_target(target: Path, *, overwrite: bool) -> None:
-    """Refuse a bundle path that exists, unless overwrite and it is an edgekit bundle (or
-    empty). First sweeps what a killed export to it left beside it."""
+    """Refuse a bundle path that exists, unless overwrite and it is an edgekit bundle holding
+    only its listed files (or empty). First sweeps what a killed export to it left beside it."""
     sweep_stale(Path(target))
     if not (target.exists() or target.is_symlink()):
         return
@@ -191,17 +192,24 @@ def check_target(target: Path, *, overwrite: bool) -> None:
     if target.is_symlink() or not target.is_dir():
         raise BundleError(f"refusing to overwrite {target}: it is not a bundle directory")
     # overwrite=True must not wipe a directory the user cares about (say, --out ~/models, or
-    # a web app's folder, which has a manifest.json of its own).
-    if any(target.iterdir()) and not _is_edgekit_manifest(target / MANIFEST_FILE):
-        raise BundleError(f"refusing to overwrite {target}: it is not an edgekit bundle (no edgekit {MANIFEST_FILE})")
+    # a web app's folder, which has a manifest.json of its own), nor a file put in a bundle.
+    check_replaceable(target, written=_written_files(target / MANIFEST_FILE), what="bundle", error=BundleError,
+                      also_ours=lambda rel: "/" not in rel and is_scratch_name(rel))
 
 
-def _is_edgekit_manifest(path: Path) -> bool:
+def _written_files(path: Path) -> set[str] | None:
+    """The files an edgekit manifest.json lists, itself included; None if it is not one."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and "edgekit_version" in data and "schema_version" in data
+        return None
+    if not (isinstance(data, dict) and "edgekit_version" in data and "schema_version" in data):
+        return None
+    files = data.get(Key.FILES)
+    if not isinstance(files, list):
+        return None
+    listed = {f.get(FileKey.PATH) for f in files if isinstance(f, dict)}
+    return {p for p in listed if isinstance(p, str)} | {MANIFEST_FILE}
 
 
 def _listing(root: Path) -> list[str]:
@@ -460,7 +468,7 @@ def update_manifest(bundle_path: Path | str, **changes: Any) -> Manifest:
     return updated
 
 
-def _default_modes(root: Path, names: list[str]) -> None:
+def default_modes(root: Path, names: list[str]) -> None:
     """Every file readable as a newly created one is (0o666 less the umask): tools such as
     onnxruntime's quantizer write through private temporary files (0o600), which would
     leave a bundle other users, or an app's service account, cannot read."""

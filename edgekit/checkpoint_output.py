@@ -1,38 +1,35 @@
-"""Where `make-checkpoint` writes: the checks on its output folder and its temporary folder
-beside it, named for its process so a later run can sweep it if this one is killed.
+"""Where `make-checkpoint` writes: the checks on its output folder, its temporary folder
+beside it, and how the finished folder is marked as edgekit's before it is renamed into place.
+
+The same rules as a bundle's: a killed run's leftovers are swept, the folder gets the
+permissions of any new folder (umask), and --overwrite replaces only what edgekit wrote.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from edgekit.bundle import default_modes
 from edgekit.errors import InputError
+from edgekit.overwrite_guard import check_replaceable, checkpoint_record, write_checkpoint_marker
 from edgekit.scratch_dirs import TEMP_MARK, make_sibling_dir, sweep_stale
 
 
 def check_checkpoint_target(out_dir: Path, *, overwrite: bool) -> None:
-    """Refuse an output folder that holds anything, unless overwrite and it is a checkpoint.
-    First sweeps what a killed run for it left beside it."""
+    """Refuse an output folder that holds anything, unless overwrite and make-checkpoint wrote
+    all of it. First sweeps what a killed run for it left beside it."""
     sweep_stale(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
+    if out_dir.is_symlink():
+        raise InputError(f"refusing to write a checkpoint at {out_dir}: it is a link; give the folder it points to")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
         raise InputError(f"{out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise InputError(f"{out_dir} already exists and is not empty (pass --overwrite to replace it)")
-        # --overwrite replaces a checkpoint, never a folder the user keeps other things in.
-        if not _is_checkpoint(out_dir):
-            raise InputError(f"refusing to overwrite {out_dir}: it is not a Gemma 4 checkpoint (no gemma4 config.json)")
-
-
-def _is_checkpoint(path: Path) -> bool:
-    from edgekit.model import SUPPORTED_MODEL_TYPES
-
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(config, dict) and config.get("model_type") in SUPPORTED_MODEL_TYPES
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise InputError(f"{out_dir} already exists and is not empty (pass --overwrite to replace it)")
+    check_replaceable(out_dir, written=checkpoint_record(out_dir), what="make-checkpoint folder", error=InputError)
 
 
 def make_checkpoint_temp_dir(out_dir: Path) -> Path:
@@ -42,3 +39,11 @@ def make_checkpoint_temp_dir(out_dir: Path) -> Path:
         return make_sibling_dir(out_dir, TEMP_MARK)
     except OSError as exc:  # a read-only place, or a file where a folder should be
         raise InputError(f"cannot write a checkpoint in {out_dir.parent}: {exc.strerror or exc}") from None
+
+
+def finish_checkpoint_dir(folder: Path) -> None:
+    """Give every file the permissions of a new file (safetensors writes its weights 0600)
+    and record them as make-checkpoint's."""
+    write_checkpoint_marker(folder)
+    default_modes(folder, sorted(p.name for p in folder.iterdir() if p.is_file()))
+

@@ -6,6 +6,7 @@
       generation_config.json
       tokenizer.json  tokenizer_config.json  chat_template.jinja
       processor_config.json
+      .edgekit-checkpoint               the files above, so --overwrite knows edgekit wrote them
 
 Tensor names and shapes come from transformers' own module tree built on the meta
 device, so a checkpoint written here loads through exactly the code path of a real one.
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgekit.bundle import replace_directory
-from edgekit.checkpoint_output import check_checkpoint_target, make_checkpoint_temp_dir
+from edgekit.checkpoint_output import check_checkpoint_target, finish_checkpoint_dir, make_checkpoint_temp_dir
 from edgekit.errors import InputError, require
 from edgekit.presets import Preset, build_config
 from edgekit.progress import progress_bar
@@ -185,6 +186,7 @@ def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int
         write_tokenizer_files(tmp, layout=layout_for(config["text_config"]["vocab_size"]))
         write_processor_files(tmp, config=config)
         _write_weights(tmp, specs, seed=seed)
+        finish_checkpoint_dir(tmp)
         replace_directory(tmp, out_dir)  # an old checkpoint is deleted only once the new one is in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

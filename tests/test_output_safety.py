@@ -1,5 +1,5 @@
-"""Writing outputs: Ctrl-C says so in one line, and a killed run's leftovers are swept by
-the next run.
+"""Writing outputs: --overwrite deletes only what edgekit wrote, a killed run's leftovers are
+swept by the next run, Ctrl-C says so, and outputs get the permissions of any new file.
 
 Checkpoints through `edgekit make-checkpoint` and bundles through `edgekit export`: the
 code users run.
@@ -7,7 +7,9 @@ code users run.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +20,111 @@ import pytest
 
 from edgekit import scratch_dirs
 from edgekit.bundle import load_bundle
-from edgekit.errors import BundleError
+from edgekit.checkpoint_writer import make_checkpoint
+from edgekit.errors import BundleError, InputError
+from edgekit.overwrite_guard import MARKER_FILE
+from edgekit.presets import PRESETS
 from edgekit.scratch_dirs import OLD_MARK, RAW_MARK, TEMP_MARK, sweep_stale
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, assert_clean_failure, run_cli
 from tests.test_bundle import write_bundle
+
+TINY = PRESETS["tiny-e2b"]
+
+
+def small_checkpoint(path: Path, seed: int = 0, overwrite: bool = False) -> Path:
+    return make_checkpoint(TINY, path, seed=seed, layers=2, audio=False, vision=False, overwrite=overwrite)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- --overwrite deletes only what edgekit wrote -------------------------------------------
+
+
+def test_make_checkpoint_overwrite_refuses_folders_edgekit_did_not_write(tmp_path, tiny_e2b):
+    """A user's notes beside a gemma4 config.json, a downloaded checkpoint (all checkpoint
+    files, no marker), an edgekit checkpoint the user added a file to: each kept as it was."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "config.json").write_text(json.dumps({"model_type": "gemma4", "text_config": {}}))
+    (notes / "todo.txt").write_text("mine")
+    downloaded = tmp_path / "downloaded"
+    shutil.copytree(tiny_e2b, downloaded)
+    (downloaded / MARKER_FILE).unlink()
+    added_to = small_checkpoint(tmp_path / "added-to")
+    (added_to / "results.md").write_text("my eval numbers")
+    for folder in (notes, downloaded, added_to):
+        before = snapshot(folder)
+        with pytest.raises(InputError, match=f"refusing to overwrite {folder}"):
+            small_checkpoint(folder, overwrite=True)
+        assert snapshot(folder) == before
+    result = run_cli("make-checkpoint", "tiny-e2b", str(downloaded), "--overwrite", "--layers", "2")
+    assert_clean_failure(result, code=2, contains="edgekit did not write it")
+    assert (downloaded / "model.safetensors").is_file()
+    assert_clean_failure(run_cli("make-checkpoint", "tiny-e2b", str(added_to), "--overwrite", "--layers", "2"),
+                         code=2, contains="results.md is not a file edgekit wrote there")
+
+
+def test_make_checkpoint_overwrites_its_own_checkpoint(tmp_path):
+    first = small_checkpoint(tmp_path / "ck", seed=1)
+    weights = (first / "model.safetensors").read_bytes()
+    (first / ".DS_Store").write_bytes(b"finder")  # a desktop's litter is no one's data
+    small_checkpoint(first, seed=2, overwrite=True)
+    assert (first / "model.safetensors").read_bytes() != weights
+    marker = json.loads((first / MARKER_FILE).read_text())
+    assert set(marker["files"]) == {p.name for p in first.iterdir()} - {MARKER_FILE}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_make_checkpoint_refuses_a_link_as_its_folder(tmp_path):
+    real = small_checkpoint(tmp_path / "real")
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(InputError, match="it is a link"):
+        make_checkpoint(TINY, tmp_path / "link", layers=2, overwrite=True)
+    assert (real / "model.safetensors").is_file() and (tmp_path / "link").is_symlink()
+
+
+def test_export_overwrite_refuses_a_bundle_holding_a_file_it_does_not_list(tmp_path, tiny_e2b):
+    """The manifest marks a bundle as edgekit's, and lists all that edgekit wrote in it."""
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    (target / "my-notes.txt").write_text("mine")
+    before = snapshot(target)
+    with pytest.raises(BundleError, match="my-notes.txt is not a file edgekit wrote there"):
+        write_bundle(target, overwrite=True)
+    assert snapshot(target) == before
+    result = run_cli("export", str(tiny_e2b), "--device", "pi5-8gb", "-o", str(target), "--overwrite")
+    assert_clean_failure(result, code=6, contains="my-notes.txt is not a file edgekit wrote there")
+    assert snapshot(target) == before
+    (target / "my-notes.txt").unlink()
+    (target / ".DS_Store").write_bytes(b"finder")
+    write_bundle(target, overwrite=True, payload=b"new")
+    assert load_bundle(target).file("decoder.onnx.data").read_bytes() == b"new"
+
+
+def test_export_overwrite_refuses_a_link_inside_a_bundle(tmp_path):
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    (tmp_path / "precious").mkdir()
+    (target / "decoder.onnx.data").unlink()
+    (target / "decoder.onnx.data").symlink_to(tmp_path / "precious")
+    with pytest.raises(BundleError, match="decoder.onnx.data is not a file edgekit wrote there"):
+        write_bundle(target, overwrite=True)
+
+
+# --- permissions -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_make_checkpoint_uses_normal_permissions(tmp_path, umask):
+    """Not mkdtemp's 0700 and safetensors' 0600: what any new folder and file get."""
+    code = (f"import os; os.umask({umask}); from pathlib import Path; from edgekit.checkpoint_writer import "
+            f"make_checkpoint; from edgekit.presets import PRESETS; make_checkpoint(PRESETS['tiny-e2b'], "
+            f"Path({str(tmp_path / 'ck')!r}), layers=2, audio=False, vision=False); os.mkdir({str(tmp_path / 'd')!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300)
+    ck = tmp_path / "ck"
+    assert ck.stat().st_mode & 0o777 == (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask
+    modes = {p.name: p.stat().st_mode & 0o777 for p in ck.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
 # --- Ctrl-C ------------------------------------------------------------------------------
