@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edgekit.bundle import default_modes
 from edgekit.errors import InputError
+from edgekit.machine import check_memory
 from edgekit.overwrite_guard import check_replaceable, checkpoint_record, write_checkpoint_marker
 from edgekit.scratch_dirs import TEMP_MARK, make_sibling_dir, sweep_stale
 
@@ -47,3 +48,8 @@ def finish_checkpoint_dir(folder: Path) -> None:
     write_checkpoint_marker(folder)
     default_modes(folder, sorted(p.name for p in folder.iterdir() if p.is_file()))
 
+
+def check_memory_for_shards(shard_bytes: list[int]) -> None:
+    """A shard is generated whole and then serialized, which copies it: twice the largest
+    shard (a single tensor may exceed the shard limit: E2B's per-layer table is 4.7 GB)."""
+    check_memory("writing the largest weight shard", 2 * max(shard_bytes, default=0))

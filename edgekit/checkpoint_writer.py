@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgekit.bundle import replace_directory
-from edgekit.checkpoint_output import check_checkpoint_target, finish_checkpoint_dir, make_checkpoint_temp_dir
+from edgekit.checkpoint_output import (
+    check_checkpoint_target, check_memory_for_shards, finish_checkpoint_dir, make_checkpoint_temp_dir,
+)
 from edgekit.errors import InputError, require
 from edgekit.presets import Preset, build_config
 from edgekit.progress import progress_bar
@@ -178,6 +180,7 @@ def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int
     config["vision_config"] = config["vision_config"] if vision else None
     specs = tensor_specs(config)
     _check_disk_space(out_dir, sum(s.nbytes for s in specs))
+    check_memory_for_shards([sum(s.nbytes for s in shard) for shard in _shards(specs)])
 
     tmp = make_checkpoint_temp_dir(out_dir)
     try:

@@ -1,8 +1,9 @@
 """Writing outputs: --overwrite deletes only what edgekit wrote, a killed run's leftovers are
-swept by the next run, Ctrl-C says so, and outputs get the permissions of any new file.
+swept by the next run, Ctrl-C says so, outputs get the permissions of any new file, and
+--threads and sizes that would exhaust the machine are refused up front.
 
-Checkpoints through `edgekit make-checkpoint` and bundles through `edgekit export`: the
-code users run.
+Checkpoints through `make_checkpoint` / `edgekit make-checkpoint` and bundles through the
+exporters and `edgekit export`: the code users run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from edgekit import scratch_dirs
 from edgekit.bundle import load_bundle
 from edgekit.checkpoint_writer import make_checkpoint
 from edgekit.errors import BundleError, InputError
+from edgekit.machine import usable_cpus
 from edgekit.overwrite_guard import MARKER_FILE
 from edgekit.presets import PRESETS
 from edgekit.scratch_dirs import OLD_MARK, RAW_MARK, TEMP_MARK, sweep_stale
@@ -236,3 +238,41 @@ def test_sweep_puts_back_a_bundle_set_aside_by_a_killed_overwrite(tmp_path):
     (aside / "manifest.json").write_text("{}")
     sweep_stale(target)
     assert not aside.exists() and target.is_dir()
+
+
+# --- resources ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threads", ["0", "-2", str(usable_cpus() + 1), "1000000"])
+def test_threads_beyond_the_machine_are_refused(onnx_fp32_bundle, threads):
+    for command in (["run", "-p", "Hi"], ["bench"]):
+        result = run_cli(command[0], str(onnx_fp32_bundle), *command[1:], "--threads", threads, timeout=120)
+        assert_clean_failure(result, code=2, contains=f"--threads must be between 1 and {usable_cpus()}")
+    assert run_cli("run", str(onnx_fp32_bundle), "-p", "Hi", "--max-new-tokens", "1", "--threads",
+                   str(usable_cpus())).returncode == 0
+
+
+def test_an_export_whose_cache_exceeds_the_machine_is_refused_before_loading(tmp_path, tiny_e2b):
+    """A config that allows a 500-million-token context and --force past the device's budget:
+    the program's KV cache would be tens of GB, allocated while exporting."""
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_e2b, ck)
+    config = json.loads((ck / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 500_000_000
+    (ck / "config.json").write_text(json.dumps(config))
+    started = time.monotonic()
+    result = run_cli("export", str(ck), "--device", "android-flagship", "--context", "500000000", "--force",
+                     "-o", str(tmp_path / "b.edgekit"))
+    assert_clean_failure(result, code=2, contains="-token KV cache this export builds needs")
+    assert "more than this machine's" in result.stderr and time.monotonic() - started < 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_a_checkpoint_whose_shards_exceed_the_machine_is_refused():
+    """The largest shard is generated whole and copied once more when serialized."""
+    from edgekit.checkpoint_output import check_memory_for_shards
+    from edgekit.machine import memory_bytes
+
+    check_memory_for_shards([2 * 1024**3, 1024])
+    with pytest.raises(InputError, match="writing the largest weight shard needs .* GB, more than this machine's"):
+        check_memory_for_shards([memory_bytes()])

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, NotAvailableError
+from edgekit.machine import check_threads
 from edgekit.runtimes.backends.base import Backend
 
 __all__ = ["Backend", "open_backend"]
 
 
 def open_backend(bundle: Bundle, *, providers: tuple[str, ...] | None = None, threads: int | None = None) -> Backend:
+    threads = check_threads(threads)
     fmt = bundle.manifest.format
     if fmt == "onnx":
         from edgekit.runtimes.backends.onnx_backend import OnnxBackend
