@@ -7,22 +7,23 @@
 
 Writing is atomic: files go to `.NAME.edgekit.tmp-HOST-PID-XXXX/` beside the target (same
 filesystem), and one rename publishes the finished bundle, so an interrupted export
-never leaves a directory that looks like a bundle (edgekit.scratch_dirs). Reading is torch-free; its default
-checks sizes only (a stat per file), because hashing a multi-GB bundle takes seconds.
+never leaves a directory that looks like a bundle (edgekit.scratch_dirs). Reading is
+torch-free; by default it checks every byte against the manifest, hashing a file only
+the first time it is opened in its current state (edgekit.bundle_integrity).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args
+from typing import Any, Literal, get_args
 
+from edgekit.bundle_integrity import check_contents, check_layout, file_sha256, hash_progress, remember_written
 from edgekit.errors import BundleError, ExportError, InputError
 from edgekit.manifest import (
     MANIFEST_FILE, VERIFICATION_PASSED, FileEntry, FileKey, Key, Manifest, check_relative_path,
@@ -32,11 +33,8 @@ from edgekit.scratch_dirs import (
     OLD_MARK, RAW_MARK, TEMP_MARK, is_scratch_name, make_sibling_dir, sibling_path, sweep_stale,
 )
 
-VerifyLevel = Literal["full", "sizes", "none"]
+VerifyLevel = Literal["cached", "full", "sizes", "none"]
 VERIFY_LEVELS: tuple[str, ...] = get_args(VerifyLevel)
-
-_CHUNK = 1 << 20  # 1 MiB reads: large enough for full disk speed, small enough to stream
-_PROGRESS_MIN_BYTES = 256 << 20  # below this hashing takes well under a second: no bar
 
 
 @dataclass(frozen=True)
@@ -153,6 +151,7 @@ class BundleWriter:
         _fsync_tree(tmp, names)
         self._install(tmp)
         self._tmp = None
+        remember_written(self.target, entries)  # the first load need not hash what was just hashed
         self._bundle = Bundle(self.target, final)
         return self._bundle
 
@@ -312,40 +311,24 @@ def format_bytes(n: int | float) -> str:
 # --- hashing -----------------------------------------------------------------------------
 
 
-def file_sha256(path: Path, advance: Callable[[float], None] | None = None) -> str:
-    """sha256 of a file, read in 1 MiB chunks (never the whole file in memory)."""
-    digest = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            digest.update(view[:n])
-            if advance is not None:
-                advance(n / (1 << 20))
-    return digest.hexdigest()
-
-
 def _hash_files(root: Path, names: list[str]) -> list[FileEntry]:
     sizes = {name: (root / name).stat().st_size for name in names}
-    with _hash_progress(sum(sizes.values()), "Hashing bundle files (MiB)") as advance:
+    with hash_progress(sum(sizes.values()), "Hashing bundle files (MiB)") as advance:
         return [FileEntry(path=name, size=sizes[name], sha256=file_sha256(root / name, advance)) for name in names]
-
-
-def _hash_progress(total_bytes: int, description: str):
-    from contextlib import nullcontext
-
-    if total_bytes < _PROGRESS_MIN_BYTES:
-        return nullcontext(None)
-    from edgekit.progress import progress_bar  # rich: only when a bar is worth showing
-
-    return progress_bar(description, total_bytes / (1 << 20))
 
 
 # --- reading -----------------------------------------------------------------------------
 
 
-def load_bundle(path: Path | str, *, verify: VerifyLevel = "sizes") -> Bundle:
-    """Read and check a bundle. verify: "full" hashes every file, "sizes" stats them, "none" neither."""
+def load_bundle(path: Path | str, *, verify: VerifyLevel = "cached") -> Bundle:
+    """Read and check a bundle before anything uses it.
+
+    Always: the files' layout: no link, nothing but regular files, nothing the manifest
+    does not list (hidden files such as .DS_Store are let be), so nothing is read from
+    outside the bundle. verify: "cached" (the default) compares every file's sha256 with
+    the manifest, hashing only files not hashed before in this state
+    (edgekit.integrity_cache); "full" hashes every file; "sizes" checks sizes only; "none"
+    reads no file but the manifest."""
     if verify not in VERIFY_LEVELS:
         raise InputError(f"verify must be one of {', '.join(VERIFY_LEVELS)}, got {verify!r}")
     root = Path(path)
@@ -357,19 +340,25 @@ def load_bundle(path: Path | str, *, verify: VerifyLevel = "sizes") -> Bundle:
         raise BundleError(f"bundle not found: {root}")
     if not root.is_dir():
         raise BundleError(f"{root} is not a bundle directory (expected NAME.edgekit/ with {MANIFEST_FILE})")
+    root = root.resolve()  # a link to the bundle is fine; links inside it are not
     manifest_path = root / MANIFEST_FILE
+    if manifest_path.is_symlink():
+        raise BundleError(f"bundle file {MANIFEST_FILE} is a link; a bundle holds its own files")
     if not manifest_path.is_file():
         raise BundleError(f"{root} is not an edgekit bundle: it has no {MANIFEST_FILE}")
     try:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"bundle manifest {manifest_path} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BundleError(f"bundle manifest {manifest_path} is nested too deeply to be a manifest") from None
     except OSError as exc:
         raise BundleError(f"cannot read {manifest_path}: {exc.strerror}") from None
     bundle = Bundle(root, Manifest.from_dict(data))
     _check_references(bundle.manifest, {f.path for f in bundle.manifest.files}, where="manifest.json's file list")
+    stats = check_layout(root, bundle.manifest.files)
     if verify != "none":
-        verify_files(bundle, full=verify == "full")
+        check_contents(root, bundle.manifest.files, stats, level=verify)
     return bundle
 
 
@@ -384,32 +373,9 @@ def _check_references(manifest: Manifest, names: set[str], *, where: str) -> Non
 
 
 def verify_files(bundle: Bundle, *, full: bool = True) -> None:
-    """Check every listed file exists with its size; with full=True, its sha256 as well, and
-    that no other file is there (a file dropped from the list would go unchecked; hidden
-    ones such as macOS's .DS_Store are not the bundle's)."""
-    entries = bundle.manifest.files
-    for entry in entries:  # all sizes first: a truncated copy is reported without hashing
-        path = bundle.path / entry.path
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise BundleError(f"bundle file {entry.path} is missing from {bundle.path}") from None
-        except OSError as exc:
-            raise BundleError(f"bundle file {entry.path} cannot be read: {exc.strerror or exc}") from None
-        if size != entry.size:
-            raise BundleError(f"bundle file {entry.path} is truncated or changed: {size} bytes != manifest {entry.size}")
-    if not full:
-        return
-    listed = {e.path for e in entries}
-    unlisted = [name for name in _listing(bundle.path)
-                if name not in listed and not any(part.startswith(".") for part in name.split("/"))]
-    if unlisted:
-        raise BundleError(f"bundle file {unlisted[0]} is not in the manifest, so nothing vouches for it")
-    with _hash_progress(sum(e.size for e in entries), "Verifying bundle (MiB)") as advance:
-        for entry in entries:
-            actual = file_sha256(bundle.path / entry.path, advance)
-            if actual != entry.sha256:
-                raise BundleError(f"bundle file {entry.path} is corrupt: sha256 {actual} != manifest {entry.sha256}")
+    """Check the bundle's layout and every listed file's size; with full=True, hash every file."""
+    stats = check_layout(bundle.path, bundle.manifest.files)
+    check_contents(bundle.path, bundle.manifest.files, stats, level="full" if full else "sizes")
 
 
 def verification_status(manifest: Manifest) -> str:
@@ -421,7 +387,7 @@ def verification_status(manifest: Manifest) -> str:
     return "recorded" if not isinstance(passed, bool) else ("passed" if passed else "failed")
 
 
-def inspect_bundle(path: Path | str, *, verify: VerifyLevel = "sizes") -> dict[str, Any]:
+def inspect_bundle(path: Path | str, *, verify: VerifyLevel = "cached") -> dict[str, Any]:
     """A JSON-ready summary for `edgekit inspect`."""
     bundle = load_bundle(path, verify=verify)
     m = bundle.manifest

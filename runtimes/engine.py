@@ -90,8 +90,8 @@ class Engine:
 
     @classmethod
     def open(cls, path: Path | str, *, providers: tuple[str, ...] | None = None, threads: int | None = None,
-             verify: str = "sizes") -> Engine:
-        check_threads(threads)  # before the bundle is opened
+             verify: str = "cached") -> Engine:
+        check_threads(threads)  # before the first open of a bundle hashes it
         bundle = load_bundle(path, verify=verify)
         backend = open_backend(bundle, providers=providers, threads=threads)
         prompts = PromptBuilder.from_dir(bundle.path, special_tokens=bundle.manifest.special_tokens)

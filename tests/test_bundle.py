@@ -254,7 +254,9 @@ def test_disk_full_in_add_file(tmp_path, monkeypatch):
 
 
 def test_progress_bar_for_big_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(bundle_mod, "_PROGRESS_MIN_BYTES", 0)
+    from edgekit import bundle_integrity
+
+    monkeypatch.setattr(bundle_integrity, "_PROGRESS_MIN_BYTES", 0)
     monkeypatch.setenv("EDGEKIT_PROGRESS", "1")
     target = write_bundle(tmp_path / "tiny.edgekit")
     load_bundle(target, verify="full")
@@ -294,15 +296,18 @@ def test_a_file_dropped_from_the_manifest_fails_full_verify(tmp_path):
         load_bundle(target, verify="full")
 
 
-def test_tampered_byte_fails_full_verify_only(tmp_path):
+def test_tampered_byte_fails_the_default_load(tmp_path):
     target = write_bundle(tmp_path / "tiny.edgekit")
     data = bytearray((target / "decoder.onnx.data").read_bytes())
     data[10] ^= 0xFF
     (target / "decoder.onnx.data").write_bytes(bytes(data))
-    load_bundle(target, verify="sizes")  # the lazy check does not read contents
-    with pytest.raises(BundleError, match=r"bundle file decoder.onnx.data is corrupt: sha256 [0-9a-f]{64} "
-                                          r"!= manifest [0-9a-f]{64}"):
-        load_bundle(target, verify="full")
+    load_bundle(target, verify="sizes")  # asked for sizes only, it does not read contents
+    corrupt = r"bundle file decoder.onnx.data is corrupt: sha256 [0-9a-f]{64} != manifest [0-9a-f]{64}"
+    for verify in ("cached", "full"):
+        with pytest.raises(BundleError, match=corrupt):
+            load_bundle(target, verify=verify)
+    with pytest.raises(BundleError, match="corrupt"):
+        load_bundle(target)
     with pytest.raises(BundleError, match="corrupt"):
         verify_files(load_bundle(target, verify="none"), full=True)
 
