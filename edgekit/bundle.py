@@ -28,6 +28,7 @@ from edgekit.errors import BundleError, ExportError, InputError
 from edgekit.manifest import (
     MANIFEST_FILE, VERIFICATION_PASSED, FileEntry, FileKey, Key, Manifest, check_relative_path,
 )
+from edgekit.manifest_checks import check_against_files, check_manifest_values
 from edgekit.overwrite_guard import check_replaceable
 from edgekit.scratch_dirs import (
     OLD_MARK, RAW_MARK, TEMP_MARK, is_scratch_name, make_sibling_dir, sibling_path, sweep_stale,
@@ -323,12 +324,13 @@ def _hash_files(root: Path, names: list[str]) -> list[FileEntry]:
 def load_bundle(path: Path | str, *, verify: VerifyLevel = "cached") -> Bundle:
     """Read and check a bundle before anything uses it.
 
-    Always: the files' layout: no link, nothing but regular files, nothing the manifest
-    does not list (hidden files such as .DS_Store are let be), so nothing is read from
-    outside the bundle. verify: "cached" (the default) compares every file's sha256 with
-    the manifest, hashing only files not hashed before in this state
-    (edgekit.integrity_cache); "full" hashes every file; "sizes" checks sizes only; "none"
-    reads no file but the manifest."""
+    Always: the manifest's values (against its schema, the runtime's needs, the machine),
+    and the files' layout: no link, nothing but regular files, nothing the manifest does
+    not list (hidden files such as .DS_Store are let be), so nothing is read from outside
+    the bundle. verify: "cached" (the default) compares every file's sha256 with the
+    manifest, hashing only files not hashed before in this state (edgekit.integrity_cache);
+    "full" hashes every file; "sizes" checks sizes only; "none" reads no file but the
+    manifest. Then the manifest must agree with the exported files it describes."""
     if verify not in VERIFY_LEVELS:
         raise InputError(f"verify must be one of {', '.join(VERIFY_LEVELS)}, got {verify!r}")
     root = Path(path)
@@ -355,10 +357,12 @@ def load_bundle(path: Path | str, *, verify: VerifyLevel = "cached") -> Bundle:
     except OSError as exc:
         raise BundleError(f"cannot read {manifest_path}: {exc.strerror}") from None
     bundle = Bundle(root, Manifest.from_dict(data))
+    check_manifest_values(bundle.manifest)
     _check_references(bundle.manifest, {f.path for f in bundle.manifest.files}, where="manifest.json's file list")
     stats = check_layout(root, bundle.manifest.files)
     if verify != "none":
         check_contents(root, bundle.manifest.files, stats, level=verify)
+        check_against_files(root, bundle.manifest)
     return bundle
 
 
@@ -417,7 +421,7 @@ def update_manifest(bundle_path: Path | str, **changes: Any) -> Manifest:
     bundle = load_bundle(bundle_path, verify="none")
     updated = dataclasses.replace(bundle.manifest, **changes)
     try:
-        Manifest.from_dict(json.loads(json.dumps(updated.to_dict())))  # what a reader will see must load
+        check_manifest_values(Manifest.from_dict(json.loads(json.dumps(updated.to_dict()))))  # a reader must load it
     except TypeError as exc:
         raise InputError(f"manifest update is not JSON-serializable: {exc}") from None
     target = bundle.path / MANIFEST_FILE

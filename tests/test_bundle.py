@@ -137,6 +137,62 @@ def test_from_dict_errors_name_the_key():
     assert Manifest.from_dict({**make_manifest().to_dict(), "future_key": 1}).device == "pi5"
 
 
+def _schema_breaches(value, schema: dict, path: tuple) -> list[tuple[tuple, object]]:
+    """(key path, a value that breaks a constraint there) for every value constraint of the
+    schema that `value` (a valid manifest dict) reaches."""
+    if "$ref" in schema:
+        schema = SCHEMA["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+    for alternatives in (schema.get("oneOf"), schema.get("anyOf")):
+        if alternatives and value is not None:
+            return [b for alt in alternatives if alt.get("type") != "null" for b in _schema_breaches(value, alt, path)]
+    found = []
+    if "minimum" in schema:
+        found.append((path, schema["minimum"] - 1))
+    if "minItems" in schema:
+        found.append((path, []))
+    if "minLength" in schema:
+        found.append((path, ""))
+    if "enum" in schema or "const" in schema:
+        found.append((path, "not-one-of-these"))
+    if "pattern" in schema:
+        found.append((path, "Not A Hex Digest"))
+    if "not" in schema:
+        found.append((path, "../outside"))
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                found += _schema_breaches(value[key], sub, (*path, key))
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            found += [b for key in value if key not in schema.get("properties", {})
+                      for b in _schema_breaches(value[key], extra, (*path, key))]
+    if isinstance(value, list) and value and "items" in schema:
+        found += _schema_breaches(value[0], schema["items"], (*path, 0))
+    return found
+
+
+def test_every_value_the_schema_forbids_is_refused_at_load(tmp_path):
+    """The loader enforces each value constraint of manifest.schema.json (minimum, minItems,
+    minLength, enum, const, pattern, not), found by walking the schema: an empty eos_ids, a
+    zero hidden size, a negative token id, a path out of the bundle, ..."""
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    good = json.loads((target / MANIFEST_FILE).read_text())
+    breaches = _schema_breaches(good, SCHEMA, ())
+    assert len(breaches) > 40 and ((Key.SPECIAL_TOKENS, "eos_ids"), []) in breaches
+    for path, bad in breaches:
+        data = json.loads(json.dumps(good))
+        holder = data
+        for key in path[:-1]:
+            holder = holder[key]
+        holder[path[-1]] = bad
+        (target / MANIFEST_FILE).write_text(json.dumps(data))
+        with pytest.raises(BundleError):
+            load_bundle(target, verify="none")
+            pytest.fail(f"loaded with {'.'.join(map(str, path))} = {bad!r}")
+    (target / MANIFEST_FILE).write_text(json.dumps(good))
+    load_bundle(target)
+
+
 # --- atomic writing ----------------------------------------------------------------------
 
 

@@ -2,9 +2,9 @@
 
 Each bundle is a copy of one the project's own exporters wrote (tests/conftest.py). A
 change is made as a careless copy or an attacker would: a link, a flipped byte, a file
-added; where the attacker would also rewrite the manifest's sha256, so does `vouch_for`.
-Every one must be a one-line BundleError (exit 6) before a runtime reads the file, never
-a hang or a file read from outside the bundle.
+added, a manifest value raised; where the attacker would also rewrite the manifest's
+sha256, so does `vouch_for`. Every one must be a one-line BundleError (exit 6) before a
+runtime reads the file, never a crash, a hang, or a file read from outside the bundle.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from edgekit import bundle_integrity
 from edgekit.bundle import load_bundle
 from edgekit.errors import BundleError
 from edgekit.integrity_cache import RECORD_FILE
+from edgekit.pte_program import ProgramError, read_program, read_program_data
 from tests.conftest import assert_clean_failure, run_cli
 
 
@@ -32,6 +35,11 @@ def vouch_for(bundle: Path, name: str) -> None:
     entries.append({"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     manifest["files"] = sorted(entries, key=lambda f: f["path"])
     (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def audio(manifest: dict) -> dict:
+    """The audio encoder's `extra` in a manifest dict."""
+    return next(m for m in manifest["methods"] if m["name"] == "audio_encoder")["extra"]
 
 
 def edit_manifest(bundle: Path, change) -> None:
@@ -257,3 +265,113 @@ def _record() -> dict:
 def test_a_changed_program_byte_is_caught(et_copy):
     flip_byte(et_copy / "model.pte", (et_copy / "model.pte").stat().st_size // 2)
     run_fails(et_copy, "bundle file model.pte is corrupt")
+
+
+# --- manifest values ---------------------------------------------------------------------
+
+
+def test_onnx_max_context_beyond_the_export_is_refused(onnx_copy):
+    exported = json.loads((onnx_copy / "genai_config.json").read_text())["model"]["context_length"]
+    edit_manifest(onnx_copy, lambda m: m.update(max_context=exported * 4))
+    run_fails(onnx_copy, f"max_context {exported * 4}, but the decoder was exported for {exported} tokens")
+    edit_manifest(onnx_copy, lambda m: m.update(max_context=exported // 2))  # less is fine
+    load_bundle(onnx_copy)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: m["special_tokens"].update(eos_ids=[]), "'special_tokens.eos_ids' must have at least 1 item"),
+    (lambda m: m["special_tokens"].update(image_token_id=10**9), "'special_tokens.image_token_id' is 1000000000"),
+    (lambda m: m["model"].update(hidden_size=0), "'model.hidden_size' must be at least 1"),
+    (lambda m: audio(m).update(min_frames="many"), "'methods.audio_encoder.extra.min_frames' must be int"),
+    (lambda m: audio(m).update(frame_multiple=0), "'methods.audio_encoder.extra.frame_multiple' must be at least 1"),
+    (lambda m: audio(m).update(min_frames=10**12), "the audio encoder's 1000000000000 frames needs"),
+])
+def test_manifest_values_the_runtime_cannot_use_are_refused(onnx_copy, change, message):
+    edit_manifest(onnx_copy, change)
+    run_fails(onnx_copy, message)
+
+
+@pytest.mark.executorch_bundles
+def test_executorch_manifest_must_agree_with_its_program(et_copy):
+    program = read_program(et_copy / "model.pte")
+    context, seq_len = program.constant("get_max_context_len"), program.constant("get_max_seq_len")
+    manifest = json.loads((et_copy / "manifest.json").read_text())
+    assert manifest["max_context"] == context
+    edit_manifest(et_copy, lambda m: m.update(max_context=context + 1))
+    run_fails(et_copy, f"the decoder was exported for {context} tokens (model.pte get_max_context_len)")
+    edit_manifest(et_copy, lambda m: m.update(max_context=context))
+
+    def longer_chunks(m):
+        m["extra"]["max_seq_len"] = seq_len * 2
+        next(x for x in m["methods"] if x["name"] == "text_decoder")["extra"]["max_seq_len"] = seq_len * 2
+    edit_manifest(et_copy, longer_chunks)
+    run_fails(et_copy, f"takes at most {seq_len} tokens per call")
+    edit_manifest(et_copy, lambda m: m.__setitem__("methods", m["methods"] + [{**m["methods"][0], "name": "decode"}]))
+    with pytest.raises(BundleError, match="lists method decode, which model.pte does not have"):
+        load_bundle(et_copy)
+
+
+# --- a corrupt program is an error, not an abort -------------------------------------------
+
+
+@pytest.mark.executorch_bundles
+@pytest.mark.parametrize("damage", ["random", "tables", "segments", "data_file"])
+def test_a_corrupt_program_is_a_one_line_error(et_copy, damage):
+    """Rewritten with its manifest (so the hashes match): random bytes of the right size
+    aborted the process in ExecuTorch, garbage over its tables segfaulted it."""
+    rng = random.Random(0)
+    pte, ptd = et_copy / "model.pte", et_copy / "model.ptd"
+    data = bytearray(pte.read_bytes())
+    if damage == "random":
+        data = bytearray(rng.randbytes(len(data)))
+    elif damage == "tables":
+        data[64:4096] = rng.randbytes(4096 - 64)
+    elif damage == "segments":  # the header's segment offset moved past the end of the file
+        struct.pack_into("<Q", data, 24, len(data) + 4096)
+    else:
+        ptd.write_bytes(rng.randbytes(ptd.stat().st_size))
+        vouch_for(et_copy, "model.ptd")
+    pte.write_bytes(bytes(data))
+    vouch_for(et_copy, "model.pte")
+    name = "model.ptd" if damage == "data_file" else "model.pte"
+    run_fails(et_copy, f"bundle file {name} is not a valid ExecuTorch")
+
+
+@pytest.mark.executorch_bundles
+def test_program_reader_raises_only_its_own_error_on_any_damage(executorch_bundles, tmp_path):
+    """600 programs with one to four bytes of the flatbuffer changed: each is read or is
+    a ProgramError, never another exception (the reader is what stands before ExecuTorch)."""
+    source = executorch_bundles["e4b"].path
+    original = (source / "model.pte").read_bytes()
+    tables_end = struct.unpack_from("<Q", original, 16)[0]
+    rng = random.Random(1)
+    damaged = tmp_path / "model.pte"
+    outcomes = {"read": 0, "refused": 0}
+    for _ in range(600):
+        data = bytearray(original)
+        for _ in range(rng.choice((1, 1, 2, 4))):
+            data[rng.randrange(8, tables_end)] = rng.randrange(256)
+        damaged.write_bytes(bytes(data))
+        try:
+            read_program(damaged)
+            outcomes["read"] += 1
+        except ProgramError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 400, outcomes
+    data_file = (source / "model.ptd").read_bytes()
+    for _ in range(300):
+        data = bytearray(data_file)
+        data[rng.randrange(0, min(len(data), 4096))] = rng.randrange(256)
+        damaged.write_bytes(bytes(data))
+        try:
+            read_program_data(damaged)
+        except ProgramError:
+            pass
+
+
+def test_program_reader_refuses_what_is_not_a_program(onnx_copy):
+    for name in ("decoder.onnx", "tokenizer.json"):
+        with pytest.raises(ProgramError, match="not an ExecuTorch program"):
+            read_program(onnx_copy / name)
+        with pytest.raises(ProgramError, match="not an ExecuTorch data file"):
+            read_program_data(onnx_copy / name)
