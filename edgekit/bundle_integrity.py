@@ -1,7 +1,7 @@
 """A bundle's files on disk, checked on every load before a runtime opens any of them.
 
 Layout: every listed file is a regular file reached without following a link, and the
-bundle holds nothing else but hidden files (a desktop's .DS_Store). A link could point
+bundle holds nothing else but hidden files (a desktop's .DS_Store), and no link. A link could point
 anywhere (a chat template linked to /etc/passwd would be rendered into the prompt), a
 FIFO would hang the reader, and an unlisted file is one nothing vouches for.
 
@@ -36,14 +36,14 @@ def check_layout(root: Path, entries: Sequence[FileEntry]) -> dict[str, os.stat_
     file the manifest does not list."""
     stats = {entry.path: _lstat_inside(root, entry.path) for entry in entries}
     try:
-        found = list(walk_entries(root, skip_hidden=True))
+        found = list(walk_entries(root))
     except OSError as exc:
         raise BundleError(f"bundle folder {exc.filename or root} cannot be read: {exc.strerror or exc}") from None
     for rel, entry in found:
-        if entry.is_symlink():
+        if entry.is_symlink():  # hidden or not: nothing in a bundle may lead out of it
             raise BundleError(f"bundle file {rel} is a link; a bundle holds its own files, copy it in instead")
-        if rel in stats or rel == MANIFEST_FILE:
-            continue
+        if rel in stats or rel == MANIFEST_FILE or any(part.startswith(".") for part in rel.split("/")):
+            continue  # listed, or hidden: a desktop's .DS_Store, a tool's own cache
         if not entry.is_file(follow_symlinks=False):
             raise BundleError(f"bundle file {rel} is not a regular file")
         raise BundleError(f"bundle file {rel} is not in the manifest, so nothing vouches for it")

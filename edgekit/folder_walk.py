@@ -7,18 +7,15 @@ from pathlib import Path
 from typing import Iterator
 
 
-def walk_entries(root: Path, *, skip_hidden: bool = False) -> Iterator[tuple[str, os.DirEntry]]:
+def walk_entries(root: Path) -> Iterator[tuple[str, os.DirEntry]]:
     """(relative "/" path, entry) of every entry under root that is not a folder, a link to a
-    folder included; folders are entered, links never. skip_hidden: leave out entries whose
-    name starts with "." and all that hidden folders hold. An unreadable folder raises OSError."""
+    folder included; folders are entered, links never. An unreadable folder raises OSError."""
     stack = [""]
     while stack:
         prefix = stack.pop()
         with os.scandir(root / prefix if prefix else root) as it:
             found = list(it)
         for entry in found:
-            if skip_hidden and entry.name.startswith("."):
-                continue
             rel = f"{prefix}/{entry.name}" if prefix else entry.name
             if entry.is_dir(follow_symlinks=False):
                 stack.append(rel)

@@ -3,7 +3,7 @@
 ExecuTorch trusts its input: a random file of the right size aborts the process, a
 corrupt table offset segfaults it, with or without its own flatbuffer verification
 (which names bad bytes in a message its Python bindings cannot decode). So a program
-is walked here first, as its schema (executorch/schema/program.fbs) lays it out:
+is walked here first, as ExecuTorch's flatbuffer schema for programs lays it out:
 
     bytes 0-4    offset of the root table (Program)       bytes 4-8  identifier "ET12"
     bytes 8-40   extended header "eh00": flatbuffer size, where segments start
@@ -15,6 +15,11 @@ operator, delegate, instruction, buffer, segment) is checked against what it ind
 every tensor's bytes against the buffer it lives in. What is read back: each method's
 planned memory, input shapes, and the constant methods (get_max_context_len, ...).
 Torch-free; a problem is one ProgramError line.
+
+Not checked: what each operator expects of its arguments (their kinds and dtypes), which
+only its kernel knows. A program whose tables are sound but hand an operator a value of
+the wrong kind still stops inside ExecuTorch; in a bundle, its sha256 in the manifest is
+what catches such a change.
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ _HEADER_MAGIC = b"eh00"
 _HEADER_OFFSET = 8
 _HEADER_MIN_LENGTH = 24
 
-# Bytes per element of the ScalarType values ExecuTorch implements (schema/scalar_type.fbs).
+# Bytes per element of the ScalarType values ExecuTorch implements (its ScalarType enum).
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 4, 4: 8, 5: 2, 6: 4, 7: 8, 11: 1, 12: 1, 13: 1, 14: 4, 15: 2, 16: 1, 17: 1,
                  22: 2, 23: 1, 24: 1, 25: 1, 26: 1, 27: 2, 28: 4, 29: 8}
-# KernelTypes union tags (program.fbs order, NONE = 0).
+# KernelTypes union tags (the schema's order, NONE = 0).
 _NULL, _INT, _BOOL, _DOUBLE, _TENSOR, _STRING, _INT_LIST, _DOUBLE_LIST, _BOOL_LIST, _TENSOR_LIST, _OPT_TENSOR_LIST = (
     range(1, 12))
 # InstructionArguments union tags.
@@ -203,7 +208,7 @@ _DATA_HEADER_MAGIC = b"FH01"
 
 
 def read_program_data(path: Path) -> dict[str, int]:
-    """Check `path` is a well-formed ExecuTorch data file (.ptd, flat_tensor.fbs: laid out as
+    """Check `path` is a well-formed ExecuTorch data file (.ptd, ExecuTorch's FlatTensor: laid out as
     a program, with an "FT01" identifier and an "FH01" header); returns the bytes each
     named tensor holds."""
     size = path.stat().st_size

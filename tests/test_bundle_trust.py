@@ -120,6 +120,12 @@ def test_links_anywhere_in_the_bundle_are_refused(onnx_copy, tmp_path):
     with pytest.raises(BundleError, match=r"extras/notes.txt is a link \(its folder extras is\)"):
         load_bundle(onnx_copy, verify="none")
     (onnx_copy / "extras").unlink()
+    edit_manifest(onnx_copy, lambda m: m.update(files=[f for f in m["files"] if f["path"] != "extras/notes.txt"]))
+
+    (onnx_copy / ".weights").symlink_to(outside / "notes.txt")  # hidden files are let be; hidden links are not
+    with pytest.raises(BundleError, match="bundle file .weights is a link"):
+        load_bundle(onnx_copy, verify="none")
+    (onnx_copy / ".weights").unlink()
 
     manifest = onnx_copy / "manifest.json"
     moved = tmp_path / "manifest.json"
