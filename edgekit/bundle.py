@@ -5,38 +5,38 @@
       model.pte | decoder.onnx + decoder.onnx.data + ... | *.mlpackage/...
       tokenizer.json  tokenizer_config.json  chat_template.jinja
 
-Writing is atomic: files go to `.NAME.edgekit.tmp-XXXX/` beside the target (same
+Writing is atomic: files go to `.NAME.edgekit.tmp-HOST-PID-XXXX/` beside the target (same
 filesystem), and one rename publishes the finished bundle, so an interrupted export
-never leaves a directory that looks like a bundle. Reading is torch-free; its default
-checks sizes only (a stat per file), because hashing a multi-GB bundle takes seconds.
+never leaves a directory that looks like a bundle (edgekit.scratch_dirs). Reading is
+torch-free; by default it checks every byte against the manifest, hashing a file only
+the first time it is opened in its current state (edgekit.bundle_integrity).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic_core import PydanticSerializationError
 
+from edgekit.bundle_integrity import check_contents, check_layout, file_sha256, hash_progress, remember_written
 from edgekit.errors import BundleError, ExportError, InputError
 from edgekit.manifest import (
     MANIFEST_FILE, VERIFICATION_PASSED, FileEntry, Manifest, check_relative_path,
 )
+from edgekit.manifest_checks import check_against_files, check_manifest_values
+from edgekit.overwrite_guard import check_replaceable
+from edgekit.scratch_dirs import (
+    OLD_MARK, RAW_MARK, TEMP_MARK, is_scratch_name, make_sibling_dir, sibling_path, sweep_stale,
+)
 
-VerifyLevel = Literal["full", "sizes", "none"]
+VerifyLevel = Literal["cached", "full", "sizes", "none"]
 VERIFY_LEVELS: tuple[str, ...] = get_args(VerifyLevel)
-
-_CHUNK = 1 << 20  # 1 MiB reads: large enough for full disk speed, small enough to stream
-_PROGRESS_MIN_BYTES = 256 << 20  # below this hashing takes well under a second: no bar
-_TEMP_MARK = ".tmp-"
-_OLD_MARK = ".old-"
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class BundleWriter:
         self.target = Path(target_dir).absolute()
         self.overwrite = overwrite
         self._tmp: Path | None = None
+        self._scratch: list[Path] = []
         self._bundle: Bundle | None = None
 
     def __enter__(self) -> BundleWriter:
@@ -82,15 +83,17 @@ class BundleWriter:
         check_target(self.target, overwrite=self.overwrite)
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = _make_sibling_dir(self.target, _TEMP_MARK)
+            self._tmp = make_sibling_dir(self.target, TEMP_MARK)
         except OSError as exc:  # a read-only or unwritable place, a file where a folder should be
             raise ExportError(f"cannot write a bundle in {self.target.parent}: {exc.strerror or exc}") from None
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         tmp, self._tmp = self._tmp, None
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in [tmp, *self._scratch]:
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+        self._scratch = []
         full = _disk_full_error(exc)
         if full is not None:
             name = _name_in(full.filename, tmp) if full.filename else "the bundle"
@@ -101,6 +104,14 @@ class BundleWriter:
         if self._tmp is None:
             raise RuntimeError("BundleWriter is used outside its `with` block or after finalize()")
         return self._tmp
+
+    def scratch_dir(self) -> Path:
+        """A folder beside the target for an exporter's intermediate files (on the bundle's
+        file system, so a multi-GB graph does not fill /tmp); removed when the block exits."""
+        self.temp_dir  # inside the block only
+        folder = make_sibling_dir(self.target, RAW_MARK)
+        self._scratch.append(folder)
+        return folder
 
     def path_for(self, name: str) -> Path:
         """Where to write bundle file `name` (a relative path); its parent directories exist."""
@@ -136,12 +147,13 @@ class BundleWriter:
         names = _listing(tmp)
         _check_references(manifest, set(names), where="the bundle being written")
         entries = _hash_files(tmp, names)
-        _default_modes(tmp, names)
+        default_modes(tmp, names)
         final = manifest.replace(files=tuple(entries))
         _write_manifest(tmp / MANIFEST_FILE, final)
         _fsync_tree(tmp, names)
         self._install(tmp)
         self._tmp = None
+        remember_written(self.target, entries)  # the first load need not hash what was just hashed
         self._bundle = Bundle(self.target, final)
         return self._bundle
 
@@ -159,7 +171,7 @@ def replace_directory(new: Path, target: Path) -> None:
         os.rename(new, target)
         _fsync_dir(target.parent)
         return
-    old = target.parent / f".{target.name}{_OLD_MARK}{secrets.token_hex(4)}"
+    old = sibling_path(target, OLD_MARK)  # named for this process: a later run puts it back if this one dies
     os.rename(target, old)
     try:
         os.rename(new, target)
@@ -170,20 +182,10 @@ def replace_directory(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _make_sibling_dir(target: Path, mark: str) -> Path:
-    """`.NAME<mark>XXXXXXXX` beside target; os.mkdir, not mkdtemp, so the published bundle
-    gets the usual umask permissions rather than mkdtemp's owner-only 0700."""
-    while True:
-        path = target.parent / f".{target.name}{mark}{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-
-
 def check_target(target: Path, *, overwrite: bool) -> None:
-    """Refuse a bundle path that exists, unless overwrite and it is an edgekit bundle (or empty)."""
+    """Refuse a bundle path that exists, unless overwrite and it is an edgekit bundle holding
+    only its listed files (or empty). First sweeps what a killed export to it left beside it."""
+    sweep_stale(Path(target))
     if not (target.exists() or target.is_symlink()):
         return
     if not overwrite:
@@ -191,17 +193,24 @@ def check_target(target: Path, *, overwrite: bool) -> None:
     if target.is_symlink() or not target.is_dir():
         raise BundleError(f"refusing to overwrite {target}: it is not a bundle directory")
     # overwrite=True must not wipe a directory the user cares about (say, --out ~/models, or
-    # a web app's folder, which has a manifest.json of its own).
-    if any(target.iterdir()) and not _is_edgekit_manifest(target / MANIFEST_FILE):
-        raise BundleError(f"refusing to overwrite {target}: it is not an edgekit bundle (no edgekit {MANIFEST_FILE})")
+    # a web app's folder, which has a manifest.json of its own), nor a file put in a bundle.
+    check_replaceable(target, written=_written_files(target / MANIFEST_FILE), what="bundle", error=BundleError,
+                      also_ours=lambda rel: "/" not in rel and is_scratch_name(rel))
 
 
-def _is_edgekit_manifest(path: Path) -> bool:
+def _written_files(path: Path) -> set[str] | None:
+    """The files an edgekit manifest.json lists, itself included; None if it is not one."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and "edgekit_version" in data and "schema_version" in data
+        return None
+    if not (isinstance(data, dict) and "edgekit_version" in data and "schema_version" in data):
+        return None
+    files = data.get("files")
+    if not isinstance(files, list):
+        return None
+    listed = {f.get("path") for f in files if isinstance(f, dict)}
+    return {p for p in listed if isinstance(p, str)} | {MANIFEST_FILE}
 
 
 def _listing(root: Path) -> list[str]:
@@ -304,68 +313,57 @@ def format_bytes(n: int | float) -> str:
 # --- hashing -----------------------------------------------------------------------------
 
 
-def file_sha256(path: Path, advance: Callable[[float], None] | None = None) -> str:
-    """sha256 of a file, read in 1 MiB chunks (never the whole file in memory)."""
-    digest = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            digest.update(view[:n])
-            if advance is not None:
-                advance(n / (1 << 20))
-    return digest.hexdigest()
-
-
 def _hash_files(root: Path, names: list[str]) -> list[FileEntry]:
     sizes = {name: (root / name).stat().st_size for name in names}
-    with _hash_progress(sum(sizes.values()), "Hashing bundle files (MiB)") as advance:
+    with hash_progress(sum(sizes.values()), "Hashing bundle files (MiB)") as advance:
         return [FileEntry(path=name, size=sizes[name], sha256=file_sha256(root / name, advance)) for name in names]
-
-
-def _hash_progress(total_bytes: int, description: str):
-    from contextlib import nullcontext
-
-    if total_bytes < _PROGRESS_MIN_BYTES:
-        return nullcontext(None)
-    from edgekit.progress import progress_bar  # rich: only when a bar is worth showing
-
-    return progress_bar(description, total_bytes / (1 << 20))
 
 
 # --- reading -----------------------------------------------------------------------------
 
 
-def _is_temp_name(name: str) -> bool:
-    return name.startswith(".") and (_TEMP_MARK in name or _OLD_MARK in name)
+def load_bundle(path: Path | str, *, verify: VerifyLevel = "cached") -> Bundle:
+    """Read and check a bundle before anything uses it.
 
-
-def load_bundle(path: Path | str, *, verify: VerifyLevel = "sizes") -> Bundle:
-    """Read and check a bundle. verify: "full" hashes every file, "sizes" stats them, "none" neither."""
+    Always: the manifest's values (against its schema, the runtime's needs, the machine),
+    and the files' layout: no link, nothing but regular files, nothing the manifest does
+    not list (hidden files such as .DS_Store are let be), so nothing is read from outside
+    the bundle. verify: "cached" (the default) compares every file's sha256 with the
+    manifest, hashing only files not hashed before in this state (edgekit.integrity_cache);
+    "full" hashes every file; "sizes" checks sizes only; "none" reads no file but the
+    manifest. Then the manifest must agree with the exported files it describes."""
     if verify not in VERIFY_LEVELS:
         raise InputError(f"verify must be one of {', '.join(VERIFY_LEVELS)}, got {verify!r}")
     root = Path(path)
     if root.name == MANIFEST_FILE and root.is_file():
         root = root.parent  # `edgekit inspect x.edgekit/manifest.json` means the bundle
-    if _is_temp_name(root.name):
+    if is_scratch_name(root.name):
         raise BundleError(f"{root} is an unfinished bundle left by an interrupted export; delete it and export again")
     if not root.exists():
         raise BundleError(f"bundle not found: {root}")
     if not root.is_dir():
         raise BundleError(f"{root} is not a bundle directory (expected NAME.edgekit/ with {MANIFEST_FILE})")
+    root = root.resolve()  # a link to the bundle is fine; links inside it are not
     manifest_path = root / MANIFEST_FILE
+    if manifest_path.is_symlink():
+        raise BundleError(f"bundle file {MANIFEST_FILE} is a link; a bundle holds its own files")
     if not manifest_path.is_file():
         raise BundleError(f"{root} is not an edgekit bundle: it has no {MANIFEST_FILE}")
     try:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"bundle manifest {manifest_path} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BundleError(f"bundle manifest {manifest_path} is nested too deeply to be a manifest") from None
     except OSError as exc:
         raise BundleError(f"cannot read {manifest_path}: {exc.strerror}") from None
     bundle = Bundle(root, Manifest.from_dict(data))
+    check_manifest_values(bundle.manifest)
     _check_references(bundle.manifest, {f.path for f in bundle.manifest.files}, where="manifest.json's file list")
+    stats = check_layout(root, bundle.manifest.files)
     if verify != "none":
-        verify_files(bundle, full=verify == "full")
+        check_contents(root, bundle.manifest.files, stats, level=verify)
+        check_against_files(root, bundle.manifest)
     return bundle
 
 
@@ -380,32 +378,9 @@ def _check_references(manifest: Manifest, names: set[str], *, where: str) -> Non
 
 
 def verify_files(bundle: Bundle, *, full: bool = True) -> None:
-    """Check every listed file exists with its size; with full=True, its sha256 as well, and
-    that no other file is there (a file dropped from the list would go unchecked; hidden
-    ones such as macOS's .DS_Store are not the bundle's)."""
-    entries = bundle.manifest.files
-    for entry in entries:  # all sizes first: a truncated copy is reported without hashing
-        path = bundle.path / entry.path
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise BundleError(f"bundle file {entry.path} is missing from {bundle.path}") from None
-        except OSError as exc:
-            raise BundleError(f"bundle file {entry.path} cannot be read: {exc.strerror or exc}") from None
-        if size != entry.size:
-            raise BundleError(f"bundle file {entry.path} is truncated or changed: {size} bytes != manifest {entry.size}")
-    if not full:
-        return
-    listed = {e.path for e in entries}
-    unlisted = [name for name in _listing(bundle.path)
-                if name not in listed and not any(part.startswith(".") for part in name.split("/"))]
-    if unlisted:
-        raise BundleError(f"bundle file {unlisted[0]} is not in the manifest, so nothing vouches for it")
-    with _hash_progress(sum(e.size for e in entries), "Verifying bundle (MiB)") as advance:
-        for entry in entries:
-            actual = file_sha256(bundle.path / entry.path, advance)
-            if actual != entry.sha256:
-                raise BundleError(f"bundle file {entry.path} is corrupt: sha256 {actual} != manifest {entry.sha256}")
+    """Check the bundle's layout and every listed file's size; with full=True, hash every file."""
+    stats = check_layout(bundle.path, bundle.manifest.files)
+    check_contents(bundle.path, bundle.manifest.files, stats, level="full" if full else "sizes")
 
 
 def verification_status(manifest: Manifest) -> str:
@@ -417,7 +392,7 @@ def verification_status(manifest: Manifest) -> str:
     return "recorded" if not isinstance(passed, bool) else ("passed" if passed else "failed")
 
 
-def inspect_bundle(path: Path | str, *, verify: VerifyLevel = "sizes") -> dict[str, Any]:
+def inspect_bundle(path: Path | str, *, verify: VerifyLevel = "cached") -> dict[str, Any]:
     """A JSON-ready summary for `edgekit inspect`."""
     bundle = load_bundle(path, verify=verify)
     m = bundle.manifest
@@ -447,11 +422,11 @@ def update_manifest(bundle_path: Path | str, **changes: Any) -> Manifest:
     bundle = load_bundle(bundle_path, verify="none")
     updated = bundle.manifest.replace(**changes)
     try:
-        Manifest.from_dict(json.loads(json.dumps(updated.to_dict())))  # what a reader will see must load
+        check_manifest_values(Manifest.from_dict(json.loads(json.dumps(updated.to_dict()))))  # a reader must load it
     except (TypeError, PydanticSerializationError) as exc:
         raise InputError(f"manifest update is not JSON-serializable: {exc}") from None
     target = bundle.path / MANIFEST_FILE
-    tmp = bundle.path / (MANIFEST_FILE + ".tmp")
+    tmp = sibling_path(target, TEMP_MARK)  # hidden, and named for this process if it is killed
     try:
         _write_manifest(tmp, updated)
         os.replace(tmp, target)
@@ -464,7 +439,7 @@ def update_manifest(bundle_path: Path | str, **changes: Any) -> Manifest:
     return updated
 
 
-def _default_modes(root: Path, names: list[str]) -> None:
+def default_modes(root: Path, names: list[str]) -> None:
     """Every file readable as a newly created one is (0o666 less the umask): tools such as
     onnxruntime's quantizer write through private temporary files (0o600), which would
     leave a bundle other users, or an app's service account, cannot read."""

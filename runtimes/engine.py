@@ -22,6 +22,7 @@ import numpy as np
 
 from edgekit.bundle import Bundle, load_bundle
 from edgekit.errors import InputError
+from edgekit.machine import check_threads
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_VISION_ENCODER
 from edgekit.runtimes.backends import Backend, open_backend
 from edgekit.runtimes.image_preprocess import ImageParams, preprocess_image
@@ -88,7 +89,8 @@ class Engine:
 
     @classmethod
     def open(cls, path: Path | str, *, providers: tuple[str, ...] | None = None, threads: int | None = None,
-             verify: str = "sizes") -> Engine:
+             verify: str = "cached") -> Engine:
+        check_threads(threads)  # before the first open of a bundle hashes it
         bundle = load_bundle(path, verify=verify)
         backend = open_backend(bundle, providers=providers, threads=threads)
         prompts = PromptBuilder.from_dir(bundle.path, special_tokens=bundle.manifest.special_tokens)

@@ -20,6 +20,13 @@ from edgekit.progress import STAGE_PREFIX
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_integrity_cache(tmp_path_factory) -> None:
+    """Bundles opened by tests (and the CLI runs they start) remember their hashes in a
+    cache of the session's own, not the user's (edgekit.integrity_cache)."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_e2b(tmp_path_factory) -> Path:
     from edgekit.testing.checkpoint_writer import make_checkpoint

@@ -169,6 +169,62 @@ def test_constructing_a_bad_spec_is_a_bundle_error():
         make_manifest(max_context=-1)
 
 
+def _schema_breaches(value, schema: dict, path: tuple) -> list[tuple[tuple, object]]:
+    """(key path, a value that breaks a constraint there) for every value constraint of the
+    schema that `value` (a valid manifest dict) reaches."""
+    if "$ref" in schema:
+        schema = SCHEMA["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+    for alternatives in (schema.get("oneOf"), schema.get("anyOf")):
+        if alternatives and value is not None:
+            return [b for alt in alternatives if alt.get("type") != "null" for b in _schema_breaches(value, alt, path)]
+    found = []
+    if "minimum" in schema:
+        found.append((path, schema["minimum"] - 1))
+    if "minItems" in schema:
+        found.append((path, []))
+    if "minLength" in schema:
+        found.append((path, ""))
+    if "enum" in schema or "const" in schema:
+        found.append((path, "not-one-of-these"))
+    if "pattern" in schema:
+        found.append((path, "Not A Hex Digest"))
+    if "not" in schema:
+        found.append((path, "../outside"))
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                found += _schema_breaches(value[key], sub, (*path, key))
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            found += [b for key in value if key not in schema.get("properties", {})
+                      for b in _schema_breaches(value[key], extra, (*path, key))]
+    if isinstance(value, list) and value and "items" in schema:
+        found += _schema_breaches(value[0], schema["items"], (*path, 0))
+    return found
+
+
+def test_every_value_the_schema_forbids_is_refused_at_load(tmp_path):
+    """The loader enforces each value constraint of manifest.schema.json (minimum, minItems,
+    minLength, enum, const, pattern, not), found by walking the schema: an empty eos_ids, a
+    zero hidden size, a negative token id, a path out of the bundle, ..."""
+    target = write_bundle(tmp_path / "tiny.edgekit")
+    good = json.loads((target / MANIFEST_FILE).read_text())
+    breaches = _schema_breaches(good, SCHEMA, ())
+    assert len(breaches) > 10 and (("special_tokens", "eos_ids"), []) in breaches
+    for path, bad in breaches:
+        data = json.loads(json.dumps(good))
+        holder = data
+        for key in path[:-1]:
+            holder = holder[key]
+        holder[path[-1]] = bad
+        (target / MANIFEST_FILE).write_text(json.dumps(data))
+        with pytest.raises(BundleError):
+            load_bundle(target, verify="none")
+            pytest.fail(f"loaded with {'.'.join(map(str, path))} = {bad!r}")
+    (target / MANIFEST_FILE).write_text(json.dumps(good))
+    load_bundle(target)
+
+
 # --- atomic writing ----------------------------------------------------------------------
 
 
@@ -286,7 +342,9 @@ def test_disk_full_in_add_file(tmp_path, monkeypatch):
 
 
 def test_progress_bar_for_big_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(bundle_mod, "_PROGRESS_MIN_BYTES", 0)
+    from edgekit import bundle_integrity
+
+    monkeypatch.setattr(bundle_integrity, "_PROGRESS_MIN_BYTES", 0)
     monkeypatch.setenv("EDGEKIT_PROGRESS", "1")
     target = write_bundle(tmp_path / "tiny.edgekit")
     load_bundle(target, verify="full")
@@ -326,15 +384,18 @@ def test_a_file_dropped_from_the_manifest_fails_full_verify(tmp_path):
         load_bundle(target, verify="full")
 
 
-def test_tampered_byte_fails_full_verify_only(tmp_path):
+def test_tampered_byte_fails_the_default_load(tmp_path):
     target = write_bundle(tmp_path / "tiny.edgekit")
     data = bytearray((target / "decoder.onnx.data").read_bytes())
     data[10] ^= 0xFF
     (target / "decoder.onnx.data").write_bytes(bytes(data))
-    load_bundle(target, verify="sizes")  # the lazy check does not read contents
-    with pytest.raises(BundleError, match=r"bundle file decoder.onnx.data is corrupt: sha256 [0-9a-f]{64} "
-                                          r"!= manifest [0-9a-f]{64}"):
-        load_bundle(target, verify="full")
+    load_bundle(target, verify="sizes")  # asked for sizes only, it does not read contents
+    corrupt = r"bundle file decoder.onnx.data is corrupt: sha256 [0-9a-f]{64} != manifest [0-9a-f]{64}"
+    for verify in ("cached", "full"):
+        with pytest.raises(BundleError, match=corrupt):
+            load_bundle(target, verify=verify)
+    with pytest.raises(BundleError, match="corrupt"):
+        load_bundle(target)
     with pytest.raises(BundleError, match="corrupt"):
         verify_files(load_bundle(target, verify="none"), full=True)
 

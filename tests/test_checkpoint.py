@@ -180,7 +180,7 @@ def test_make_checkpoint_refuses_non_empty_dir(tmp_path):
     with pytest.raises(InputError, match="not empty"):
         make_checkpoint(PRESETS["tiny-e2b"], tmp_path / "x")
     # --overwrite replaces a checkpoint only, never a folder of the user's
-    with pytest.raises(InputError, match="not a Gemma 4 checkpoint"):
+    with pytest.raises(InputError, match="edgekit did not write it"):
         make_checkpoint(PRESETS["tiny-e2b"], tmp_path / "x", overwrite=True)
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
     (tmp_path / "file").write_text("mine")

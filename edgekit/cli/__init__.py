@@ -105,6 +105,16 @@ def _is_devnull(fd: int) -> bool:
     return (out.st_rdev, out.st_ino) == (null.st_rdev, null.st_ino)
 
 
+# typer turns a KeyboardInterrupt inside a command into a silent return of 130, which would
+# look like any command's own exit status; Ctrl-C is recorded here to say so in one line.
+_interrupted = threading.Event()
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    _interrupted.set()
+    signal.default_int_handler(signum, frame)
+
+
 def main(argv: list[str] | None = None) -> None:
     stdout_was_null = _is_devnull(1)  # `edgekit ... > /dev/null`: an exit 1 there is a real one
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -113,12 +123,16 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("SIGTERM", "SIGHUP"):  # systemd stops a service with SIGTERM; a closed ssh sends SIGHUP
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), _raise_terminated)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (nohup, &)
+            signal.signal(signal.SIGINT, _raise_interrupt)
     if not debug:
         _quiet_third_party()
     if not argv:
         argv = ["--help"]
     try:
         status = app(args=argv, prog_name="edgekit", standalone_mode=False)
+        if status == 130 and _interrupted.is_set():
+            _fail("interrupted", 130)
         if isinstance(status, int) and status:  # a command's typer.Exit(code), returned in this mode
             sys.exit(status)
     except EdgekitError as exc:

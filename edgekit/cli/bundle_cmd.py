@@ -16,8 +16,9 @@ from edgekit.cli import app
 def inspect(
     bundle: Path = typer.Argument(..., help="A NAME.edgekit directory."),
     json_output: bool = typer.Option(False, "--json", help="Print the manifest as JSON instead of a summary."),
-    verify: VerifyLevel = typer.Option("sizes", "--verify",
-                                       help="Check files first: full (sha256), sizes (fast), none."),
+    verify: VerifyLevel = typer.Option("cached", "--verify",
+                                       help="Check files first: cached (sha256, each file hashed once and "
+                                            "remembered), full (sha256 of every file now), sizes, none."),
 ) -> None:
     """Show a bundle's model, device, format, methods and files."""
     from edgekit.bundle import inspect_bundle, load_bundle
@@ -66,6 +67,7 @@ def _print_summary(s: dict[str, Any]) -> None:
     for f in s["files"]:
         files.add_row(f["path"], format_bytes(f["size"]))
     console.print(files)
-    checked = {"full": "sha256 verified", "sizes": "sizes checked", "none": "not checked"}[s["files_checked"]]
+    checked = {"cached": "sha256 verified", "full": "sha256 verified", "sizes": "sizes checked",
+               "none": "not checked"}[s["files_checked"]]
     console.print(f"  total    {format_bytes(s['total_size'])} in {len(s['files'])} files ({checked})")
     console.print(f"  parity   {s['verification']}")

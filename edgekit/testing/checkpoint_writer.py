@@ -6,6 +6,7 @@
       generation_config.json
       tokenizer.json  tokenizer_config.json  chat_template.jinja
       processor_config.json
+      .edgekit-checkpoint               the files above, so --overwrite knows edgekit wrote them
 
 Tensor names and shapes come from transformers' own module tree built on the meta
 device, so a checkpoint written here loads through exactly the code path of a real one.
@@ -20,11 +21,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from edgekit.bundle import replace_directory
+from edgekit.checkpoint_output import (
+    check_checkpoint_target, check_memory_for_shards, finish_checkpoint_dir, make_checkpoint_temp_dir,
+)
 from edgekit.errors import InputError
 from edgekit.models.gemma4.presets import Preset, build_config
 from edgekit.models.gemma4.tensor_specs import TensorSpec, tensor_specs
@@ -142,14 +145,7 @@ def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int
     from edgekit.testing.tokenizer_builder import write_tokenizer_files
 
     out_dir = Path(os.path.abspath(out_dir))  # "." too has a parent to write the new one in
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise InputError(f"{out_dir} already exists and is not empty (pass --overwrite to replace it)")
-        # --overwrite replaces a checkpoint, never a folder the user keeps other things in.
-        if not _is_checkpoint(out_dir):
-            raise InputError(f"refusing to overwrite {out_dir}: it is not a Gemma 4 checkpoint (no gemma4 config.json)")
+    check_checkpoint_target(out_dir, overwrite=overwrite)
     try:
         config = build_config(preset, layers=layers)
     except ValueError as exc:
@@ -159,30 +155,21 @@ def make_checkpoint(preset: Preset, out_dir: Path, *, seed: int = 0, layers: int
     config["vision_config"] = config["vision_config"] if vision else None
     specs = tensor_specs(config)
     _check_disk_space(out_dir, sum(s.nbytes for s in specs))
+    check_memory_for_shards([sum(s.nbytes for s in shard) for shard in _shards(specs)])
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = make_checkpoint_temp_dir(out_dir)
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2) + "\n")
         write_tokenizer_files(tmp, layout=layout_for(config["text_config"]["vocab_size"]))
         write_processor_files(tmp, config=config)
         _write_weights(tmp, specs, seed=seed)
+        finish_checkpoint_dir(tmp)
         replace_directory(tmp, out_dir)  # an old checkpoint is deleted only once the new one is in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _is_checkpoint(path: Path) -> bool:
-    from edgekit.models import FAMILIES
-
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(config, dict) and any(config.get("model_type") in f.model_types for f in FAMILIES)
 
 
 def _check_disk_space(out_dir: Path, needed: int) -> None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,39 +315,36 @@ def export_onnx(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path, overw
     vocab_size = lm.config.text_config.vocab_size
     use_fusable_norms_(lm)  # one SimplifiedLayerNormalization per norm once onnxruntime loads a graph
     output = Path(output)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.raw-", dir=output.parent if output.parent.exists() else None))
-    try:
-        with BundleWriter(output, overwrite=overwrite) as writer:
-            built: list[BuiltGraph] = []
-            with progress_bar("Exporting ONNX graphs", total=2 * len(methods)) as advance:
-                for method in methods:
-                    advance(0, description=f"Tracing {method}")
-                    spec = _SPECS[method](lm, plan)
-                    hints = _runner_hints(getattr(spec.module, "encoder", spec.module))
-                    with _placeholder_tables(spec, schemes[method], plan.recipe) as tables:
-                        upcast_(spec.module)
-                        raw = export_graph(spec, scratch / f"{method}.onnx")
-                    del spec
-                    _release_exported_modules(lm, method)
-                    if method == methods[-1]:
-                        lm = None  # the decoder's fp32 weights go before its graph is quantized
-                    gc.collect()
-                    advance(1, description=f"Quantizing {method}")
-                    file = L.GRAPH_FILES[method]
-                    _finish_graph(raw, writer.path_for(file), method=method, scheme=schemes[method], tables=tables,
-                                  lm_head=_lm_head_block(method, plan.recipe, vocab_size))
-                    del tables
-                    raw.unlink()
-                    raw.with_name(raw.name + ".data").unlink(missing_ok=True)
-                    built.append(BuiltGraph(method, file, _recorded_scheme(method, schemes[method], plan.recipe),
-                                            hints))
-                    advance(1)
-            bundle_metadata.copy_tokenizer_files(checkpoint, writer)
-            manifest = _manifest(checkpoint, plan, writer.temp_dir, built)
-            genai_config.write(writer, manifest=manifest, checkpoint=checkpoint, plan=plan)
-            return writer.finalize(manifest)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with BundleWriter(output, overwrite=overwrite) as writer:
+        scratch = writer.scratch_dir()
+        built: list[BuiltGraph] = []
+        with progress_bar("Exporting ONNX graphs", total=2 * len(methods)) as advance:
+            for method in methods:
+                advance(0, description=f"Tracing {method}")
+                spec = _SPECS[method](lm, plan)
+                hints = _runner_hints(getattr(spec.module, "encoder", spec.module))
+                with _placeholder_tables(spec, schemes[method], plan.recipe) as tables:
+                    upcast_(spec.module)
+                    raw = export_graph(spec, scratch / f"{method}.onnx")
+                del spec
+                _release_exported_modules(lm, method)
+                if method == methods[-1]:
+                    lm = None  # the decoder's fp32 weights go before its graph is quantized
+                gc.collect()
+                advance(1, description=f"Quantizing {method}")
+                file = L.GRAPH_FILES[method]
+                _finish_graph(raw, writer.path_for(file), method=method, scheme=schemes[method], tables=tables,
+                              lm_head=_lm_head_block(method, plan.recipe, vocab_size))
+                del tables
+                raw.unlink()
+                raw.with_name(raw.name + ".data").unlink(missing_ok=True)
+                built.append(BuiltGraph(method, file, _recorded_scheme(method, schemes[method], plan.recipe),
+                                        hints))
+                advance(1)
+        bundle_metadata.copy_tokenizer_files(checkpoint, writer)
+        manifest = _manifest(checkpoint, plan, writer.temp_dir, built)
+        genai_config.write(writer, manifest=manifest, checkpoint=checkpoint, plan=plan)
+        return writer.finalize(manifest)
 
 
 def _release_exported_modules(lm, method: str) -> None:

@@ -1,0 +1,183 @@
+"""Manifest values checked before a runtime trusts them: against the schema, the files, the machine.
+
+Manifest.from_dict checks every key the manifest's models define (types, ranges,
+patterns: `eos_ids: []` would never stop generating); the values the runtime reads from
+free-form places, and the files, need more. A manifest is refused when:
+
+- a value the runtime reads from a method's or the manifest's `extra` has the wrong type
+  or range, or a special token id is outside the vocabulary;
+- it disagrees with the exported files: a max_context beyond what the decoder was
+  exported for (an ONNX bundle's genai_config.json, an ExecuTorch program's
+  get_max_context_len), a prefill chunk beyond the program's get_max_seq_len, a method or
+  input shape the program does not have, weights the program's data file lacks;
+- what it would make the runtime allocate is more than this machine's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from edgekit.errors import BundleError
+from edgekit.machine import check_memory
+from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, Manifest
+from edgekit.pte_program import ProgramError, ProgramInfo, read_program, read_program_data
+
+T = TypeVar("T")
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+                "uint8": 1, "bool": 1}
+_JSON_TYPES: dict[str, Any] = {"integer": int, "number": (int, float), "string": str, "boolean": bool,
+                               "array": list, "object": dict, "null": type(None)}
+
+# What the runtime reads from `extra` (a method's, or the manifest's): the type it needs and
+# the least value it can work with (None: any).
+_METHOD_EXTRAS: dict[str, tuple[type, int | None]] = {
+    "frame_multiple": (int, 1), "min_frames": (int, 0), "max_seq_len": (int, 1), "sliding_window": (int, 1),
+    "sliding_cache_layers": (list, 0), "kernels": (list, None),
+}
+_MANIFEST_EXTRAS: dict[str, tuple[type, int | None]] = {
+    "program": (str, None), "program_data": (str, None), "genai_config": (str, None), "max_seq_len": (int, 1),
+}
+
+
+# --- the manifest alone ------------------------------------------------------------------
+
+
+def check_manifest_values(manifest: Manifest) -> None:
+    """Everything that needs no file beyond the models' own rules (edgekit.manifest): the
+    runtime's extras, token ids."""
+    for method in manifest.methods:
+        _check_extras(method.extra, _METHOD_EXTRAS, f"methods.{method.name}.extra")
+    _check_extras(manifest.extra, _MANIFEST_EXTRAS, "extra")
+    vocab = manifest.model.vocab_size
+    tokens = manifest.special_tokens
+    ids = {"bos_id": tokens.bos_id, "pad_id": tokens.pad_id,
+           **{f"eos_ids[{i}]": t for i, t in enumerate(tokens.eos_ids)},
+           **{f"extra.{k}": v for k, v in tokens.extra.items()},
+           **{k: getattr(tokens, k) for k in ("sot_id", "eot_id", "image_token_id", "audio_token_id",
+                                              "video_token_id", "boi_id", "eoi_id", "boa_id", "eoa_id")}}
+    for key, token in ids.items():
+        if token is not None and not 0 <= token < vocab:
+            raise BundleError(f"bundle manifest key 'special_tokens.{key}' is {token}, outside the model's "
+                              f"vocabulary of {vocab}")
+
+
+def _check_extras(extra: dict[str, Any], wanted: dict[str, tuple[type, int | None]], where: str) -> None:
+    for name, (kind, least) in wanted.items():
+        value = extra.get(name)
+        if value is None:
+            continue
+        items = value if kind is list and isinstance(value, list) else [value]
+        item_kind = (str if name == "kernels" else int) if kind is list else kind
+        if not isinstance(value, kind) or any(isinstance(v, bool) or not isinstance(v, item_kind) for v in items):
+            raise BundleError(f"bundle manifest key '{where}.{name}' must be {kind.__name__}"
+                              f"{' of ' + item_kind.__name__ if kind is list else ''}, got {value!r:.40}")
+        if least is not None and any(v < least for v in items):
+            raise BundleError(f"bundle manifest key '{where}.{name}' must be at least {least}, got {value!r:.40}")
+
+
+# --- against the files and the machine ---------------------------------------------------
+
+
+def check_against_files(root: Path, manifest: Manifest) -> None:
+    """The manifest agrees with the exported files, and what it sizes fits this machine.
+    Called once the files are verified, so what is read here is what the manifest vouches for."""
+    limit = None
+    if manifest.format == "onnx":
+        limit = _onnx_context(root, manifest)
+    elif manifest.format == "executorch":
+        limit = _check_program(root, manifest)
+    if limit is not None and manifest.max_context > limit[0]:
+        raise BundleError(f"bundle manifest says max_context {manifest.max_context}, but the decoder was exported "
+                          f"for {limit[0]} tokens ({limit[1]}); the manifest was changed after export")
+    _check_tensor_memory(manifest)
+
+
+def _onnx_context(root: Path, manifest: Manifest) -> tuple[int, str] | None:
+    name = manifest.extra.get("genai_config")
+    if not name:
+        return None
+    try:
+        data = json.loads((root / name).read_text(encoding="utf-8"))
+        context = data["model"]["context_length"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        raise BundleError(f"bundle file {name} is not an onnxruntime-genai config with model.context_length") from None
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise BundleError(f"bundle file {name} has an invalid model.context_length {context!r:.40}")
+    return context, f"{name} model.context_length"
+
+
+def _check_program(root: Path, manifest: Manifest) -> tuple[int, str] | None:
+    name = manifest.extra.get("program") or manifest.method(METHOD_TEXT_DECODER).file
+    program = _read(read_program, root, name, "ExecuTorch program")
+    for method in manifest.methods:
+        if method.file == name:
+            _check_method(program, method, name)
+    _check_program_data(root, manifest, program, name)
+    planned = sum(sum(m.planned_memory[1:]) for m in program.methods.values())  # [0] is the constants' slot
+    check_memory(f"{name}'s planned memory", planned, error=BundleError)
+    seq_len = program.constant("get_max_seq_len")
+    for where, value in (("extra.max_seq_len", manifest.extra.get("max_seq_len")),
+                         (f"methods.{METHOD_TEXT_DECODER}.extra.max_seq_len",
+                          manifest.method(METHOD_TEXT_DECODER).extra.get("max_seq_len"))):
+        if value is not None and isinstance(seq_len, int) and value > seq_len:
+            raise BundleError(f"bundle manifest key '{where}' is {value}, but {name} takes at most {seq_len} "
+                              "tokens per call (get_max_seq_len)")
+    context = program.constant("get_max_context_len")
+    if not isinstance(context, int) or isinstance(context, bool):
+        raise BundleError(f"bundle file {name} has no get_max_context_len: it was not exported by edgekit")
+    return context, f"{name} get_max_context_len"
+
+
+def _read(reader: Callable[[Path], T], root: Path, name: str, what: str) -> T:
+    try:
+        return reader(root / name)
+    except ProgramError as exc:
+        raise BundleError(f"bundle file {name} is not a valid {what}: {exc}") from None
+    except OSError as exc:
+        raise BundleError(f"bundle file {name} cannot be read: {exc.strerror or exc}") from None
+
+
+def _check_method(program: ProgramInfo, method: Any, name: str) -> None:
+    found = program.methods.get(method.name)
+    if found is None:
+        raise BundleError(f"bundle manifest lists method {method.name}, which {name} does not have")
+    if len(found.inputs) != len(method.inputs):
+        raise BundleError(f"bundle manifest gives method {method.name} {len(method.inputs)} inputs; "
+                          f"{name} has {len(found.inputs)}")
+    for spec, sizes in zip(method.inputs, found.inputs):
+        if sizes is None:
+            continue
+        static = [(d, s) for d, s in zip(spec.shape, sizes) if isinstance(d, int)]
+        if len(spec.shape) != len(sizes) or any(d != s for d, s in static):
+            raise BundleError(f"bundle manifest gives {method.name} input {spec.name} shape {list(spec.shape)}; "
+                              f"{name} has {list(sizes)}")
+
+
+def _check_program_data(root: Path, manifest: Manifest, program: ProgramInfo, name: str) -> None:
+    data_name = manifest.extra.get("program_data")
+    if not program.external:
+        return
+    if not data_name:
+        raise BundleError(f"{name} keeps its weights in a data file, and the manifest names none (extra.program_data)")
+    held = _read(read_program_data, root, data_name, "ExecuTorch data file")
+    for tensor, nbytes in program.external.items():
+        if held.get(tensor, -1) < nbytes:
+            raise BundleError(f"bundle file {data_name} lacks weight {tensor!r} ({nbytes} bytes) that {name} reads")
+
+
+def _check_tensor_memory(manifest: Manifest) -> None:
+    """Inputs the runtime builds at their manifest shape (an ExecuTorch vision budget, the
+    audio encoder's least frames) must fit this machine."""
+    for method in manifest.methods:
+        for tensor in (*method.inputs, *method.outputs):
+            static = [d for d in tensor.shape if isinstance(d, int)]
+            nbytes = math.prod(static) * _DTYPE_BYTES[tensor.dtype]
+            check_memory(f"method {method.name}'s {tensor.name} {list(tensor.shape)}", nbytes, error=BundleError)
+    audio = manifest.audio_preprocessing
+    if audio is not None and manifest.has_method(METHOD_AUDIO_ENCODER):
+        frames = manifest.method(METHOD_AUDIO_ENCODER).extra.get("min_frames") or 0
+        check_memory(f"the audio encoder's {frames} frames", frames * audio.feature_size * 4, error=BundleError)
