@@ -188,13 +188,14 @@ def check_target(target: Path, *, overwrite: bool) -> None:
     sweep_stale(Path(target))
     if not (target.exists() or target.is_symlink()):
         return
+    # The output the user named is in the way: an input error (exit 2), not a bad bundle.
     if not overwrite:
-        raise BundleError(f"{target} already exists (use --overwrite / overwrite=True to replace it)")
+        raise InputError(f"{target} already exists (pass --overwrite to replace it)")
     if target.is_symlink() or not target.is_dir():
-        raise BundleError(f"refusing to overwrite {target}: it is not a bundle directory")
+        raise InputError(f"refusing to overwrite {target}: it is not a bundle directory")
     # overwrite=True must not wipe a directory the user cares about (say, --out ~/models, or
     # a web app's folder, which has a manifest.json of its own), nor a file put in a bundle.
-    check_replaceable(target, written=_written_files(target / MANIFEST_FILE), what="bundle", error=BundleError,
+    check_replaceable(target, written=_written_files(target / MANIFEST_FILE), what="bundle", error=InputError,
                       also_ours=lambda rel: "/" not in rel and is_scratch_name(rel))
 
 

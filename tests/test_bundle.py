@@ -282,7 +282,7 @@ def test_finalize_checks_method_files(tmp_path):
 
 def test_overwrite(tmp_path):
     target = write_bundle(tmp_path / "tiny.edgekit", payload=b"old")
-    with pytest.raises(BundleError, match="already exists"):
+    with pytest.raises(InputError, match="already exists"):
         write_bundle(target)
     write_bundle(target, overwrite=True, payload=b"new!")
     assert load_bundle(target, verify="full").file("decoder.onnx.data").read_bytes() == b"new!"
@@ -291,11 +291,11 @@ def test_overwrite(tmp_path):
     precious = tmp_path / "models"
     (precious / "keep.txt").parent.mkdir()
     (precious / "keep.txt").write_text("mine")
-    with pytest.raises(BundleError, match="not an edgekit bundle"):
+    with pytest.raises(InputError, match="not an edgekit bundle"):
         write_bundle(precious, overwrite=True)
     assert (precious / "keep.txt").read_text() == "mine"
     (precious / "manifest.json").write_text('{"name": "my web app", "start_url": "/"}')  # not ours
-    with pytest.raises(BundleError, match="not an edgekit bundle"):
+    with pytest.raises(InputError, match="not an edgekit bundle"):
         write_bundle(precious, overwrite=True)
     assert (precious / "keep.txt").read_text() == "mine"
 

@@ -32,3 +32,16 @@ def test_help_shows_no_python_types(command):
     result = subprocess.run([*_EDGEKIT, command, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "<bool>" not in result.stdout and "list[" not in result.stdout, result.stdout
+
+
+def test_export_help_lists_the_formats_recipes_and_default_output():
+    from edgekit.formats import FORMATS
+
+    import re
+
+    result = subprocess.run([*_EDGEKIT, "export", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = re.sub(r"-\s+", "-", " ".join(result.stdout.split()))  # help wraps lines, at hyphens too
+    for fmt in FORMATS:
+        assert f"{fmt.name}: {', '.join(fmt.recipes)}" in text, text
+    assert "CHECKPOINT-DEVICE.edgekit" in text

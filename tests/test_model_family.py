@@ -98,3 +98,39 @@ def test_each_format_names_its_exporter_and_runtime():
         if fmt.runtime is not None:
             assert fmt.runtime.startswith("edgekit.runtimes.backends.")
             assert callable(fmt.load_runtime())
+
+
+# --- config values checked up front ------------------------------------------------------
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda t: t.update(hidden_size=0), "text_config.hidden_size must be a positive integer"),
+    (lambda t: t.update(num_attention_heads=0), "text_config.num_attention_heads must be a positive integer"),
+    (lambda t: t.update(head_dim=-8), "text_config.head_dim must be a positive integer"),
+    (lambda t: t.update(num_kv_shared_layers=99), "text_config.num_kv_shared_layers must be an integer from 0"),
+    (lambda t: t.update(layer_types=["sliding_attention", "chunked_attention"] * (t["num_hidden_layers"] // 2)),
+     "text_config.layer_types"),
+    (lambda t: t.update(num_attention_heads=3, num_key_value_heads=2), "must be a multiple of num_key_value_heads"),
+    (lambda t: t.update(sliding_window=True), "text_config.sliding_window must be a positive integer"),
+])
+def test_a_config_the_export_would_die_on_is_refused_by_the_plan(tmp_path, edit, key):
+    """Values the pipeline divides by, indexes with or allocates from: `plan` says so, naming
+    the key, instead of calling it a fit that `export` then dies on."""
+    config = build_config(PRESETS["tiny-e2b"])
+    edit(config["text_config"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=key.replace("(", "\\(")):
+        make_plan(tmp_path, profile=load_profiles().get("pi5-8gb"))
+
+
+def test_a_profiles_context_is_a_default_the_models_limit_overrides(tmp_path):
+    """tiny-e4b holds 2,048 positions; android-flagship's 8,192 is its default, not a demand."""
+    from edgekit.errors import InputError
+
+    config = build_config(PRESETS["tiny-e4b"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    limit = config["text_config"]["max_position_embeddings"]
+    plan = make_plan(tmp_path, profile=load_profiles().get("android-flagship"))
+    assert plan.context_length == limit < load_profiles().get("android-flagship").max_context
+    assert any(f"context {limit}" in note for note in plan.notes)
+    with pytest.raises(InputError, match="exceeds the model's max_position_embeddings"):
+        make_plan(tmp_path, profile=load_profiles().get("android-flagship"), context=limit + 1)

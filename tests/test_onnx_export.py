@@ -382,7 +382,7 @@ def test_verify_against_another_model_is_an_input_error(onnx_fp32_bundle, tiny_e
 def test_existing_bundle_is_not_overwritten_without_flag(onnx_fp32_bundle, tiny_e2b):
     before = (onnx_fp32_bundle / "manifest.json").read_bytes()
     result = run_cli("export", str(tiny_e2b), "--device", "pi5-8gb", "-o", str(onnx_fp32_bundle))
-    assert_clean_failure(result, code=6, contains="already exists")
+    assert_clean_failure(result, code=2, contains="already exists (pass --overwrite to replace it)")
     assert (onnx_fp32_bundle / "manifest.json").read_bytes() == before
 
 

@@ -92,11 +92,11 @@ def test_export_overwrite_refuses_a_bundle_holding_a_file_it_does_not_list(tmp_p
     target = write_bundle(tmp_path / "tiny.edgekit")
     (target / "my-notes.txt").write_text("mine")
     before = snapshot(target)
-    with pytest.raises(BundleError, match="my-notes.txt is not a file edgekit wrote there"):
+    with pytest.raises(InputError, match="my-notes.txt is not a file edgekit wrote there"):
         write_bundle(target, overwrite=True)
     assert snapshot(target) == before
     result = run_cli("export", str(tiny_e2b), "--device", "pi5-8gb", "-o", str(target), "--overwrite")
-    assert_clean_failure(result, code=6, contains="my-notes.txt is not a file edgekit wrote there")
+    assert_clean_failure(result, code=2, contains="my-notes.txt is not a file edgekit wrote there")
     assert snapshot(target) == before
     (target / "my-notes.txt").unlink()
     (target / ".DS_Store").write_bytes(b"finder")
@@ -109,7 +109,7 @@ def test_export_overwrite_refuses_a_link_inside_a_bundle(tmp_path):
     (tmp_path / "precious").mkdir()
     (target / "decoder.onnx.data").unlink()
     (target / "decoder.onnx.data").symlink_to(tmp_path / "precious")
-    with pytest.raises(BundleError, match="decoder.onnx.data is not a file edgekit wrote there"):
+    with pytest.raises(InputError, match="decoder.onnx.data is not a file edgekit wrote there"):
         write_bundle(target, overwrite=True)
 
 
@@ -234,7 +234,7 @@ def test_sweep_puts_back_a_bundle_set_aside_by_a_killed_overwrite(tmp_path):
     target = write_bundle(tmp_path / "b.edgekit")
     aside = _owned_name(target, OLD_MARK, _dead_pid())
     target.rename(aside)
-    with pytest.raises(BundleError, match="already exists"):
+    with pytest.raises(InputError, match="already exists"):
         write_bundle(target)  # the sweep put it back, and it is not overwritten unasked
     assert load_bundle(target).manifest.device == "pi5"
     aside.mkdir()

@@ -8,17 +8,24 @@ from pathlib import Path
 import typer
 
 from edgekit.cli import DEVICES_OPTION, app
+from edgekit.formats import FORMATS
 
 
 @app.command("export")
 def export(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (config.json, *.safetensors, tokenizer)."),
-    device: str = typer.Option(..., "--device", "-d", help="Device profile name (see `edgekit devices`)."),
-    format: str = typer.Option(None, "--format", "-f", help="Override the profile's preferred format."),
-    quant: str = typer.Option(None, "--quant", "-q", help="Override the profile's quantization recipe."),
-    modalities: str = typer.Option(None, "--modalities", help="Comma list of text,audio,vision."),
-    context: int = typer.Option(None, "--context", help="Override the profile's maximum context length."),
-    output: Path = typer.Option(None, "--output", "-o", help="Bundle directory to write (NAME.edgekit)."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT",
+                                      help="Checkpoint directory (config.json, *.safetensors, tokenizer)."),
+    device: str = typer.Option(..., "--device", "-d", metavar="DEVICE",
+                               help="Device profile name (see `edgekit devices`)."),
+    format: str = typer.Option(None, "--format", "-f", metavar="FORMAT",
+                               help=f"{' | '.join(FORMATS.names())} (default: the profile's)."),
+    quant: str = typer.Option(None, "--quant", "-q", metavar="RECIPE", help="Quantization recipe (default: the "
+                              "profile's): " + "; ".join(f"{f.name}: {', '.join(f.recipes)}" for f in FORMATS) + "."),
+    modalities: str = typer.Option(None, "--modalities", metavar="LIST", help="Comma list of text,audio,vision."),
+    context: int = typer.Option(None, "--context", metavar="TOKENS",
+                                help="Context length (default: the profile's, or the model's if smaller)."),
+    output: Path = typer.Option(None, "--output", "-o", metavar="DIR",
+                                help="Bundle directory to write (default: CHECKPOINT-DEVICE.edgekit here)."),
     external_weights: bool = typer.Option(
         False, "--external-weights", help="ExecuTorch: put the embedding tables (the weights outside delegates) in model.ptd beside model.pte."),
     force: bool = typer.Option(False, "--force", help="Export even if the plan says it does not fit."),
