@@ -95,6 +95,13 @@ def test_audio(seconds: float = 1.3, rate: int = 16000) -> np.ndarray:
 
 # --- verification --------------------------------------------------------------------------
 
+def _writable(folder: Path) -> bool:
+    """Whether the manifest can be replaced: a new file in the folder, renamed over it."""
+    import os
+
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
 def verify_bundle(bundle_path: Path, checkpoint: Checkpoint, *, steps: int = 64, save: bool = True) -> dict[str, Any]:
     """Compare a bundle with its checkpoint; returns the report (also saved into the manifest)."""
     import torch
@@ -115,6 +122,9 @@ def verify_bundle(bundle_path: Path, checkpoint: Checkpoint, *, steps: int = 64,
                          f"vocabulary {reference[2]}) is not the model {bundle.path.name} was exported from "
                          f"({exported.num_layers} layers, hidden {exported.hidden_size}, vocabulary "
                          f"{exported.vocab_size}); pass that checkpoint as --reference")
+    if save and not _writable(bundle.path):  # before the slow part, not after minutes of it
+        raise InputError(f"{bundle.path} is read-only, and verify saves its report in the bundle's manifest; "
+                         "make it writable, or pass --no-save")
     if steps >= manifest.max_context:  # before the slow part: loading both models
         raise InputError(f"{steps} steps alone fill the bundle's context of {manifest.max_context} tokens; use "
                          "--steps small enough to leave room for the prompt, or export with a larger --context")

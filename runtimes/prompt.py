@@ -143,6 +143,22 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+def _check_text(value: Any, where: str) -> None:
+    """Text must be valid Unicode: bytes that are not UTF-8 (a shell passes them through as
+    surrogates) would reach the tokenizer as a string it cannot encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{where} is not valid UTF-8 text") from None
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            _check_text(v, where)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_text(v, where)
+
+
 # transformers passes a message's reasoning under all these names (`_alias_reasoning_fields`).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -157,6 +173,7 @@ def _normalize_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
             raise InputError(f"message {i} must be a dict with 'role' and 'content'; got {message!r:.80}")
         # The processor drops None-valued keys (OpenAI-style content=None) before rendering.
         plain = _plain({k: v for k, v in message.items() if v is not None})
+        _check_text(plain, f"message {i}")
         reasoning = next((plain[k] for k in _REASONING_FIELDS if plain.get(k) is not None), None)
         if reasoning is not None:
             plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}

@@ -379,6 +379,28 @@ def test_verify_against_another_model_is_an_input_error(onnx_fp32_bundle, tiny_e
     assert (onnx_fp32_bundle / "manifest.json").read_bytes() == before
 
 
+def test_verify_on_a_read_only_bundle_says_so_before_any_work(onnx_fp32_bundle, tiny_e2b, tmp_path):
+    """verify saves its report in the bundle: on a read-only file system that is a one-line
+    input error before both models load (it failed after minutes), and --no-save is the way out."""
+    import subprocess
+    import time
+
+    view = tmp_path / "read-only"
+    view.mkdir()
+    try:
+        subprocess.run(["mount", "--bind", str(onnx_fp32_bundle), str(view)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot bind-mount here (a read-only view needs root): {exc}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True, capture_output=True)
+        started = time.monotonic()
+        result = run_cli("verify", str(view), "--reference", str(tiny_e2b), "--steps", "2")
+        assert_clean_failure(result, code=2, contains="is read-only, and verify saves its report")
+        assert "--no-save" in result.stderr and time.monotonic() - started < 60
+    finally:
+        subprocess.run(["umount", str(view)], check=False, capture_output=True)
+
+
 def test_existing_bundle_is_not_overwritten_without_flag(onnx_fp32_bundle, tiny_e2b):
     before = (onnx_fp32_bundle / "manifest.json").read_bytes()
     result = run_cli("export", str(tiny_e2b), "--device", "pi5-8gb", "-o", str(onnx_fp32_bundle))

@@ -233,6 +233,21 @@ def test_cli_chat_drops_a_failed_message_and_goes_on(onnx_fp32_bundle, tmp_path)
     assert result.stderr.count("decode") == 2  # both later messages answered
 
 
+def test_text_that_is_not_utf8_is_an_input_error_and_chat_goes_on(onnx_fp32_bundle):
+    """Bytes that are not UTF-8 (a shell passes them through): one line, exit 2; in chat that
+    message is dropped and the next one answered."""
+    base = [sys.executable, "-m", "edgekit"]
+    run = subprocess.run([*base, "run", str(onnx_fp32_bundle).encode(), b"-p", b"caf\xe9 \xff",
+                          b"--max-new-tokens", b"2"], capture_output=True, cwd=ROOT, timeout=300)
+    assert_clean_failure(subprocess.CompletedProcess(run.args, run.returncode, run.stdout.decode(),
+                                                     run.stderr.decode()), code=2, contains="not valid UTF-8")
+    chat = subprocess.run([*base, "chat", str(onnx_fp32_bundle), "--max-new-tokens", "2", "--stats"],
+                          input=b"\xff\xfe bad\nHello\n/exit\n", capture_output=True, cwd=ROOT, timeout=300)
+    stderr = chat.stderr.decode()
+    assert chat.returncode == 2 and stderr.count("edgekit: error:") == 1 and "not valid UTF-8" in stderr, stderr
+    assert stderr.count("decode") == 1  # Hello answered
+
+
 def test_chat_after_an_interrupted_prefill_does_not_trust_the_unwritten_positions(onnx_fp32_bundle):
     """A turn whose prompt feed fails part-way can leave the cache at the old conversation's
     length, its later rows overwritten; asking the first question again must not reuse them."""

@@ -76,6 +76,7 @@ def verify(
     reference: Path = typer.Option(..., "--reference", help="The checkpoint the bundle was exported from."),
     steps: int = typer.Option(64, "--steps", help="Greedy decode steps to compare."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    save: bool = typer.Option(True, "--save/--no-save", help="Save the report in the bundle's manifest."),
 ) -> None:
     """Check a bundle's outputs against the transformers reference model (exit 8 if a bound is missed)."""
     from edgekit.errors import InputError, require
@@ -86,7 +87,7 @@ def verify(
     require("torch", extra="export")
     from edgekit.export.verify import check, verify_bundle
 
-    report = verify_bundle(bundle, load(reference), steps=steps)
+    report = verify_bundle(bundle, load(reference), steps=steps, save=save)
     if json_output:
         typer.echo(json.dumps(report))
     else:
