@@ -334,7 +334,7 @@ def test_unknown_format_in_manifest(bundle_copy):
 
 
 def test_prompt_past_the_context_names_both_lengths(bundle_copy):
-    update_manifest(bundle_copy, max_context=32)
+    update_manifest(bundle_copy, max_context=32, prefill_chunk=32)
     result = run_cli("run", str(bundle_copy), "-p", "word " * 40)
     assert_clean_failure(result, code=2)
     assert re.search(r"prompt is \d+ tokens but this bundle's context is 32", result.stderr)
