@@ -103,6 +103,10 @@ def describe(error: ErrorDetails, *, mapping: str = "a mapping") -> tuple[str, s
         return path, f"must be {_TYPE_WORDS.get(kind, mapping)}{got}"
     if kind == "literal_error":
         return path, f"must be one of {ctx['expected']}{got}"
+    if kind == "greater_than_equal":
+        return path, f"must be at least {ctx['ge']}{got}"
+    if kind == "less_than_equal":
+        return path, f"must be at most {ctx['le']}{got}"
     if kind == "too_short" and ctx.get("min_length") == 1:
         return path, "must not be empty"
     if kind == "value_error":

@@ -53,6 +53,9 @@ class Format:
     # Why `exporter` or `runtime` is None: the one line a user gets.
     unavailable: str = ""
     runtime_extra: str = ""  # the install extra the runtime needs beyond the base package
+    # "module:function" that checks a bundle's files against its manifest on load and returns
+    # (the context the decoder was exported for, where that is written), or None.
+    exported_files_check: str | None = None
     # What the runtime holds the KV cache in, whatever the recipe: ONNX graphs keep fp32
     # inputs/outputs (fp16 graphs too: keep_io_types), the .pte's cache buffers are fp32,
     # Core ML states are fp16.
@@ -60,6 +63,11 @@ class Format:
     # Sliding layers' cache slots beyond the window: ExecuTorch's ring buffer takes a whole
     # prefill chunk past the window (window + chunk - 1 slots).
     ring_takes_a_chunk: bool = False
+    # The KV cache is buffers sized to the context, made when the decoder is built for export
+    # (a .pte's, Core ML's states); an ONNX graph's grows at run time instead.
+    kv_cache_built_at_export: bool = False
+    # `--external-weights`: the weights can move to a data file beside the program.
+    external_weights: bool = False
     # The vision encoder's attention runs a block of queries at a time (edgekit.compute_shapes.vision_query_chunk).
     vision_query_chunked: bool = False
 
@@ -110,6 +118,11 @@ class Format:
             raise NotAvailableError(f"{self.name} bundles do not run here: {self.unavailable}")
         return _import(self.runtime, what=f"the {self.name} runtime", extra=self.runtime_extra)
 
+    def check_exported_files(self, root: Any, manifest: Any) -> tuple[int, str] | None:
+        if self.exported_files_check is None:
+            return None
+        return _import(self.exported_files_check, what=f"the {self.name} bundle check", extra="")(root, manifest)
+
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "extension": self.extension, "backends": list(self.backend_names),
                 "recipes": list(self.recipes), "default_recipe": self.default_recipe}
@@ -131,6 +144,7 @@ FORMATS: Registry[Format] = Registry("format", (
         default_recipe="int4",
         exporter="edgekit.export.onnx.exporter:export_onnx",
         runtime="edgekit.runtimes.backends.onnx_backend:OnnxBackend",
+        exported_files_check="edgekit.runtimes.backends.onnx_files:check_exported_files",
     ),
     Format(
         name="executorch",
@@ -153,7 +167,10 @@ FORMATS: Registry[Format] = Registry("format", (
         exporter="edgekit.export.executorch.exporter:export_executorch",
         runtime="edgekit.runtimes.backends.executorch_backend:ExecutorchBackend",
         runtime_extra="executorch",
+        exported_files_check="edgekit.runtimes.backends.executorch_program:check_exported_files",
         ring_takes_a_chunk=True,
+        kv_cache_built_at_export=True,
+        external_weights=True,
         vision_query_chunked=True,
     ),
     Format(
@@ -169,6 +186,7 @@ FORMATS: Registry[Format] = Registry("format", (
         unavailable="standalone .mlpackage bundles are not written yet; use --format executorch (its Core ML "
                     "delegate runs the text methods on iphone / mac profiles) or onnx",
         kv_cache_bits=16,
+        kv_cache_built_at_export=True,
     ),
 ))
 

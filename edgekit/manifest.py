@@ -124,9 +124,9 @@ class ModelInfo(_Spec):
     architecture: Str = ARCHITECTURE
     source_config_sha256: Str  # sha256 of the checkpoint's config.json: which model this is
     size: ModelSize
-    num_layers: Int
-    hidden_size: Int
-    vocab_size: Int
+    num_layers: Positive
+    hidden_size: Positive
+    vocab_size: Positive
 
 
 class TensorSpec(_Spec):
@@ -158,19 +158,19 @@ class FileEntry(_Spec):
 
 
 class SpecialTokens(_Spec):
-    bos_id: Int
-    eos_ids: Annotated[tuple[Int, ...], MinLen(1)]  # generation stops at any of these: none would never stop
-    pad_id: Int
-    sot_id: Int | None = None  # <|turn>
-    eot_id: Int | None = None  # <turn|>
-    image_token_id: Int | None = None
-    audio_token_id: Int | None = None
-    video_token_id: Int | None = None
-    boi_id: Int | None = None
-    eoi_id: Int | None = None
-    boa_id: Int | None = None
-    eoa_id: Int | None = None
-    extra: dict[str, Int] = {}  # other roles, e.g. "think_token"
+    bos_id: NonNegative
+    eos_ids: Annotated[tuple[NonNegative, ...], MinLen(1)]  # generation stops at any of these: none would never stop
+    pad_id: NonNegative
+    sot_id: NonNegative | None = None  # <|turn>
+    eot_id: NonNegative | None = None  # <turn|>
+    image_token_id: NonNegative | None = None
+    audio_token_id: NonNegative | None = None
+    video_token_id: NonNegative | None = None
+    boi_id: NonNegative | None = None
+    eoi_id: NonNegative | None = None
+    boa_id: NonNegative | None = None
+    eoa_id: NonNegative | None = None
+    extra: dict[str, NonNegative] = {}  # other roles, e.g. "think_token"
 
     @classmethod
     def from_layout(cls, layout: Any) -> SpecialTokens:
@@ -188,28 +188,28 @@ class SpecialTokens(_Spec):
 class AudioPreprocessing(_Spec):
     """Log-mel settings of the audio tower; defaults mirror transformers' Gemma4AudioFeatureExtractor."""
 
-    sampling_rate: Int
-    feature_size: Int  # mel bins
-    frame_length: Int  # samples
-    hop_length: Int  # samples
-    fft_length: Int
+    sampling_rate: Positive
+    feature_size: Positive  # mel bins
+    frame_length: Positive  # samples
+    hop_length: Positive  # samples
+    fft_length: Positive
     min_frequency: Float = 0.0
     max_frequency: Float = 8000.0
     mel_floor: Float = 1e-3
     preemphasis: Float = 0.0
     preemphasis_htk_flavor: Bool = True
     input_scale_factor: Float = 1.0
-    ms_per_token: Int  # one soft token per this many ms of audio
-    max_tokens: Int  # soft tokens per clip at most
+    ms_per_token: Positive  # one soft token per this many ms of audio
+    max_tokens: Positive  # soft tokens per clip at most
     extra: dict[str, Any] = {}
 
 
 class ImagePreprocessing(_Spec):
     """Resize/patch settings of the vision tower; defaults mirror transformers' Gemma4ImageProcessor."""
 
-    patch_size: Int
-    pooling_kernel_size: Int
-    max_soft_tokens: Int
+    patch_size: Positive
+    pooling_kernel_size: Positive
+    max_soft_tokens: Positive
     rescale_factor: Float = 1 / 255
     image_mean: tuple[Float, ...] = (0.0, 0.0, 0.0)
     image_std: tuple[Float, ...] = (1.0, 1.0, 1.0)

@@ -7,25 +7,21 @@ free-form places, and the files, need more. A manifest is refused when:
 - a value the runtime reads from a method's or the manifest's `extra` has the wrong type
   or range, or a special token id is outside the vocabulary;
 - it disagrees with the exported files: a max_context beyond what the decoder was
-  exported for (an ONNX bundle's genai_config.json, an ExecuTorch program's
-  get_max_context_len), a prefill chunk beyond the program's get_max_seq_len, a method or
-  input shape the program does not have, weights the program's data file lacks;
+  exported for, or anything else the format's own check of its files finds (each format
+  names it in edgekit.formats: ONNX reads genai_config.json, ExecuTorch parses its program);
 - what it would make the runtime allocate is more than this machine's memory.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 from edgekit.errors import BundleError
+from edgekit.formats import get_format
 from edgekit.machine import check_memory
-from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, Manifest
-from edgekit.pte_program import ProgramError, ProgramInfo, read_program, read_program_data
-
-T = TypeVar("T")
+from edgekit.manifest import METHOD_AUDIO_ENCODER, Manifest
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
                 "uint8": 1, "bool": 1}
@@ -85,88 +81,11 @@ def _check_extras(extra: dict[str, Any], wanted: dict[str, tuple[type, int | Non
 def check_against_files(root: Path, manifest: Manifest) -> None:
     """The manifest agrees with the exported files, and what it sizes fits this machine.
     Called once the files are verified, so what is read here is what the manifest vouches for."""
-    limit = None
-    if manifest.format == "onnx":
-        limit = _onnx_context(root, manifest)
-    elif manifest.format == "executorch":
-        limit = _check_program(root, manifest)
+    limit = get_format(manifest.format).check_exported_files(root, manifest)
     if limit is not None and manifest.max_context > limit[0]:
         raise BundleError(f"bundle manifest says max_context {manifest.max_context}, but the decoder was exported "
                           f"for {limit[0]} tokens ({limit[1]}); the manifest was changed after export")
     _check_tensor_memory(manifest)
-
-
-def _onnx_context(root: Path, manifest: Manifest) -> tuple[int, str] | None:
-    name = manifest.extra.get("genai_config")
-    if not name:
-        return None
-    try:
-        data = json.loads((root / name).read_text(encoding="utf-8"))
-        context = data["model"]["context_length"]
-    except (OSError, ValueError, RecursionError, KeyError, TypeError):
-        raise BundleError(f"bundle file {name} is not an onnxruntime-genai config with model.context_length") from None
-    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
-        raise BundleError(f"bundle file {name} has an invalid model.context_length {context!r:.40}")
-    return context, f"{name} model.context_length"
-
-
-def _check_program(root: Path, manifest: Manifest) -> tuple[int, str] | None:
-    name = manifest.extra.get("program") or manifest.method(METHOD_TEXT_DECODER).file
-    program = _read(read_program, root, name, "ExecuTorch program")
-    for method in manifest.methods:
-        if method.file == name:
-            _check_method(program, method, name)
-    _check_program_data(root, manifest, program, name)
-    planned = sum(sum(m.planned_memory[1:]) for m in program.methods.values())  # [0] is the constants' slot
-    check_memory(f"{name}'s planned memory", planned, error=BundleError)
-    seq_len = program.constant("get_max_seq_len")
-    for where, value in (("extra.max_seq_len", manifest.extra.get("max_seq_len")),
-                         (f"methods.{METHOD_TEXT_DECODER}.extra.max_seq_len",
-                          manifest.method(METHOD_TEXT_DECODER).extra.get("max_seq_len"))):
-        if value is not None and isinstance(seq_len, int) and value > seq_len:
-            raise BundleError(f"bundle manifest key '{where}' is {value}, but {name} takes at most {seq_len} "
-                              "tokens per call (get_max_seq_len)")
-    context = program.constant("get_max_context_len")
-    if not isinstance(context, int) or isinstance(context, bool):
-        raise BundleError(f"bundle file {name} has no get_max_context_len: it was not exported by edgekit")
-    return context, f"{name} get_max_context_len"
-
-
-def _read(reader: Callable[[Path], T], root: Path, name: str, what: str) -> T:
-    try:
-        return reader(root / name)
-    except ProgramError as exc:
-        raise BundleError(f"bundle file {name} is not a valid {what}: {exc}") from None
-    except OSError as exc:
-        raise BundleError(f"bundle file {name} cannot be read: {exc.strerror or exc}") from None
-
-
-def _check_method(program: ProgramInfo, method: Any, name: str) -> None:
-    found = program.methods.get(method.name)
-    if found is None:
-        raise BundleError(f"bundle manifest lists method {method.name}, which {name} does not have")
-    if len(found.inputs) != len(method.inputs):
-        raise BundleError(f"bundle manifest gives method {method.name} {len(method.inputs)} inputs; "
-                          f"{name} has {len(found.inputs)}")
-    for spec, sizes in zip(method.inputs, found.inputs):
-        if sizes is None:
-            continue
-        static = [(d, s) for d, s in zip(spec.shape, sizes) if isinstance(d, int)]
-        if len(spec.shape) != len(sizes) or any(d != s for d, s in static):
-            raise BundleError(f"bundle manifest gives {method.name} input {spec.name} shape {list(spec.shape)}; "
-                              f"{name} has {list(sizes)}")
-
-
-def _check_program_data(root: Path, manifest: Manifest, program: ProgramInfo, name: str) -> None:
-    data_name = manifest.extra.get("program_data")
-    if not program.external:
-        return
-    if not data_name:
-        raise BundleError(f"{name} keeps its weights in a data file, and the manifest names none (extra.program_data)")
-    held = _read(read_program_data, root, data_name, "ExecuTorch data file")
-    for tensor, nbytes in program.external.items():
-        if held.get(tensor, -1) < nbytes:
-            raise BundleError(f"bundle file {data_name} lacks weight {tensor!r} ({nbytes} bytes) that {name} reads")
 
 
 def _check_tensor_memory(manifest: Manifest) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from edgekit.checkpoint import read_config
 from edgekit.compute_shapes import prefill_chunk
 from edgekit.errors import CheckpointError, DoesNotFitError, InputError
-from edgekit.formats import Backend, Format, get_format
+from edgekit.formats import FORMATS, Backend, Format, get_format
 from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER
 from edgekit.models import family_for_config
 from edgekit.models.family import MODALITIES, PER_LAYER_EMBEDDING, ComponentParams, ModelFamily, TextLayer
@@ -160,9 +160,10 @@ def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | No
     notes: list[str] = []
     fmt, backend, providers = _resolve_format(profile, format_name)
     recipe = _resolve_recipe(profile, fmt, backend, recipe_name)
-    if external_weights and fmt.name != "executorch":
-        raise InputError(f"--external-weights is for executorch bundles; {fmt.name} bundles always keep "
-                         "their weights in external data files")
+    if external_weights and not fmt.external_weights:
+        takes = ", ".join(f.name for f in FORMATS if f.external_weights)
+        raise InputError(f"--external-weights is for {takes} bundles; {fmt.name} bundles keep their weights "
+                         "where their format puts them")
     if fmt.name != profile.format:
         notes.append(f"format {fmt.name} instead of {profile.name}'s {profile.format}: backend {backend}"
                      + ("" if recipe_name or recipe.name == profile.recipe else f", its default recipe {recipe.name}"))

@@ -23,7 +23,7 @@ from edgekit import bundle_integrity
 from edgekit.bundle import load_bundle
 from edgekit.errors import BundleError
 from edgekit.integrity_cache import RECORD_FILE
-from edgekit.pte_program import ProgramError, read_program, read_program_data
+from edgekit.runtimes.backends.executorch_program import ProgramError, read_program, read_program_data
 from tests.conftest import assert_clean_failure, run_cli
 
 
@@ -285,7 +285,7 @@ def test_onnx_max_context_beyond_the_export_is_refused(onnx_copy):
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda m: m["special_tokens"].update(eos_ids=[]), "'special_tokens.eos_ids' must have at least 1 item"),
+    (lambda m: m["special_tokens"].update(eos_ids=[]), "'special_tokens.eos_ids' must not be empty"),
     (lambda m: m["special_tokens"].update(image_token_id=10**9), "'special_tokens.image_token_id' is 1000000000"),
     (lambda m: m["model"].update(hidden_size=0), "'model.hidden_size' must be at least 1"),
     (lambda m: audio(m).update(min_frames="many"), "'methods.audio_encoder.extra.min_frames' must be int"),

@@ -84,7 +84,7 @@ BROKEN = [
      "devices.yaml: profile 'pi5-8gb': key 'ram_gb' must be a number, got 'eight'"),
     ("pi5-8gb", lambda e: e.pop("max_context"), "profile 'pi5-8gb': key 'max_context' is missing"),
     ("pi5-8gb", lambda e: e.update(ramgb=8), "key 'ramgb' is unknown"),
-    ("pi5-8gb", lambda e: e.update(bundle_memory_share=1.5), "key 'bundle_memory_share' must be less than or equal to 1, got 1.5"),
+    ("pi5-8gb", lambda e: e.update(bundle_memory_share=1.5), "key 'bundle_memory_share' must be at most 1.0, got 1.5"),
     ("pi5-8gb", lambda e: e.update(bundle_memory_share=0), "key 'bundle_memory_share' must be greater than 0"),
     ("pi5-8gb", lambda e: e.update(format="tflite"), "key 'format' must be one of 'onnx', 'executorch' or 'coreml', got 'tflite'"),
     ("pi5-8gb", lambda e: e.update(recipe="8da4w"), "key 'recipe' '8da4w' is not supported by format 'onnx'"),

@@ -47,9 +47,7 @@ def export(
     plan = make_plan(checkpoint, profile=profile, format_name=format, recipe_name=quant, modalities=modalities,
                      context=context, external_weights=external_weights)
     plan.check_fits(force=force)
-    if plan.format.name != "onnx":
-        # A .pte's or Core ML model's KV cache is buffers sized to the context, made when the
-        # decoder is built for export (an ONNX graph's grows at run time instead).
+    if plan.format.kv_cache_built_at_export:
         check_memory(f"the {plan.context_length}-token KV cache this export builds", plan.kv_cache.total_bytes)
     require("torch", extra="export")
     from edgekit.export import exporter_for

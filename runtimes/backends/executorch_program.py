@@ -28,7 +28,13 @@ import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+from edgekit.errors import BundleError
+from edgekit.machine import check_memory
+from edgekit.manifest import METHOD_TEXT_DECODER, Manifest
+
+T = TypeVar("T")
 
 FILE_IDENTIFIER = b"ET12"
 _HEADER_MAGIC = b"eh00"
@@ -405,3 +411,67 @@ def _constant_value(outputs: list[int], kinds: list[tuple[int, Any]]) -> Any:
             return None
         out.append(detail)
     return out[0] if len(out) == 1 else out
+
+
+# --- the program against its manifest -----------------------------------------------------
+
+
+def check_exported_files(root: Path, manifest: Manifest) -> tuple[int, str] | None:
+    """The program agrees with the manifest (methods, input shapes, data file, chunk size) and
+    fits this machine; returns (the context it was exported for, where that is written)."""
+    name = manifest.extra.get("program") or manifest.method(METHOD_TEXT_DECODER).file
+    program = _read(read_program, root, name, "ExecuTorch program")
+    for method in manifest.methods:
+        if method.file == name:
+            _check_method(program, method, name)
+    _check_program_data(root, manifest, program, name)
+    planned = sum(sum(m.planned_memory[1:]) for m in program.methods.values())  # [0] is the constants' slot
+    check_memory(f"{name}'s planned memory", planned, error=BundleError)
+    seq_len = program.constant("get_max_seq_len")
+    for where, value in (("extra.max_seq_len", manifest.extra.get("max_seq_len")),
+                         (f"methods.{METHOD_TEXT_DECODER}.extra.max_seq_len",
+                          manifest.method(METHOD_TEXT_DECODER).extra.get("max_seq_len"))):
+        if value is not None and isinstance(seq_len, int) and value > seq_len:
+            raise BundleError(f"bundle manifest key '{where}' is {value}, but {name} takes at most {seq_len} "
+                              "tokens per call (get_max_seq_len)")
+    context = program.constant("get_max_context_len")
+    if not isinstance(context, int) or isinstance(context, bool):
+        raise BundleError(f"bundle file {name} has no get_max_context_len: it was not exported by edgekit")
+    return context, f"{name} get_max_context_len"
+
+
+def _read(reader: Callable[[Path], T], root: Path, name: str, what: str) -> T:
+    try:
+        return reader(root / name)
+    except ProgramError as exc:
+        raise BundleError(f"bundle file {name} is not a valid {what}: {exc}") from None
+    except OSError as exc:
+        raise BundleError(f"bundle file {name} cannot be read: {exc.strerror or exc}") from None
+
+
+def _check_method(program: ProgramInfo, method: Any, name: str) -> None:
+    found = program.methods.get(method.name)
+    if found is None:
+        raise BundleError(f"bundle manifest lists method {method.name}, which {name} does not have")
+    if len(found.inputs) != len(method.inputs):
+        raise BundleError(f"bundle manifest gives method {method.name} {len(method.inputs)} inputs; "
+                          f"{name} has {len(found.inputs)}")
+    for spec, sizes in zip(method.inputs, found.inputs):
+        if sizes is None:
+            continue
+        static = [(d, s) for d, s in zip(spec.shape, sizes) if isinstance(d, int)]
+        if len(spec.shape) != len(sizes) or any(d != s for d, s in static):
+            raise BundleError(f"bundle manifest gives {method.name} input {spec.name} shape {list(spec.shape)}; "
+                              f"{name} has {list(sizes)}")
+
+
+def _check_program_data(root: Path, manifest: Manifest, program: ProgramInfo, name: str) -> None:
+    data_name = manifest.extra.get("program_data")
+    if not program.external:
+        return
+    if not data_name:
+        raise BundleError(f"{name} keeps its weights in a data file, and the manifest names none (extra.program_data)")
+    held = _read(read_program_data, root, data_name, "ExecuTorch data file")
+    for tensor, nbytes in program.external.items():
+        if held.get(tensor, -1) < nbytes:
+            raise BundleError(f"bundle file {data_name} lacks weight {tensor!r} ({nbytes} bytes) that {name} reads")
