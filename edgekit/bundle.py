@@ -182,10 +182,28 @@ def replace_directory(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_writable_place(target: Path) -> None:
+    """The folder a bundle goes in can take new files: checked by making one there, since
+    permissions do not tell (root may write anywhere but /proc or a read-only mount)."""
+    import tempfile
+
+    place = target.absolute().parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise InputError(f"cannot write {target}: {place} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".edgekit-probe-", dir=place))
+    except OSError as exc:
+        raise InputError(f"cannot write {target}: {place} does not take new files ({exc.strerror or exc})") from None
+
+
 def check_target(target: Path, *, overwrite: bool) -> None:
     """Refuse a bundle path that exists, unless overwrite and it is an edgekit bundle holding
     only its listed files (or empty). First sweeps what a killed export to it left beside it."""
-    sweep_stale(Path(target))
+    target = Path(target)
+    _check_writable_place(target)
+    sweep_stale(target)
     if not (target.exists() or target.is_symlink()):
         return
     # The output the user named is in the way: an input error (exit 2), not a bad bundle.

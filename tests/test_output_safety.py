@@ -279,3 +279,27 @@ def test_a_checkpoint_whose_shards_exceed_the_machine_is_refused():
     check_memory_for_shards([2 * 1024**3, 1024])
     with pytest.raises(InputError, match="writing the largest weight shard needs .* GB, more than this machine's"):
         check_memory_for_shards([memory_bytes()])
+
+
+def test_an_output_place_that_takes_no_files_is_an_input_error_before_any_work(tiny_e2b, tmp_path):
+    """-o under a file, under /proc, on a read-only mount: one line, exit 2, before the
+    checkpoint loads (these were internal errors after the load)."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    places = {a_file / "b.edgekit": "is not a folder", Path("/proc/b.edgekit"): "does not take new files"}
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(tmp_path / "read-only"), str(read_only)],
+                             capture_output=True).returncode == 0
+    try:
+        if mounted and subprocess.run(["mount", "-o", "remount,ro,bind", str(read_only)],
+                                      capture_output=True).returncode == 0:
+            places[read_only / "b.edgekit"] = "does not take new files (Read-only file system)"
+        for out, message in places.items():
+            result = run_cli("export", str(tiny_e2b), "--device", "pi5-8gb", "-o", str(out))
+            assert_clean_failure(result, code=2, contains=message)
+            assert "Loading the checkpoint" not in result.stderr
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(read_only)], capture_output=True)
+    assert a_file.read_text() == "mine" and not list(tmp_path.glob(".edgekit-probe-*"))
