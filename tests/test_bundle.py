@@ -300,11 +300,11 @@ def test_overwrite(tmp_path):
     assert (precious / "keep.txt").read_text() == "mine"
 
 
-def test_unwritable_output_place_is_an_export_error(tmp_path):
-    """A file where the bundle's folder should be (or a read-only place): ExportError, not
-    an internal error, and nothing written."""
+def test_unwritable_output_place_is_an_input_error(tmp_path):
+    """A file where the bundle's folder should be (or a read-only place): the output named is
+    wrong (InputError), not an internal error, and nothing written."""
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ExportError, match="cannot write a bundle in .*notes.txt"):
+    with pytest.raises(InputError, match="cannot write .*tiny.edgekit: .*notes.txt is not a folder"):
         with BundleWriter(tmp_path / "notes.txt" / "tiny.edgekit"):
             pass
     assert (tmp_path / "notes.txt").read_text() == "mine" and leftovers(tmp_path) == []
