@@ -12,7 +12,7 @@
 
 Targets (issues): bundle <= 2.5 GB; decode peak RSS <= 1.3 GB; export peak RSS <= 16 GiB.
 Run it in the background with a log, e.g.
-    timeout 2400 .venv/bin/python bench/bench_full_depth_export.py > /tmp/edgekit-bench/full.log 2>&1 &
+    timeout 2400 .venv/bin/python bench/bench_full_depth_export.py > full-depth.log 2>&1 &
 """
 
 from __future__ import annotations

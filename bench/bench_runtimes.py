@@ -179,19 +179,19 @@ def child_bundle(args: argparse.Namespace) -> None:
     """Any bundle through edgekit.runtimes (ONNX: onnxruntime sessions; ExecuTorch: the program)."""
     if args.arena or args.no_prepack:
         _patch_session_options(arena=args.arena, prepacking=not args.no_prepack)
-    if args.keep_pages:  # experiment: leave the pages prepacking read resident, as before session 6
+    if args.keep_pages:  # experiment: leave the pages prepacking read resident (the runner gives them back)
         from edgekit.runtimes.backends import onnx_backend
 
         onnx_backend.release_file_pages = lambda path: 0
-    if args.allow_mlock:  # experiment: the bindings' mlock as root, as before session 8
+    if args.allow_mlock:  # experiment: the bindings' mlock as root (the runner loads without it)
         import contextlib
 
         from edgekit.runtimes.backends import executorch_backend
 
         executorch_backend.mlock_disabled = contextlib.nullcontext
-    if args.import_compiler:  # experiment: executorch.exir loaded, as the runtime's import did before session 8
+    if args.import_compiler:  # experiment: executorch.exir loaded, as ExecuTorch's own runtime import does
         import executorch.exir  # noqa: F401
-    if args.keep_heap:  # experiment: no malloc_trim after a prefill, as before session 8
+    if args.keep_heap:  # experiment: no malloc_trim after a prefill (the runner trims)
         from edgekit.runtimes.backends import executorch_backend, onnx_backend
 
         onnx_backend.release_free_heap = executorch_backend.release_free_heap = lambda: False
@@ -374,9 +374,9 @@ def main(argv: list[str] | None = None) -> None:
     probes = []
     if args.investigate and "onnx int4" in bundles:
         int4 = bundles["onnx int4"]
-        results["onnx int4, ORT arena on (experiment; the runner's setting before session 6)"] = run_bundle_child(
+        results["onnx int4, ORT arena on (experiment; the runner turns it off)"] = run_bundle_child(
             args, int4, arena=True)
-        results["onnx int4, prepacked weights' mapped pages kept (experiment; before session 6)"] = (
+        results["onnx int4, prepacked weights' mapped pages kept (experiment)"] = (
             run_bundle_child(args, int4, keep_pages=True))
         # Without prepacking MatMulNBits decodes ~40x slower: one short round is enough to show it.
         results["onnx int4, prepacking off (experiment, 1 round of 16 steps)"] = run_bundle_child(

@@ -56,7 +56,8 @@ class VerificationError(EdgekitError):
 
 
 class NotAvailableError(EdgekitError):
-    """The command exists but its implementation has not landed yet."""
+    """What was asked exists as a name but cannot run here (a format with no exporter yet, a
+    bundle that runs only on Apple hardware)."""
 
     exit_code = 69  # EX_UNAVAILABLE from sysexits.h
 

@@ -33,7 +33,8 @@ from edgekit.progress import progress_bar
 
 @dataclass(frozen=True)
 class Bounds:
-    """What a recipe must reach. fp32: the issue's contract; quantized: measured here."""
+    """What a recipe must reach. fp32: the reference's greedy tokens and logits within 1e-3;
+    quantized: floors set from measurements (bench/RESULTS.md)."""
 
     min_token_agreement: float
     max_rel_diff: float | None
