@@ -150,10 +150,25 @@ def load(path: Path | str, *, check_shapes: bool = True) -> Checkpoint:
     for name in TOKENIZER_FILES:
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} has no tokenizer ({name})")
+    _check_tokenizer(path / TOKENIZER_FILES[0], vocab_size=config["text_config"]["vocab_size"])
     checkpoint = Checkpoint(path=path, config=config, headers=headers)
     if check_shapes:
         _check_shapes(checkpoint)
     return checkpoint
+
+
+def _check_tokenizer(path: Path, *, vocab_size: int) -> None:
+    """The tokenizer loads and fits the model's vocabulary, checked before an export's work
+    (the bundle copies it at the end, and a runner would fail on it at start)."""
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception as exc:  # tokenizers raises its own Exception type for any parse error
+        raise CheckpointError(f"{path} is not a tokenizer the tokenizers library reads "
+                              f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+    if size > vocab_size:
+        raise CheckpointError(f"{path} has {size} tokens, more than the model's vocab_size {vocab_size}")
 
 
 def _check_shapes(checkpoint: Checkpoint) -> None:

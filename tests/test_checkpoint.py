@@ -250,3 +250,20 @@ def test_cli_bad_layer_count(tmp_path):
     assert_clean_failure(run_cli("make-checkpoint", "tiny-e2b", str(tmp_path / "ck"), "--layers", "99"),
                          contains="--layers must be between 1 and 10")
     assert not (tmp_path / "ck").exists()
+
+
+def test_a_broken_tokenizer_is_a_checkpoint_error_before_any_work(tiny_e2b, tmp_path):
+    """The bundle copies the tokenizer at the end of an export: a broken one is found at the
+    start instead, in one line (exit 3), before the checkpoint's weights load."""
+    import shutil
+
+    from tests.conftest import assert_clean_failure, run_cli
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_e2b, broken)
+    (broken / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(CheckpointError, match="is not a tokenizer the tokenizers library reads"):
+        load(broken, check_shapes=False)
+    result = run_cli("export", str(broken), "--device", "pi5-8gb", "-o", str(tmp_path / "b.edgekit"))
+    assert_clean_failure(result, code=3, contains="tokenizer.json is not a tokenizer")
+    assert "Loading the checkpoint" not in result.stderr and not (tmp_path / "b.edgekit").exists()
