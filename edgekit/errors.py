@@ -68,15 +68,18 @@ class MissingDependencyError(EdgekitError):
     exit_code = 10
 
 
+def install_line(extra: str = "") -> str:
+    """The pip command that brings an extra ("" for the base package)."""
+    from edgekit import DISTRIBUTION
+
+    return f"pip install '{DISTRIBUTION}[{extra}]'" if extra else f"pip install '{DISTRIBUTION}'"
+
+
 def require(module: str, *, extra: str):
     """Import an optional dependency or raise a MissingDependencyError naming the extra."""
     import importlib
 
-    from edgekit import DISTRIBUTION
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingDependencyError(
-            f"{module} is not installed ({exc}); install it with: pip install '{DISTRIBUTION}[{extra}]'"
-        ) from exc
+        raise MissingDependencyError(f"{module} is not installed ({exc}); install it with: {install_line(extra)}") from exc

@@ -17,7 +17,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from edgekit.errors import InputError, MissingDependencyError, NotAvailableError
+from edgekit.errors import InputError, MissingDependencyError, NotAvailableError, install_line
 from edgekit.recipes import RECIPES
 from edgekit.registry import Registry
 
@@ -196,11 +196,8 @@ def _import(target: str, *, what: str, extra: str) -> Any:
     try:
         return getattr(importlib.import_module(module), attribute)
     except ImportError as exc:
-        from edgekit import DISTRIBUTION
-
-        package = f"{DISTRIBUTION}[{extra}]" if extra else DISTRIBUTION
         raise MissingDependencyError(f"{what} needs a package that is not installed ({exc}); install it with: "
-                                     f"pip install '{package}'") from None
+                                     f"{install_line(extra)}") from None
 
 
 def get_format(name: str) -> Format:

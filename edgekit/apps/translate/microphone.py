@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
-from edgekit.errors import InputError, MissingDependencyError, NotAvailableError
+from edgekit.errors import InputError, MissingDependencyError, NotAvailableError, install_line
 from edgekit.apps.translate.vad import EnergyVad, PushToTalk, Segment
 from edgekit.runtimes.wav_io import resample
 
@@ -52,7 +52,7 @@ def import_sounddevice() -> ModuleType:
         import sounddevice
     except ImportError:
         raise MissingDependencyError("--mic needs sounddevice, which is not installed; install it with: "
-                                     "pip install 'gemma-edgekit[audio]' (and apt install libportaudio2)") from None
+                                     f"{install_line('audio')} (and apt install libportaudio2)") from None
     except OSError as exc:  # sounddevice imports fine but cannot find libportaudio.so
         raise MissingDependencyError(f"--mic needs the PortAudio library ({exc}); install it with: "
                                      f"sudo apt install libportaudio2, then {_HOW_TO_CHECK}") from None
