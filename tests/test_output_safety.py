@@ -182,9 +182,10 @@ def test_a_killed_export_is_swept_by_the_next(tmp_path, tiny_e2b_4layers):
 def test_a_killed_make_checkpoint_is_swept_by_the_next(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    argv = ["make-checkpoint", "tiny-e2b", str(out / "ck"), "--layers", "2"]
-    _interrupt_when(argv, out, ".ck.tmp-", signal.SIGKILL)
-    assert run_cli(*argv).returncode == 0
+    # The killed run writes a full-width checkpoint so that it is still writing when the signal lands.
+    killed = ["make-checkpoint", "e2b-shape", str(out / "ck"), "--layers", "2"]
+    _interrupt_when(killed, out, ".ck.tmp-", signal.SIGKILL)
+    assert run_cli("make-checkpoint", "tiny-e2b", str(out / "ck"), "--layers", "2").returncode == 0
     assert sorted(p.name for p in out.iterdir()) == ["ck"]
 
 
