@@ -66,6 +66,12 @@ class Format:
     # The KV cache is buffers sized to the context, made when the decoder is built for export
     # (a .pte's, Core ML's states); an ONNX graph's grows at run time instead.
     kv_cache_built_at_export: bool = False
+    # "module:function" (bundle -> Backend) that `edgekit verify` uses instead of `runtime`:
+    # for a format whose runtime needs hardware this machine lacks. None: `runtime`.
+    verify_runtime: str | None = None
+    # "module:function" (plan -> bytes): the host memory an export peaks at, where the exporter's
+    # own tools make that the limit (coremltools' conversion); None: not estimated.
+    export_memory: str | None = None
     # `--external-weights`: the weights can move to a data file beside the program.
     external_weights: bool = False
     # The vision encoder's attention runs a block of queries at a time (edgekit.compute_shapes.vision_query_chunk).
@@ -118,6 +124,17 @@ class Format:
             raise NotAvailableError(f"{self.name} bundles do not run here: {self.unavailable}")
         return _import(self.runtime, what=f"the {self.name} runtime", extra=self.runtime_extra)
 
+    def load_verify_runtime(self) -> Any:
+        """What `edgekit verify` opens a bundle with: a callable (bundle, providers=, threads=) -> Backend."""
+        if self.verify_runtime is None:
+            return self.load_runtime()
+        return _import(self.verify_runtime, what=f"the {self.name} program check", extra="export")
+
+    def export_memory_bytes(self, plan: Any) -> int | None:
+        if self.export_memory is None:
+            return None
+        return _import(self.export_memory, what=f"the {self.name} export memory estimate", extra="")(plan)
+
     def check_exported_files(self, root: Any, manifest: Any) -> tuple[int, str] | None:
         if self.exported_files_check is None:
             return None
@@ -154,15 +171,8 @@ FORMATS: Registry[Format] = Registry("format", (
             # No weight-only linear recipes: IntxWeightOnlyConfig gives wrong outputs on XNNPACK
             # and no smaller file (docs/export-notes.md).
             Backend("xnnpack", recipes=("fp32", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4", "8da4w-ple2")),
-            # ExecuTorch's Core ML delegate for the text methods (iphone / mac profiles): its
-            # compute precision; the encoders stay on XNNPACK (export/executorch/coreml.py).
-            # It combines the methods into one multifunction model (coremltools'
-            # save_multifunction), which keeps one copy of equal weights: the tied lm_head is
-            # the token table's bytes, stored once (measured: the bundle was 8.4 MB, one fp16
-            # copy of a 4.2 M-value table, under a plan that counted two).
-            Backend("coreml", recipes=("fp16", "fp32"), shares_weights_across_methods=True),
         ),
-        recipes=("fp32", "fp16", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4", "8da4w-ple2"),
+        recipes=("fp32", "8da4w", "8da4w-g64", "8da4w-g128", "8da8w", "8da4w-emb4", "8da4w-ple2"),
         default_recipe="8da4w-emb4",
         exporter="edgekit.export.executorch.exporter:export_executorch",
         runtime="edgekit.runtimes.backends.executorch_backend:ExecutorchBackend",
@@ -175,17 +185,21 @@ FORMATS: Registry[Format] = Registry("format", (
     ),
     Format(
         name="coreml",
-        description="stateful .mlpackage(s) for Core ML (iOS 18 / macOS 15 states hold the KV cache)",
+        description="stateful .mlpackage programs for Core ML (iOS 18 / macOS 15 states hold the KV cache), "
+                    "embedding tables as memory-mapped row files",
         extension=".mlpackage",
         backends=(Backend("coreml"),),
-        # linear_quantize_weights int8 per channel and int4 per block work (docs/export-notes.md).
+        # linear_quantize_weights int8 and int4 per block (export/coreml/quantize.py).
         recipes=("fp32", "fp16", "int8", *_INT4),
         default_recipe="int4",
-        exporter=None,
-        runtime=None,
-        unavailable="standalone .mlpackage bundles are not written yet; use --format executorch (its Core ML "
-                    "delegate runs the text methods on iphone / mac profiles) or onnx",
+        exporter="edgekit.export.coreml.exporter:export_coreml",
+        runtime="edgekit.runtimes.backends.coreml_backend:CoreMLBackend",
+        runtime_extra="coreml",
+        # Off Apple hardware `verify` evaluates the saved programs in numpy instead of running them.
+        verify_runtime="edgekit.export.coreml.program_check:backend_for_verify",
+        export_memory="edgekit.export.coreml.conversion_memory:conversion_peak_bytes",
         kv_cache_bits=16,
+        ring_takes_a_chunk=True,
         kv_cache_built_at_export=True,
     ),
 ))

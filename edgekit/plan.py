@@ -106,6 +106,11 @@ class ExportPlan:
     def bundle_size_bytes(self) -> int:
         return sum(c.size_bytes for c in self.components)
 
+    @property
+    def export_memory_bytes(self) -> int | None:
+        """Host memory the export itself peaks at, where the format estimates it (Core ML)."""
+        return self.format.export_memory_bytes(self)
+
     def check_fits(self, *, force: bool = False) -> None:
         """Raise DoesNotFitError unless the estimate is within the budget or `force` is set."""
         if self.fits or force:
@@ -139,6 +144,7 @@ class ExportPlan:
             "kv_cache": dataclasses.asdict(self.kv_cache),
             "memory": {**dataclasses.asdict(m), "total_bytes": m.total_bytes},
             "fits": self.fits,
+            "export_memory_bytes": self.export_memory_bytes,
             "notes": list(self.notes),
         }
 

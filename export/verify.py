@@ -129,7 +129,7 @@ def verify_bundle(bundle_path: Path, checkpoint: Checkpoint, *, steps: int = 64,
     if steps >= manifest.max_context:  # before the slow part: loading both models
         raise InputError(f"{steps} steps alone fill the bundle's context of {manifest.max_context} tokens; use "
                          "--steps small enough to leave room for the prompt, or export with a larger --context")
-    backend = open_backend(bundle)
+    backend = open_backend(bundle, verifying=True)
     model = checkpoint.reference_model()
     recipe = manifest.recipe
     bounds = bounds_for(recipe)

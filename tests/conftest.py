@@ -162,7 +162,7 @@ class ExportJobs:
 
 
 @pytest.fixture(scope="session")
-def executorch_exports(request, tiny_e2b, tiny_e4b, tiny_e2b_4layers, tmp_path_factory) -> ExportJobs:
+def executorch_exports(request, tiny_e2b, tiny_e4b, tmp_path_factory) -> ExportJobs:
     """The ExecuTorch test bundles' exports; those the collected tests use start at once."""
     pytest.importorskip("executorch.runtime")
     out = tmp_path_factory.mktemp("et")
@@ -173,15 +173,10 @@ def executorch_exports(request, tiny_e2b, tiny_e4b, tiny_e2b_4layers, tmp_path_f
         "e4b": lambda: ExportJob([*cli, str(tiny_e4b), "--device", "android-flagship", "--context",
                                   str(EXECUTORCH_CONTEXT * 4), "-o", str(out / "e4b.edgekit"), "--json",
                                   "--external-weights"], out / "e4b.edgekit"),
-        "iphone": lambda: ExportJob([*cli, str(tiny_e2b_4layers), "--device", "iphone-15-pro", "--format",
-                                     "executorch", "--modalities", "text", "--context", "64",
-                                     "-o", str(out / "iphone.edgekit"), "--json"], out / "iphone.edgekit"),
     })
     used = _waited_for(request)
     if "executorch_bundles" in used:
         jobs.get("e4b"), jobs.get("fp32")
-    if "iphone_bundle" in used and importlib.util.find_spec("coremltools") is not None:
-        jobs.get("iphone")
     yield jobs
     jobs.kill_all()
 
@@ -189,7 +184,7 @@ def executorch_exports(request, tiny_e2b, tiny_e4b, tiny_e2b_4layers, tmp_path_f
 def _bundles_waited_for(item) -> set[str]:
     """Which background-exported bundle fixtures a test waits for (by name, or through a
     parameter marked `executorch_bundles` that looks them up at run time)."""
-    used = {"executorch_bundles", "iphone_bundle", "plan_size_bundle"} & set(getattr(item, "fixturenames", ()))
+    used = {"executorch_bundles", "plan_size_bundle"} & set(getattr(item, "fixturenames", ()))
     if item.get_closest_marker("executorch_bundles") is not None:
         used.add("executorch_bundles")
     return used
@@ -238,16 +233,6 @@ def executorch_bundles(executorch_exports) -> dict:
     return {"fp32": load_bundle(fp32.out), "e4b": load_bundle(e4b.out), "e4b_summary": json.loads(summary)}
 
 
-@pytest.fixture(scope="session")
-def iphone_bundle(executorch_exports) -> tuple[Path, str]:
-    """(bundle path, its export's stderr): tiny-e2b cut to 4 layers, text, through `edgekit
-    export --device iphone-15-pro --format executorch` (the text methods on Core ML)."""
-    pytest.importorskip("coremltools")
-    job = executorch_exports.get("iphone")
-    _, stderr = job.result()
-    return job.out, stderr
-
-
 # --- plan-vs-bundle sizes: every (format, backend, recipe) an exporter writes (tests/plan_sizes.py) ---
 
 @pytest.fixture(scope="session")
@@ -262,15 +247,15 @@ def plan_size_exports(plan_size_checkpoint, tmp_path_factory) -> ExportJobs:
     """One background process per format exports its cases one after another (the ExecuTorch
     cases only where executorch imports, Core ML's only where coremltools does). They run
     niced: their tests run last, so they take the CPU the other tests leave idle instead of
-    slowing those down (~60 s of CPU for ONNX, ~170 s for ExecuTorch)."""
+    slowing those down (~60 s of CPU for ONNX, ~170 s for ExecuTorch, ~120 s for Core ML)."""
     from tests.plan_sizes import cases
 
     out = tmp_path_factory.mktemp("plan-sizes")
-    formats = ["onnx"] + (["executorch"] if importlib.util.find_spec("executorch.runtime") is not None else [])
-    coreml = importlib.util.find_spec("coremltools") is not None
+    formats = (["onnx"] + (["executorch"] if importlib.util.find_spec("executorch.runtime") is not None else [])
+               + (["coreml"] if importlib.util.find_spec("coremltools") is not None else []))
 
     def job(fmt: str) -> ExportJob:
-        ids = [c.id for c in cases() if c.format == fmt and (c.backend != "coreml" or coreml)]
+        ids = [c.id for c in cases() if c.format == fmt]
         return ExportJob([sys.executable, "-m", "tests.plan_sizes", str(plan_size_checkpoint), str(out / fmt), *ids],
                          out / fmt, nice=10)
 
@@ -291,7 +276,7 @@ def plan_size_bundle(plan_size_exports):
     def get(case):
         if case.format == "executorch":
             pytest.importorskip("executorch.runtime")
-        if case.backend == "coreml":
+        if case.format == "coreml":
             pytest.importorskip("coremltools")
         job = plan_size_exports.get(case.format)
         job.result()

@@ -25,9 +25,10 @@ from edgekit.profiles import load_profiles
 CONTEXT = 64
 # Which profile plans each (format, backend): the device whose export takes that path.
 PROFILES = {("onnx", "cpu"): "pi5-8gb", ("executorch", "xnnpack"): "android-flagship",
-            ("executorch", "coreml"): "iphone-15-pro"}
+            ("coreml", "coreml"): "iphone-15-pro"}
 # The files that hold weights; tokenizer files, manifest and genai_config are not planned.
-WEIGHT_FILES = {"onnx": (".onnx", ".onnx.data"), "executorch": (".pte", ".ptd")}
+WEIGHT_FILES = {"onnx": (".onnx", ".onnx.data"), "executorch": (".pte", ".ptd"),
+                "coreml": ("weight.bin", "embedding.bin")}  # the programs' weights, the row files
 
 
 @dataclass(frozen=True)
@@ -41,16 +42,20 @@ class Case:
         return f"{self.format}-{self.backend}-{self.recipe}"
 
 
+# Core ML's int4 variants differ from int4 in the block size coremltools is given, nothing
+# else, and each Core ML case costs two conversions (~30 s of CPU): one int4 stands for them.
+COREML_RECIPES = ("fp32", "fp16", "int8", "int4")
+
+
 def cases() -> list[Case]:
-    """Every recipe of every format with an exporter, on each backend that writes it its own
-    way: ExecuTorch's Core ML delegate writes other programs than XNNPACK; ONNX's backends
-    differ in execution providers only, which the graphs do not carry."""
+    """Every recipe of every format with an exporter (Core ML: COREML_RECIPES), on the first
+    backend: a format's backends differ in execution providers only, which the files do not
+    carry."""
     found = []
     for fmt in FORMATS:
-        if fmt.name == "coreml":
-            continue  # no exporter yet (issue 20)
-        backends = fmt.backends if fmt.name == "executorch" else fmt.backends[:1]
-        found += [Case(fmt.name, b.name, r) for b in backends for r in fmt.recipes_for(b.name)]
+        backend = fmt.backends[0].name
+        recipes = [r for r in fmt.recipes_for(backend) if fmt.name != "coreml" or r in COREML_RECIPES]
+        found += [Case(fmt.name, backend, r) for r in recipes]
     return found
 
 

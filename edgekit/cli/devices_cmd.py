@@ -109,6 +109,13 @@ def _print_plan(p) -> None:
     console.print(mem)
     for note in p.notes:
         console.print(f"note: {note}")
+    if p.export_memory_bytes:
+        from edgekit.machine import memory_bytes
+
+        here = memory_bytes()
+        enough = "" if here is None else (" (this machine has enough)" if p.export_memory_bytes <= here else
+                                          f" (this machine has {_gb(here)}: the export will be refused here)")
+        console.print(f"export: converting needs about {_gb(p.export_memory_bytes)} of memory{enough}")
     verdict = "fits" if p.fits else "does NOT fit"
     console.print(f"verdict: {verdict} on {p.device} ({_gb(m.total_bytes)} of {_gb(m.budget_bytes)})",
                   style="bold green" if p.fits else "bold red")

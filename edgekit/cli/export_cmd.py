@@ -49,6 +49,8 @@ def export(
     plan.check_fits(force=force)
     if plan.format.kv_cache_built_at_export:
         check_memory(f"the {plan.context_length}-token KV cache this export builds", plan.kv_cache.total_bytes)
+    if plan.export_memory_bytes:
+        check_memory(f"this {plan.format.name} export (the plan's estimate of its peak)", plan.export_memory_bytes)
     require("torch", extra="export")
     from edgekit.export import exporter_for
 

@@ -220,11 +220,12 @@ class StaticKVDecoder(TextDecoder):
         return out.reshape(1, -1, self.num_heads * head_dim)
 
     def forward(self, inputs_embeds: torch.Tensor, per_layer_inputs: torch.Tensor,
-                cache_position: torch.Tensor) -> torch.Tensor:
+                cache_position: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
         """inputs_embeds [1,S,H]; per_layer_inputs [1,S,L*P] (token-identity PLE rows, pad id's
         at soft-token positions); cache_position [S] int64, consecutive absolute positions.
 
-        Returns logits [1,V] of the last position ([1,S,V] when last_logits_only is False).
+        Returns logits [1,V] of the last position ([1,S,V] when last_logits_only is False), or
+        of position `last_index` [1] of the chunk (a fixed-size chunk padded after its tokens).
         """
         layout = self.layout
         slots = {GLOBAL: cache_position, SLIDING: torch.remainder(cache_position, self.cache_slots[SLIDING])}
@@ -243,7 +244,9 @@ class StaticKVDecoder(TextDecoder):
         h = inputs_embeds
         for i, kind in enumerate(layout.layer_types):
             h = self._layer(i, h, ple, rope[kind], masks.get(kind), slots, None)
-        if self.last_logits_only:
+        if last_index is not None:
+            h = h.index_select(1, last_index).reshape(1, -1)
+        elif self.last_logits_only:
             h = h[:, -1]
         logits = self.lm_head(self.text.norm(h))
         if self.softcap:

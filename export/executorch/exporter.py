@@ -1,5 +1,4 @@
-"""ExecuTorch bundle exporter: one multi-method model.pte for XNNPACK (or Core ML's delegate for the
-text methods on iphone / mac profiles), quantized by the plan's recipe.
+"""ExecuTorch bundle exporter: one multi-method model.pte for XNNPACK, quantized by the plan's recipe.
 
     checkpoint ─► transformers model, weights in the checkpoint's bf16 (lazy_upcast.py)
         ─► method modules (methods.py) ─► quantize per component, each weight upcast to
@@ -23,7 +22,6 @@ import torch
 from edgekit.bundle import Bundle, BundleWriter
 from edgekit.export import bundle_metadata
 from edgekit.export.executorch import methods as M
-from edgekit.export.executorch.coreml import coreml_partitioner
 from edgekit.export.executorch.lower import export_method, lower_to_pte, xnnpack_partitioner
 from edgekit.export.executorch.metadata import METADATA_METHODS, constant_methods
 from edgekit.export.executorch.quantize import QuantReport, quantize_linears, quantize_token_embedding
@@ -39,9 +37,6 @@ PTE_FILE = "model.pte"
 # --external-weights: ExecuTorch's named data, loaded beside the program; lower_to_pte writes
 # it as the .pte's stem + ".ptd" (the external-constant tag), so the name is derived, not repeated.
 PTD_FILE = str(Path(PTE_FILE).with_suffix(".ptd"))
-# With the coreml backend these go to ExecuTorch's Core ML delegate (the KV caches become
-# Core ML states); the encoders and the log-mel transform stay on XNNPACK, which iOS runs too.
-COREML_METHODS = (METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER)
 
 
 def max_seq_len(text_config, context_length: int) -> int:
@@ -66,7 +61,7 @@ def build_methods(lm, plan, *, seq_len: int) -> tuple[dict[str, M.MethodBuild], 
                                                  METHOD_VISION_ENCODER, METHOD_AUDIO_ENCODER)}
     builds = {METHOD_TOKEN_EMBEDDING: M.token_embedding(lm, max_seq_len=seq_len),
               METHOD_TEXT_DECODER: M.text_decoder(lm, max_context=plan.context_length, max_seq_len=seq_len,
-                                                  llm_ops=plan.backend != "coreml")}
+                                                  llm_ops=True)}
     if "vision" in plan.modalities:
         builds[METHOD_VISION_ENCODER] = M.vision_encoder(lm, budget=plan.vision_token_budget)
     if "audio" in plan.modalities:
@@ -122,9 +117,7 @@ def export_executorch(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path,
                     builds[METHOD_AUDIO_PREPROCESSOR] = M.audio_preprocessor(checkpoint)
                     reports[METHOD_AUDIO_PREPROCESSOR] = QuantReport(schemes={"transform": "fp32"})
             advance(1, description="Tracing methods")
-            on_coreml = {name for name in builds if plan.backend == "coreml" and name in COREML_METHODS}
-            programs = {name: export_method(build, xnnpack_swaps=name not in on_coreml)
-                        for name, build in builds.items()}
+            programs = {name: export_method(build, xnnpack_swaps=True) for name, build in builds.items()}
             # The programs hold every weight now; what the eager modules kept (E2B's quantized
             # decoder and tables: ~3 GB) would otherwise sit beside lowering's own copies.
             for build in builds.values():
@@ -133,27 +126,19 @@ def export_executorch(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path,
             gc.collect()
             advance(1, description=f"Lowering to {plan.backend}")
             lowered = lower_to_pte(
-                programs, partitioners={name: _partitioner(name in on_coreml, programs[name], plan)
-                                        for name in programs},
+                programs, partitioners={name: [xnnpack_partitioner()] for name in programs},
                 out=writer.path_for(PTE_FILE), external_weights=plan.external_weights,
                 constant_methods=constant_methods(tokens=tokens, vocab_size=vocab_size, max_seq_len=seq_len,
                                                   max_context=plan.context_length))
             advance(1)
         bundle_metadata.copy_tokenizer_files(checkpoint, writer)
         manifest = _manifest(checkpoint, plan, builds, reports, lowered, tokens=tokens, seq_len=seq_len,
-                             on_coreml=on_coreml, seconds=time.monotonic() - started)
+                             seconds=time.monotonic() - started)
         return writer.finalize(manifest)
 
 
-def _partitioner(coreml: bool, program, plan) -> list:
-    if coreml:  # fp16 / fp32 recipes: Core ML's compute precision
-        return [coreml_partitioner(range_constraints=program.range_constraints,
-                                   precision="float16" if plan.recipe.name == "fp16" else "float32")]
-    return [xnnpack_partitioner()]
-
-
 def _manifest(checkpoint: Checkpoint, plan, builds, reports, lowered, *, tokens, seq_len: int,
-              on_coreml: set[str], seconds: float) -> Manifest:
+              seconds: float) -> Manifest:
     widths = M.Widths.of_config(checkpoint.text_config)
     methods = tuple(
         MethodSpec(name=name, file=PTE_FILE, inputs=b.inputs, outputs=b.outputs,
@@ -162,8 +147,6 @@ def _manifest(checkpoint: Checkpoint, plan, builds, reports, lowered, *, tokens,
                           "planned_memory_bytes": lowered[name].planned_bytes})
         for name, b in builds.items())
     schemes = {name: "+".join(dict.fromkeys(r.schemes.values())) for name, r in reports.items()}
-    if plan.recipe.name == "fp16":  # Core ML computes in fp16; XNNPACK runs the unquantized rest in fp32
-        schemes |= {name: "fp32" for name in schemes if name not in on_coreml}
     return bundle_metadata.manifest_for(
         checkpoint, plan, methods=methods, quant_schemes=schemes, tokens=tokens,
         extra={
@@ -173,7 +156,7 @@ def _manifest(checkpoint: Checkpoint, plan, builds, reports, lowered, *, tokens,
             "max_seq_len": seq_len,
             M.PACKED_LAYOUT: {"embedding": [0, widths.hidden], "per_layer_inputs": [widths.hidden, widths.packed],
                               "soft_token_rows": "pad id", "note": "embeds = concat(input embedding, PLE rows)"},
-            "kv_cache_dtype": "float16" if plan.backend == "coreml" else "float32",  # Core ML states are fp16
+            "kv_cache_dtype": "float32",
             # Embedding tables (the PLE table is most of E2B) are read in place from the file:
             # load the program memory-mapped without mlock, or they become resident.
             "program_load": "mmap",

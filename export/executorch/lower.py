@@ -2,8 +2,7 @@
 
     MethodBuild ─► swap_for_xnnpack ─► torch.export(strict=True) ─┐
     MethodBuild ─► ...                                          ├─► to_edge_transform_and_lower
-    constant (metadata) methods ────────────────────────────────┘      (a partitioner per method:
-                                                                         XNNPACK, or Core ML: coreml.py)
+    constant (metadata) methods ────────────────────────────────┘      (a partitioner per method)
         ─► to_executorch (quant fusion + const prop, reinplace, sym-shape memory planning) ─► .pte
 
 Settings that work with executorch 1.5.1 / torch 2.13 (docs/export-notes.md): strict export

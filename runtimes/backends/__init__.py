@@ -10,7 +10,11 @@ from edgekit.runtimes.backends.base import Backend
 __all__ = ["Backend", "open_backend"]
 
 
-def open_backend(bundle: Bundle, *, providers: tuple[str, ...] | None = None, threads: int | None = None) -> Backend:
+def open_backend(bundle: Bundle, *, providers: tuple[str, ...] | None = None, threads: int | None = None,
+                 verifying: bool = False) -> Backend:
+    """The bundle's runtime backend; `verifying`: what `edgekit verify` checks it with (a format
+    whose runtime needs other hardware may evaluate its programs instead of running them)."""
     threads = check_threads(threads)
-    backend_class = get_format(bundle.manifest.format).load_runtime()
+    fmt = get_format(bundle.manifest.format)
+    backend_class = fmt.load_verify_runtime() if verifying else fmt.load_runtime()
     return backend_class(bundle, providers=providers, threads=threads)

@@ -32,9 +32,6 @@ class ExecutorchBackend:
         # `providers` are ONNX Runtime's; a .pte's delegates were chosen at export.
         self.bundle = bundle
         self.manifest = bundle.manifest
-        if self.manifest.backend == "coreml" and sys.platform != "darwin":
-            raise NotAvailableError(f"{bundle.path.name} runs its text methods on ExecuTorch's Core ML delegate, "
-                                    "which only Apple devices have (iOS 18 / macOS 15 or later)")
         self._torch = require("torch", extra="executorch")
         _runtime_without_compiler()  # the bindings, without the compiler package they would import
         try:  # quantized embedding kernels register themselves on import (docs/export-notes.md)

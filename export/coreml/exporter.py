@@ -1,0 +1,122 @@
+"""Core ML bundle exporter: stateful ML programs for iOS 18 / macOS 15, embedding tables as row files.
+
+    checkpoint ─► transformers model (checkpoint dtype) ─► embedding tables, a block of rows
+        at a time (embedding_tables.py) ─► text decoder: prefill + decode, one multifunction
+        program, KV caches as states (decoder.py) ─► encoders (encoders.py) ─► linears
+        compressed by the recipe (quantize.py) ─► bundle (manifest, tokenizer files)
+
+Bundle layout:
+
+    text_decoder.mlpackage          functions prefill (C tokens) and decode (1 token), states k/v_cache_<i>
+    vision_encoder.mlpackage        pixel_values, pixel_position_ids -> soft_tokens, valid_mask
+    audio_encoder.mlpackage         one function per frame bucket (frames_<T>)
+    embeddings/token_embedding.bin  rows the app reads per token (edgekit.runtimes.embedding_tables)
+    embeddings/per_layer_embedding.bin
+    manifest.json, tokenizer files, chat template
+
+The manifest's extra["embedding_tables"] and each method's extra say everything an app
+needs (docs/apple.md); nothing here is needed at run time.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+from edgekit.bundle import Bundle, BundleWriter
+from edgekit.checkpoint import Checkpoint
+from edgekit.compute_shapes import prefill_chunk
+from edgekit.export import bundle_metadata
+from edgekit.export.coreml import decoder as D
+from edgekit.export.coreml.embedding_tables import layout_for, write_table
+from edgekit.export.coreml.quantize import compress_linears
+from edgekit.export.executorch.methods import Widths
+from edgekit.export.lazy_upcast import load_in_checkpoint_dtype
+from edgekit.manifest import METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, Manifest, MethodSpec, TensorSpec
+from edgekit.models.family import PER_LAYER_EMBEDDING
+from edgekit.plan import ExportPlan
+from edgekit.progress import progress_bar
+
+DECODER_FILE = "text_decoder.mlpackage"
+TABLE_FILES = {METHOD_TOKEN_EMBEDDING: "embeddings/token_embedding.bin",
+               PER_LAYER_EMBEDDING: "embeddings/per_layer_embedding.bin"}
+IOS_TARGET = "iOS18"  # Core ML states (the KV caches) need iOS 18 / macOS 15
+
+
+def precision_for(plan: ExportPlan) -> str:
+    """Core ML compute precision: fp32 for the fp32 recipe, fp16 for the rest (the device's)."""
+    return "float32" if plan.recipe.float_dtype == "fp32" else "float16"
+
+
+def export_coreml(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path, overwrite: bool = False) -> Bundle:
+    """Write a Core ML bundle for `plan` to `output` and return it (loaded, files checked)."""
+    started = time.monotonic()
+    with progress_bar("Loading the checkpoint", total=None):
+        lm = load_in_checkpoint_dtype(checkpoint)
+    text = checkpoint.text_config
+    chunk = prefill_chunk(text, plan.context_length, ring_buffer=True)
+    tokens = bundle_metadata.special_tokens(checkpoint)
+    widths = Widths.of_config(text)
+    output = Path(output)
+    with BundleWriter(output, overwrite=overwrite) as writer:
+        tables = _write_tables(lm, plan, writer, widths)
+        lm.model.language_model.embed_tokens_per_layer = None  # the decoder never reads the tables
+        gc.collect()
+        with progress_bar("Converting the text decoder", total=None), torch.no_grad():
+            lm.float()
+            decoder = D.convert_text_decoder(
+                lm, max_context=plan.context_length, chunk=chunk, precision=precision_for(plan),
+                out=writer.path_for(DECODER_FILE), scratch=writer.scratch_dir(),
+                compress=lambda model: compress_linears(model, recipe=plan.recipe, component=METHOD_TEXT_DECODER))
+        methods = [_decoder_method(decoder, widths, chunk=chunk, context=plan.context_length)]
+        del lm
+        gc.collect()
+        bundle_metadata.copy_tokenizer_files(checkpoint, writer)
+        manifest = _manifest(checkpoint, plan, methods, tables, tokens=tokens, seconds=time.monotonic() - started)
+        return writer.finalize(manifest)
+
+
+def _write_tables(lm, plan: ExportPlan, writer: BundleWriter, widths: Widths) -> dict[str, dict]:
+    """The token and per-layer tables as row files; returns their manifest entries."""
+    text = lm.model.language_model
+    modules = {METHOD_TOKEN_EMBEDDING: (text.embed_tokens, widths.hidden)}
+    if widths.ple:
+        modules[PER_LAYER_EMBEDDING] = (text.embed_tokens_per_layer, widths.ple)
+    entries = {}
+    for name, (module, columns) in modules.items():
+        scheme = plan.recipe.scheme_for(name, "embedding")
+        layout = layout_for(scheme, rows=widths.vocab, columns=columns)
+        blocks = -(-layout.rows // 4096)
+        with progress_bar(f"Writing the {name.replace('_', ' ')} table", total=blocks) as advance:
+            write_table(module, layout, writer.path_for(TABLE_FILES[name]), on_block=advance)
+        entries[name] = {"file": TABLE_FILES[name], **layout.to_dict(), "scheme": scheme.name}
+    return entries
+
+
+def _decoder_method(info: dict, widths: Widths, *, chunk: int, context: int) -> MethodSpec:
+    return MethodSpec(
+        name=METHOD_TEXT_DECODER, file=DECODER_FILE,
+        inputs=(TensorSpec("inputs_embeds", "float32", (1, "chunk", widths.hidden)),
+                TensorSpec("per_layer_inputs", "float32", (1, "chunk", widths.ple)),
+                TensorSpec("cache_position", "int32", ("chunk",)),
+                TensorSpec("last_index", "int32", (1,))),
+        outputs=(TensorSpec("logits", "float32", (1, widths.vocab)),),
+        extra={"functions": info["functions"], "states": info["states"], "kv_cache_slots": info["kv_cache_slots"],
+               "max_context": context, "max_seq_len": chunk, "logits": "position last_index of the chunk",
+               "cache_position": "consecutive absolute positions continuing the previous call; a short "
+                                 "prefill chunk is padded after its tokens with the positions that follow",
+               "minimum_deployment_target": IOS_TARGET})
+
+
+def _manifest(checkpoint: Checkpoint, plan: ExportPlan, methods: list[MethodSpec], tables: dict[str, dict], *,
+              tokens, seconds: float) -> Manifest:
+    recipe = plan.recipe
+    schemes = {m.name: recipe.scheme_for(m.name, "linear").name for m in methods}
+    schemes |= {name: entry["scheme"] for name, entry in tables.items()}
+    return bundle_metadata.manifest_for(
+        checkpoint, plan, methods=tuple(methods), quant_schemes=schemes, tokens=tokens,
+        extra={"embedding_tables": tables, "kv_cache_dtype": "float16",
+               "compute_precision": precision_for(plan), "export_seconds": round(seconds, 1)})
