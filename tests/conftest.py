@@ -184,7 +184,7 @@ def executorch_exports(request, tiny_e2b, tiny_e4b, tmp_path_factory) -> ExportJ
 def _bundles_waited_for(item) -> set[str]:
     """Which background-exported bundle fixtures a test waits for (by name, or through a
     parameter marked `executorch_bundles` that looks them up at run time)."""
-    used = {"executorch_bundles", "plan_size_bundle"} & set(getattr(item, "fixturenames", ()))
+    used = {"executorch_bundles", "coreml_bundles", "plan_size_bundle"} & set(getattr(item, "fixturenames", ()))
     if item.get_closest_marker("executorch_bundles") is not None:
         used.add("executorch_bundles")
     return used
@@ -209,8 +209,10 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 def _start_executorch_exports_early(request) -> None:
     """Start the background exports with the session, so they overlap every other test."""
     used = _waited_for(request)
-    if used - {"plan_size_bundle"} and importlib.util.find_spec("executorch.runtime") is not None:
+    if "executorch_bundles" in used and importlib.util.find_spec("executorch.runtime") is not None:
         request.getfixturevalue("executorch_exports")
+    if "coreml_bundles" in used and importlib.util.find_spec("coremltools") is not None:
+        request.getfixturevalue("coreml_exports")
     if "plan_size_bundle" in used:
         request.getfixturevalue("plan_size_exports")
 
@@ -231,6 +233,42 @@ def executorch_bundles(executorch_exports) -> dict:
     fp32.result()
     summary, _ = e4b.result()
     return {"fp32": load_bundle(fp32.out), "e4b": load_bundle(e4b.out), "e4b_summary": json.loads(summary)}
+
+
+# Core ML bundles, exported in the background as the ExecuTorch ones are (each converts the
+# decoder twice, the vision encoder and five audio buckets: ~1.5 min of CPU).
+COREML_CONTEXT = 256
+
+
+@pytest.fixture(scope="session")
+def coreml_exports(tiny_e2b, tiny_e4b, tmp_path_factory) -> ExportJobs:
+    """e2b: tiny-e2b through `edgekit export --device iphone-15-pro`, the profile's defaults
+    (int4, every modality); e4b: tiny-e4b for mac-m-series at fp16, every modality."""
+    pytest.importorskip("coremltools")
+    out = tmp_path_factory.mktemp("coreml")
+    cli = [sys.executable, "-m", "edgekit", "export"]
+    jobs = ExportJobs({
+        "e2b": lambda: ExportJob([*cli, str(tiny_e2b), "--device", "iphone-15-pro", "--context", str(COREML_CONTEXT),
+                                  "-o", str(out / "e2b.edgekit"), "--json"], out / "e2b.edgekit"),
+        "e4b": lambda: ExportJob([*cli, str(tiny_e4b), "--device", "mac-m-series", "--quant", "fp16", "--context",
+                                  str(COREML_CONTEXT), "-o", str(out / "e4b.edgekit"), "--json"], out / "e4b.edgekit"),
+    })
+    jobs.get("e2b"), jobs.get("e4b")
+    yield jobs
+    jobs.kill_all()
+
+
+@pytest.fixture(scope="session")
+def coreml_bundles(coreml_exports) -> dict:
+    """{"e2b": (bundle, export summary), "e4b": (bundle, export summary)}, loaded."""
+    from edgekit.bundle import load_bundle
+
+    found = {}
+    for name in ("e2b", "e4b"):
+        job = coreml_exports.get(name)
+        summary, _ = job.result()
+        found[name] = (load_bundle(job.out), json.loads(summary))
+    return found
 
 
 # --- plan-vs-bundle sizes: every (format, backend, recipe) an exporter writes (tests/plan_sizes.py) ---
