@@ -17,7 +17,7 @@ handler fails the load with NotImplementedError naming every such type; nothing 
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,10 @@ from edgekit.errors import InputError, require
 from edgekit.export.coreml import mil_weights
 from edgekit.export.coreml.mil_numpy_ops import HANDLERS, Handler
 
-# Inputs that the handlers read as float32 anyway: a float16 const consumed only through
-# these is stored as float32 once, instead of being widened on every call (an lm_head's
-# 262144 x 1536 weight would be cast at each decode step).
+# Inputs that the handlers read as float32 anyway: a float16 const read through these is
+# widened once when the program loads, not on every call (casting a 262144 x 1536 lm_head
+# weight takes longer than the matmul). A const also read elsewhere (a tied embedding's
+# gather) keeps its float16 copy there.
 _FLOAT32_INPUTS = frozenset({
     ("linear", "x"), ("linear", "weight"), ("linear", "bias"),
     ("matmul", "x"), ("matmul", "y"),
@@ -176,6 +177,7 @@ def _compile_function(name: str, function: Any) -> _Function:
     from coremltools.converters.mil.mil import types
 
     consts = _fold_consts(function)
+    widened: dict[str, np.ndarray] = {}
     steps = []
     unknown: Counter[str] = Counter()
     for op in function.operations:
@@ -185,7 +187,7 @@ def _compile_function(name: str, function: Any) -> _Function:
         if handler is None or op.blocks:  # control flow (cond, while_loop) is not evaluated
             unknown[op.op_type] += 1
             continue
-        steps.append(_step(op, handler, consts))
+        steps.append(_step(op, handler, consts, widened))
     if unknown:
         listed = ", ".join(f"{op_type} (x{count})" for op_type, count in sorted(unknown.items()))
         raise NotImplementedError(f"function {name!r} has MIL ops with no numpy evaluation: {listed}")
@@ -197,20 +199,16 @@ def _compile_function(name: str, function: Any) -> _Function:
         else:
             inputs[input_name] = (tuple(d if isinstance(d, (int, np.integer)) else None for d in var.shape),
                                   _numpy_dtype(var))
-    return _Function(inputs=inputs, states=states, steps=tuple(steps), consts=consts,
-                     outputs=tuple(var.name for var in function.outputs))
+    outputs = tuple(var.name for var in function.outputs)
+    # the steps hold the consts they read; keeping only returned ones lets the rest (the
+    # compressed data, float16 weights read only as float32) be freed
+    return _Function(inputs=inputs, states=states, steps=tuple(steps),
+                     consts={name: consts[name] for name in outputs if name in consts}, outputs=outputs)
 
 
 def _fold_consts(function: Any) -> dict[str, Any]:
     """Var name -> numpy value for every value known at load: const ops, compressed weights
     (decompressed) and ops whose outputs the loader's value inference already computed."""
-    consumers: dict[str, set[tuple[str, str]]] = defaultdict(set)
-    for op in function.operations:
-        for param, value in op.inputs.items():
-            for var in value if isinstance(value, (list, tuple)) else (value,):
-                consumers[var.name].add((op.op_type, param))
-
-    returned = {var.name for var in function.outputs}
     consts: dict[str, Any] = {}
     for op in function.operations:
         outputs = op.outputs
@@ -222,15 +220,12 @@ def _fold_consts(function: Any) -> dict[str, Any]:
         else:
             continue
         for var, value in zip(outputs, values, strict=True):
-            value = _const_value(var, value)
-            if isinstance(value, np.ndarray) and value.dtype == np.float16 and var.name not in returned \
-                    and consumers[var.name] and consumers[var.name] <= _FLOAT32_INPUTS:
-                value = value.astype(np.float32)  # exact; see _FLOAT32_INPUTS
-            consts[var.name] = value
+            consts[var.name] = _const_value(var, value)
     return consts
 
 
-def _step(op: Any, handler: Handler, consts: dict[str, Any]) -> _Step:
+def _step(op: Any, handler: Handler, consts: dict[str, Any], widened: dict[str, np.ndarray]) -> _Step:
+    """`widened`: float32 copies of float16 consts, shared by the steps that read them wide."""
     fixed: dict[str, Any] = {}
     refs: list[tuple[str, str]] = []
     ref_lists: list[tuple[str, tuple[Any, ...]]] = []
@@ -242,7 +237,12 @@ def _step(op: Any, handler: Handler, consts: dict[str, Any]) -> _Step:
             else:
                 fixed[param] = list(items)
         elif value.name in consts:
-            fixed[param] = consts[value.name]
+            const = consts[value.name]
+            if (op.op_type, param) in _FLOAT32_INPUTS and getattr(const, "dtype", None) == np.float16:
+                if value.name not in widened:
+                    widened[value.name] = const.astype(np.float32)  # exact
+                const = widened[value.name]
+            fixed[param] = const
         else:
             refs.append((param, value.name))
     return _Step(op_type=op.op_type, op_name=op.name, handler=handler, fixed=fixed, refs=tuple(refs),
