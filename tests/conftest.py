@@ -237,7 +237,7 @@ def executorch_bundles(executorch_exports) -> dict:
 
 # Core ML bundles, exported in the background as the ExecuTorch ones are (each converts the
 # decoder twice, the vision encoder and five audio buckets: ~1.5 min of CPU).
-COREML_CONTEXT = 256
+COREML_CONTEXT = 768  # mac-m-series' 560 image tokens + audio + text + 64 steps
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ Skipped where coremltools is missing (it is part of the export extra).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -81,7 +82,8 @@ def test_iphone_export_with_the_profiles_defaults_verifies(coreml_bundles, tiny_
     assert set(manifest.extra["embedding_tables"]) == {"token_embedding", "per_layer_embedding"}
     report = verify_bundle(bundle.path, load(tiny_e2b), steps=64)
     assert report["passed"], report["failures"]
-    assert bounds_for("int4") == bounds_for(report["recipe"])
+    assert report["bounds"] == dataclasses.asdict(bounds_for("int4"))
+    assert report["methods"]["text_decoder"]["token_agreement"] == 1.0  # measured: 64 of 64 steps
     for method in ("vision_encoder", "audio_encoder"):
         assert report["methods"][method]["cosine"] > 0.99, report["methods"][method]
 
@@ -94,7 +96,7 @@ def test_fp16_e4b_bundle_matches_transformers_to_fp16(coreml_bundles, tiny_e4b):
     report = verify_bundle(bundle.path, load(tiny_e4b), steps=64, save=False)
     assert report["passed"], report["failures"]
     decoder = report["methods"]["text_decoder"]
-    assert decoder["token_agreement"] == 1.0 and decoder["min_cosine"] > 0.9999, decoder
+    assert decoder["token_agreement"] == 1.0 and decoder["min_cosine"] > 0.9995, decoder  # fp16 compute
     for method in ("vision_encoder", "audio_encoder"):
         assert report["methods"][method]["cosine"] > 0.9999, report["methods"][method]
 

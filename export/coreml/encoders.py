@@ -30,7 +30,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import numpy as np
 import torch
@@ -236,13 +236,15 @@ def convert_vision_encoder(lm, *, budget: int, precision: Precision = "float16")
                     outputs=VISION_OUTPUTS, precision=precision)
 
 
-def convert_audio_encoder(lm, *, buckets: tuple[int, ...], precision: Precision = "float16", out: Path) -> Path:
+def convert_audio_encoder(lm, *, buckets: tuple[int, ...], precision: Precision = "float16", out: Path,
+                          compress: Callable[["ct.models.MLModel"], "ct.models.MLModel"] = lambda m: m) -> Path:
     """The audio encoder as one multifunction .mlpackage at `out`, one function per bucket
     (bucket_function_name), the largest bucket the default function; returns `out`.
 
     Function `frames_<N>`: inputs input_features [1,N,128] float32, input_features_mask
     [1,N] int32; outputs soft_tokens [1,N/4,H] float32, token_mask [1,N/4] int32.
-    An existing package at `out` is replaced once the new one is complete.
+    An existing package at `out` is replaced once the new one is complete. `compress` stores
+    each function's weights as the recipe says (equal results are stored once).
     """
     ct = require("coremltools", extra="export")
     if getattr(lm.model, "audio_tower", None) is None:
@@ -259,8 +261,8 @@ def convert_audio_encoder(lm, *, buckets: tuple[int, ...], precision: Precision 
         for frames in sorted(buckets):
             features, mask = encoder.example_inputs(frames)
             path = Path(tmp) / f"{bucket_function_name(frames)}.mlpackage"
-            _convert(program, (features, mask.int()), inputs=AUDIO_INPUTS, outputs=AUDIO_OUTPUTS,
-                     precision=precision).save(str(path))
+            compress(_convert(program, (features, mask.int()), inputs=AUDIO_INPUTS, outputs=AUDIO_OUTPUTS,
+                              precision=precision)).save(str(path))
             descriptor.add_function(str(path), src_function_name="main",
                                     target_function_name=bucket_function_name(frames))
         descriptor.default_function_name = bucket_function_name(max(buckets))

@@ -31,16 +31,21 @@ from edgekit.checkpoint import Checkpoint
 from edgekit.compute_shapes import prefill_chunk
 from edgekit.export import bundle_metadata
 from edgekit.export.coreml import decoder as D
+from edgekit.export.coreml import encoders as E
 from edgekit.export.coreml.embedding_tables import layout_for, write_table
-from edgekit.export.coreml.quantize import compress_linears
+from edgekit.export.coreml.quantize import compress_linears, stored_schemes
+from edgekit.export.coreml.torch_ops import coremltools_quiet
 from edgekit.export.executorch.methods import Widths
 from edgekit.export.lazy_upcast import load_in_checkpoint_dtype
-from edgekit.manifest import METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, Manifest, MethodSpec, TensorSpec
+from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER,
+                              Manifest, MethodSpec, TensorSpec)
 from edgekit.models.family import PER_LAYER_EMBEDDING
 from edgekit.plan import ExportPlan
 from edgekit.progress import progress_bar
 
 DECODER_FILE = "text_decoder.mlpackage"
+VISION_FILE = "vision_encoder.mlpackage"
+AUDIO_FILE = "audio_encoder.mlpackage"
 TABLE_FILES = {METHOD_TOKEN_EMBEDDING: "embeddings/token_embedding.bin",
                PER_LAYER_EMBEDDING: "embeddings/per_layer_embedding.bin"}
 IOS_TARGET = "iOS18"  # Core ML states (the KV caches) need iOS 18 / macOS 15
@@ -61,6 +66,7 @@ def export_coreml(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path, ove
     tokens = bundle_metadata.special_tokens(checkpoint)
     widths = Widths.of_config(text)
     output = Path(output)
+    schemes: dict[str, str] = {}  # per program: what its linears hold once compressed
     with BundleWriter(output, overwrite=overwrite) as writer:
         tables = _write_tables(lm, plan, writer, widths)
         lm.model.language_model.embed_tokens_per_layer = None  # the decoder never reads the tables
@@ -70,12 +76,17 @@ def export_coreml(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path, ove
             decoder = D.convert_text_decoder(
                 lm, max_context=plan.context_length, chunk=chunk, precision=precision_for(plan),
                 out=writer.path_for(DECODER_FILE), scratch=writer.scratch_dir(),
-                compress=lambda model: compress_linears(model, recipe=plan.recipe, component=METHOD_TEXT_DECODER))
+                compress=_compress(METHOD_TEXT_DECODER, plan, schemes))
         methods = [_decoder_method(decoder, widths, chunk=chunk, context=plan.context_length)]
+        if "vision" in plan.modalities:
+            methods.append(_vision_encoder(lm, plan, writer, widths, schemes))
+        if "audio" in plan.modalities:
+            methods.append(_audio_encoder(lm, plan, writer, widths, schemes))
         del lm
         gc.collect()
         bundle_metadata.copy_tokenizer_files(checkpoint, writer)
-        manifest = _manifest(checkpoint, plan, methods, tables, tokens=tokens, seconds=time.monotonic() - started)
+        manifest = _manifest(checkpoint, plan, methods, tables, schemes, tokens=tokens,
+                             seconds=time.monotonic() - started)
         return writer.finalize(manifest)
 
 
@@ -92,7 +103,10 @@ def _write_tables(lm, plan: ExportPlan, writer: BundleWriter, widths: Widths) ->
         blocks = -(-layout.rows // 4096)
         with progress_bar(f"Writing the {name.replace('_', ' ')} table", total=blocks) as advance:
             write_table(module, layout, writer.path_for(TABLE_FILES[name]), on_block=advance)
-        entries[name] = {"file": TABLE_FILES[name], **layout.to_dict(), "scheme": scheme.name}
+        # A group that does not divide the row fell back to one scale per row: say so.
+        stored = scheme.name if not scheme.quantized or layout.group_size == (scheme.group_size or columns) \
+            else f"{layout.dtype}-per-row"
+        entries[name] = {"file": TABLE_FILES[name], **layout.to_dict(), "scheme": stored}
     return entries
 
 
@@ -111,11 +125,54 @@ def _decoder_method(info: dict, widths: Widths, *, chunk: int, context: int) -> 
                "minimum_deployment_target": IOS_TARGET})
 
 
-def _manifest(checkpoint: Checkpoint, plan: ExportPlan, methods: list[MethodSpec], tables: dict[str, dict], *,
-              tokens, seconds: float) -> Manifest:
-    recipe = plan.recipe
-    schemes = {m.name: recipe.scheme_for(m.name, "linear").name for m in methods}
-    schemes |= {name: entry["scheme"] for name, entry in tables.items()}
+def _compress(component: str, plan: ExportPlan, schemes: dict[str, str]):
+    """model -> model with `component`'s linears stored as the recipe says; records what they hold."""
+    def compress(model):
+        model = compress_linears(model, recipe=plan.recipe, component=component)
+        schemes[component] = stored_schemes(model, recipe=plan.recipe, component=component)
+        return model
+    return compress
+
+
+def _vision_encoder(lm, plan: ExportPlan, writer: BundleWriter, widths: Widths, schemes: dict[str, str]) -> MethodSpec:
+    budget = plan.vision_token_budget
+    with progress_bar("Converting the vision encoder", total=None), torch.no_grad(), coremltools_quiet():
+        model = _compress(METHOD_VISION_ENCODER, plan, schemes)(
+            E.convert_vision_encoder(lm, budget=budget, precision=precision_for(plan)))
+        model.save(str(writer.path_for(VISION_FILE)))
+    pixels, positions = (model.get_spec().description.input[i].type.multiArrayType.shape for i in (0, 1))
+    return MethodSpec(
+        name=METHOD_VISION_ENCODER, file=VISION_FILE,
+        inputs=(TensorSpec(E.VISION_INPUTS[0], "float32", tuple(pixels)),
+                TensorSpec(E.VISION_INPUTS[1], "int32", tuple(positions))),
+        outputs=(TensorSpec(E.VISION_OUTPUTS[0], "float32", (1, budget, widths.hidden)),
+                 TensorSpec(E.VISION_OUTPUTS[1], "int32", (1, budget))),
+        extra={"max_soft_tokens": budget, "max_patches": int(pixels[1]), "functions": {"main": int(pixels[1])},
+               "padding": "patches past the image's: zeros, positions (-1, -1)", "minimum_deployment_target": IOS_TARGET})
+
+
+def _audio_encoder(lm, plan: ExportPlan, writer: BundleWriter, widths: Widths, schemes: dict[str, str]) -> MethodSpec:
+    min_frames = E.FRAME_MULTIPLE * (lm.config.audio_config.attention_chunk_size + 1)
+    buckets = E.audio_buckets(min_frames=min_frames)
+    with progress_bar(f"Converting the audio encoder ({len(buckets)} lengths)", total=None), torch.no_grad(), \
+            coremltools_quiet():
+        E.convert_audio_encoder(lm, buckets=buckets, precision=precision_for(plan), out=writer.path_for(AUDIO_FILE),
+                                compress=_compress(METHOD_AUDIO_ENCODER, plan, schemes))
+    return MethodSpec(
+        name=METHOD_AUDIO_ENCODER, file=AUDIO_FILE,
+        inputs=(TensorSpec(E.AUDIO_INPUTS[0], "float32", (1, "num_frames", lm.config.audio_config.subsampling_conv_channels[0])),
+                TensorSpec(E.AUDIO_INPUTS[1], "int32", (1, "num_frames"))),
+        outputs=(TensorSpec(E.AUDIO_OUTPUTS[0], "float32", (1, "num_audio_tokens", widths.hidden)),
+                 TensorSpec(E.AUDIO_OUTPUTS[1], "int32", (1, "num_audio_tokens"))),
+        extra={"functions": {E.bucket_function_name(f): f for f in buckets}, "frame_multiple": E.FRAME_MULTIPLE,
+               "min_frames": min_frames,
+               "padding": "features and mask zero-padded to the smallest function's frames that hold the clip",
+               "minimum_deployment_target": IOS_TARGET})
+
+
+def _manifest(checkpoint: Checkpoint, plan: ExportPlan, methods: list[MethodSpec], tables: dict[str, dict],
+              schemes: dict[str, str], *, tokens, seconds: float) -> Manifest:
+    schemes = {**schemes, **{name: entry["scheme"] for name, entry in tables.items()}}
     return bundle_metadata.manifest_for(
         checkpoint, plan, methods=tuple(methods), quant_schemes=schemes, tokens=tokens,
         extra={"embedding_tables": tables, "kv_cache_dtype": "float16",

@@ -33,6 +33,25 @@ def linear_config(scheme: QuantScheme) -> Any | None:
                                    granularity="per_block", block_size=scheme.group_size, weight_threshold=0)
 
 
+def stored_schemes(model, *, recipe: Recipe, component: str) -> str:
+    """What the linears of `model` hold, "+"-joined: the recipe's scheme where coremltools
+    compressed the weight, the float type where it left it (a block that does not divide the
+    input width: tiny test models' 16-wide per-layer projections)."""
+    float_name = "fp32" if recipe.float_dtype == "fp32" else "fp16"
+    found: dict[str, None] = {}
+    for function in model._mil_program.functions.values():
+        for op in function.operations:
+            if op.op_type != "linear":
+                continue
+            source = op.weight.op
+            if source is not None and source.op_type.startswith("constexpr_"):
+                kind = "lm_head" if op.weight.name.startswith(LM_HEAD_PREFIX) else "linear"
+                found[recipe.scheme_for(component, kind).name] = None
+            elif not (source is not None and source.name.startswith(KEEP_FLOAT_PREFIXES)):
+                found[float_name] = None
+    return "+".join(found) or float_name
+
+
 def compress_linears(model, *, recipe: Recipe, component: str):
     """`model` (an MLModel) with the weights of its linears stored as `recipe` says for `component`."""
     linear = linear_config(recipe.scheme_for(component, "linear"))

@@ -182,7 +182,7 @@ class CoreMLBackend:
                              f"({buckets[-1][0]} frames)")
         frames, function = fitting[0]
         padded = np.zeros((1, frames, features.shape[-1]), np.float32)
-        padded_mask = np.zeros((1, frames), bool)
+        padded_mask = np.zeros((1, frames), np.int32)
         padded[0, : len(features)], padded_mask[0, : len(mask)] = features, mask
         out = program.run(function, {spec.inputs[0].name: padded, spec.inputs[1].name: padded_mask})
         tokens, valid = out[spec.outputs[0].name], out[spec.outputs[1].name]
