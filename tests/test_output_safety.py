@@ -179,6 +179,21 @@ def test_a_killed_export_is_swept_by_the_next(tmp_path, tiny_e2b_4layers):
     assert sorted(p.name for p in out.iterdir()) == ["b.edgekit"]
 
 
+def test_a_core_ml_conversion_killed_midway_leaves_nothing_that_looks_finished(tmp_path, tiny_e2b_4layers):
+    """kill -9 while coremltools converts the decoder: only marked scratch folders remain, and
+    the next export's sweep removes them."""
+    pytest.importorskip("coremltools")
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "b.edgekit"
+    argv = ["export", str(tiny_e2b_4layers), "--device", "iphone-15-pro", "--modalities", "text", "-o", str(target)]
+    _interrupt_when(argv, out, ".b.edgekit.raw-", signal.SIGKILL)  # made just before the conversion
+    left = sorted(p.name for p in out.iterdir())
+    assert "b.edgekit" not in left and left and all(TEMP_MARK in n or RAW_MARK in n for n in left), left
+    sweep_stale(target)
+    assert list(out.iterdir()) == []
+
+
 def test_a_killed_make_checkpoint_is_swept_by_the_next(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
