@@ -9,10 +9,13 @@ Layout, one definition for the writer (export/coreml/embedding_tables.py), this 
 the Swift listing in docs/apple.md. A table is `rows` rows of `row_bytes` bytes, row i at
 byte i * row_bytes, no header; each row is its `columns` values, then its scales:
 
+    float32   columns x float32 (little-endian); no scales (the fp32 recipe)
     float16   columns x float16 (little-endian); no scales
     int8      columns x int8; then columns / group_size x float16 scales
     int4      columns / 2 bytes, two values per byte, even column in the low nibble, each
               stored as value + 8 (0..15 for -8..7); then columns / group_size x float16 scales
+    int2      columns / 4 bytes, four values per byte, column 4k + j in bits 2j..2j+1, each
+              stored as value + 2 (0..3 for -2..1); then the scales as above
 
     value[c] = q[c] * scale[c // group_size]
 
@@ -30,7 +33,9 @@ import numpy as np
 
 from edgekit.errors import BundleError, InputError
 
-DTYPES = ("float16", "int8", "int4")
+DTYPES = ("float32", "float16", "int8", "int4", "int2")
+FLOAT_BYTES = {"float32": 4, "float16": 2}
+VALUES_PER_BYTE = {"int8": 1, "int4": 2, "int2": 4}
 SCALE_BYTES = 2  # float16
 
 
@@ -47,16 +52,19 @@ class TableLayout:
         if self.rows < 1 or self.columns < 1 or self.group_size < 1 or self.columns % self.group_size:
             raise BundleError(f"embedding table layout {self} is inconsistent: columns must be a multiple of "
                               "group_size")
-        if self.dtype == "int4" and self.columns % 2:
-            raise BundleError("an int4 embedding table needs an even number of columns")
+        if self.dtype in VALUES_PER_BYTE and self.columns % VALUES_PER_BYTE[self.dtype]:
+            raise BundleError(f"an {self.dtype} embedding table needs a multiple of {VALUES_PER_BYTE[self.dtype]} "
+                              "columns")
 
     @property
     def value_bytes(self) -> int:
-        return {"float16": 2 * self.columns, "int8": self.columns, "int4": self.columns // 2}[self.dtype]
+        if self.dtype in FLOAT_BYTES:
+            return FLOAT_BYTES[self.dtype] * self.columns
+        return self.columns // VALUES_PER_BYTE[self.dtype]
 
     @property
     def scale_count(self) -> int:
-        return 0 if self.dtype == "float16" else self.columns // self.group_size
+        return 0 if self.dtype in FLOAT_BYTES else self.columns // self.group_size
 
     @property
     def row_bytes(self) -> int:
@@ -86,15 +94,18 @@ def decode_rows(raw: np.ndarray, layout: TableLayout) -> np.ndarray:
     """Rows of bytes [n, row_bytes] -> values [n, columns] float32."""
     n = raw.shape[0]
     values = raw[:, : layout.value_bytes]
-    if layout.dtype == "float16":
-        return values.copy().view("<f2").astype(np.float32)
+    if layout.dtype in FLOAT_BYTES:
+        return values.copy().view("<f4" if layout.dtype == "float32" else "<f2").astype(np.float32)
     scales = raw[:, layout.value_bytes:].copy().view("<f2").astype(np.float32)  # [n, groups]
     if layout.dtype == "int8":
         q = values.view(np.int8).astype(np.float32)
     else:
+        per_byte = VALUES_PER_BYTE[layout.dtype]
+        bits = 8 // per_byte
+        offset, mask = 1 << (bits - 1), (1 << bits) - 1
         q = np.empty((n, layout.columns), np.float32)
-        q[:, 0::2] = (values & 0x0F).astype(np.float32) - 8
-        q[:, 1::2] = (values >> 4).astype(np.float32) - 8
+        for j in range(per_byte):
+            q[:, j::per_byte] = ((values >> (bits * j)) & mask).astype(np.float32) - offset
     return (q.reshape(n, layout.scale_count, layout.group_size) * scales[..., None]).reshape(n, layout.columns)
 
 

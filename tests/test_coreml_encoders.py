@@ -1,14 +1,13 @@
 """Core ML encoders: structure tests of the converted tiny-e2b programs, and torch-side parity
 of what the conversion changes (CPU; skipped where coremltools is missing).
 
-- The vision program and the audio multifunction package are converted once per module and
-  saved; their inputs, outputs, shapes, dtypes and function names are read back from disk.
+- The vision program and the audio multifunction package of an exported bundle (the suite's
+  background Core ML export): inputs, outputs, shapes, dtypes and function names read back.
 - What the conversion changes is checked in torch, on the modules that are traced: a clip
   padded up to a bucket (fp16-safe constants) and an image padded to the budget (fused
   attention, int32 positions) give transformers' valid soft tokens.
 - The op converters (torch_ops.py) are checked by the types they give.
-Numerics of the saved programs need an evaluator of ML programs (Core ML itself runs only on
-Apple hardware); they are not checked here. About 35 s on two cores.
+Numerics of the saved programs: tests/test_coreml_export.py (verify against transformers).
 """
 
 from __future__ import annotations
@@ -29,10 +28,10 @@ ct = pytest.importorskip("coremltools")
 from edgekit.export.coreml import encoders, torch_ops  # noqa: E402
 from edgekit.export.coreml.encoders import (  # noqa: E402
     AUDIO_INPUTS, AUDIO_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, audio_buckets, bucket_function_name,
-    coreml_audio_encoder, convert_audio_encoder, convert_vision_encoder, pick_bucket)
+    coreml_audio_encoder, convert_audio_encoder, pick_bucket)
 
 VISION_BUDGET = 70
-AUDIO_BUCKETS = (200, 400)  # two functions: enough to show the names and the shared weights
+AUDIO_BUCKETS = (200, 400)  # a clip padded to either gives the same tokens
 
 
 @pytest.fixture(scope="module")
@@ -139,35 +138,24 @@ def test_coreml_audio_encoder_leaves_the_loaded_model_alone(e2b):
     assert encoder.layers[0].self_attn.q_proj.linear.weight is attention.q_proj.linear.weight
 
 
-# --- converted programs, read back from disk ---------------------------------------------------
-@pytest.fixture(scope="module")
-def vision_package(e2b, tmp_path_factory):
-    path = tmp_path_factory.mktemp("coreml") / "vision_encoder.mlpackage"
-    convert_vision_encoder(e2b, budget=VISION_BUDGET).save(str(path))
-    return path
+# --- converted programs, read back from an exported bundle ------------------------------------
+# tests/conftest.py coreml_bundles: tiny-e2b through `edgekit export --device iphone-15-pro`
+# (vision budget 280, the default audio buckets), converted once for the whole suite.
 
-
-@pytest.fixture(scope="module")
-def audio_package(e2b, tmp_path_factory):
-    """Written over a stale package, which the new one replaces."""
-    out = tmp_path_factory.mktemp("coreml") / "audio_encoder.mlpackage"
-    (out / "stale").mkdir(parents=True)
-    assert convert_audio_encoder(e2b, buckets=AUDIO_BUCKETS, out=out) == out
-    return out
-
-
-def test_vision_program_io(e2b, vision_package):
-    spec = ct.utils.load_spec(str(vision_package))
+def test_vision_program_io(e2b, coreml_bundles):
+    bundle, _ = coreml_bundles["e2b"]
+    spec = ct.utils.load_spec(str(bundle.path / "vision_encoder.mlpackage"))
     vision = e2b.config.vision_config
-    patches = VISION_BUDGET * vision.pooling_kernel_size**2
+    budget = bundle.manifest.image_preprocessing.max_soft_tokens
+    patches = budget * vision.pooling_kernel_size**2
     hidden = e2b.config.text_config.hidden_size
     assert spec.WhichOneof("Type") == "mlProgram"
     assert spec.specificationVersion >= 9  # iOS 18 / macOS 15
     assert _io(spec.description) == {
         VISION_INPUTS[0]: ((1, patches, 3 * vision.patch_size**2), "FLOAT32"),
         VISION_INPUTS[1]: ((1, patches, 2), "INT32"),
-        VISION_OUTPUTS[0]: ((1, VISION_BUDGET, hidden), "FLOAT32"),
-        VISION_OUTPUTS[1]: ((1, VISION_BUDGET), "INT32"),
+        VISION_OUTPUTS[0]: ((1, budget, hidden), "FLOAT32"),
+        VISION_OUTPUTS[1]: ((1, budget), "INT32"),
     }
     assert [f.name for f in spec.description.input] == list(VISION_INPUTS)
     assert [f.name for f in spec.description.output] == list(VISION_OUTPUTS)
@@ -180,14 +168,18 @@ def _weight_bytes(package) -> int:
     return sum(p.stat().st_size for p in package.rglob("weight.bin"))
 
 
-def test_audio_package_has_one_function_per_bucket_sharing_weights(e2b, audio_package):
-    spec = ct.utils.load_spec(str(audio_package))
+def test_audio_package_has_one_function_per_bucket_sharing_weights(e2b, coreml_bundles):
+    bundle, _ = coreml_bundles["e2b"]
+    package = bundle.path / "audio_encoder.mlpackage"
+    spec = ct.utils.load_spec(str(package))
     hidden = e2b.config.text_config.hidden_size
+    buckets = audio_buckets(min_frames=coreml_audio_encoder(e2b, precision="float16").min_frames)
     functions = {f.name: f for f in spec.description.functions}
-    assert list(functions) == [bucket_function_name(b) for b in AUDIO_BUCKETS] == ["frames_200", "frames_400"]
-    assert spec.description.defaultFunctionName == "frames_400"
+    assert list(functions) == [bucket_function_name(b) for b in buckets]
+    assert spec.description.defaultFunctionName == bucket_function_name(MAX_FRAMES)
     assert set(spec.mlProgram.functions) == set(functions)
-    for frames in AUDIO_BUCKETS:
+    assert bundle.manifest.method("audio_encoder").extra["functions"] == {bucket_function_name(b): b for b in buckets}
+    for frames in buckets:
         function = functions[bucket_function_name(frames)]
         assert _io(function) == {
             AUDIO_INPUTS[0]: ((1, frames, 128), "FLOAT32"),
@@ -195,14 +187,10 @@ def test_audio_package_has_one_function_per_bucket_sharing_weights(e2b, audio_pa
             AUDIO_OUTPUTS[0]: ((1, frames // 4, hidden), "FLOAT32"),
             AUDIO_OUTPUTS[1]: ((1, frames // 4), "INT32"),
         }
-    # One fp16 copy of the tower's weights, not one per function.
+    # At most one fp16 copy of the tower's weights, not one per function.
     one_copy = 2 * sum(p.numel() for m in (e2b.model.audio_tower, e2b.model.embed_audio) for p in m.parameters())
-    assert one_copy <= _weight_bytes(audio_package) < 1.25 * one_copy
-
-
-def test_the_package_replaced_the_stale_one_and_left_no_staging_folder(audio_package):
-    assert not (audio_package / "stale").exists()
-    assert not list(audio_package.parent.glob(".audio-encoder-*"))
+    assert _weight_bytes(package) < 1.25 * one_copy
+    assert not any(".audio-encoder-" in f.path for f in bundle.manifest.files)  # no staging folder left
 
 
 # --- the op converters, by the types they give ------------------------------------------------

@@ -23,7 +23,8 @@ pytest.importorskip("coremltools")
 
 # --- embedding tables as row files --------------------------------------------------------
 
-@pytest.mark.parametrize("dtype,group", [("float16", 96), ("int8", 96), ("int8", 32), ("int4", 32), ("int4", 96)])
+@pytest.mark.parametrize("dtype,group", [("float32", 96), ("float16", 96), ("int8", 96), ("int8", 32), ("int4", 32), ("int4", 96),
+                                         ("int2", 32)])
 def test_rows_decode_to_the_symmetric_quantization_of_the_values(tmp_path, dtype, group):
     from edgekit.export.coreml.embedding_tables import encode_rows
 
@@ -33,15 +34,20 @@ def test_rows_decode_to_the_symmetric_quantization_of_the_values(tmp_path, dtype
     raw = encode_rows(values, layout)
     assert raw.shape == (7, layout.row_bytes) and raw.dtype == np.uint8
     got = decode_rows(raw, layout)
-    if dtype == "float16":
-        np.testing.assert_array_equal(got, values.astype(np.float16).astype(np.float32))
+    if dtype in ("float32", "float16"):
+        np.testing.assert_array_equal(got, values.astype(dtype).astype(np.float32))
         return
-    levels = 127 if dtype == "int8" else 7
     blocks = values.reshape(7, -1, group)
-    scale = (np.abs(blocks).max(-1, keepdims=True) / levels).astype(np.float16).astype(np.float32)
-    expected = (np.rint(blocks / scale) * scale).reshape(7, 96)
+    if dtype == "int2":  # levels -2..1: the scale covers both ends
+        low, high = -2, 1
+        scale = np.maximum(-blocks.min(-1, keepdims=True) / 2, blocks.max(-1, keepdims=True))
+    else:
+        high = 127 if dtype == "int8" else 7
+        low, scale = -high, np.abs(blocks).max(-1, keepdims=True) / high
+    scale = scale.astype(np.float16).astype(np.float32)
+    expected = (np.clip(np.rint(blocks / scale), low, high) * scale).reshape(7, 96)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-    assert np.abs(got - values).max() <= scale.max() / 2 + 1e-6  # round to nearest
+    assert np.abs(got - values).max() <= scale.max() / 2 * 1.01  # round to nearest, the ends inside
 
 
 def test_a_table_reads_only_whole_rows_of_its_own_file(tmp_path):

@@ -134,8 +134,10 @@ def test_make_checkpoint_uses_normal_permissions(tmp_path, umask):
 
 def _interrupt_when(argv: list[str], folder: Path, prefix: str, sig: int) -> subprocess.CompletedProcess:
     """Run the CLI, send `sig` once a `prefix`* folder appears in `folder`, wait for it."""
+    # SIGINT back to its default: a suite started in the background (`&`, nohup) passes it on ignored.
     proc = subprocess.Popen([sys.executable, "-m", "edgekit", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not any(p.name.startswith(prefix) for p in folder.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

@@ -13,17 +13,17 @@ import numpy as np
 import torch
 
 from edgekit.recipes import QuantScheme
-from edgekit.runtimes.embedding_tables import TableLayout
+from edgekit.runtimes.embedding_tables import VALUES_PER_BYTE, TableLayout
 
 ROWS_PER_BLOCK = 4096
 
 
 def layout_for(scheme: QuantScheme, *, rows: int, columns: int) -> TableLayout:
     """The stored form of a `scheme` table. A group that does not divide the row becomes one
-    scale per row (tiny test widths); 2-bit schemes are not a Core ML recipe."""
+    scale per row (tiny test widths)."""
     if not scheme.quantized:
-        return TableLayout(rows, columns, "float16", columns)
-    if scheme.weight_bits not in (4, 8):
+        return TableLayout(rows, columns, "float32" if scheme.weight_bits == 32 else "float16", columns)
+    if scheme.weight_bits not in (2, 4, 8):
         raise ValueError(f"no {scheme.weight_bits}-bit embedding table layout")
     group = scheme.group_size or columns
     if columns % group:
@@ -32,20 +32,32 @@ def layout_for(scheme: QuantScheme, *, rows: int, columns: int) -> TableLayout:
 
 
 def encode_rows(values: np.ndarray, layout: TableLayout) -> np.ndarray:
-    """Values [n, columns] float32 -> rows of bytes [n, row_bytes] (symmetric, round to nearest)."""
+    """Values [n, columns] float32 -> rows of bytes [n, row_bytes] (symmetric, round to nearest).
+
+    int8 / int4 use -127..127 / -7..7 (scale = largest magnitude / 127 or 7); int2's four
+    levels -2..1 are not symmetric, so its scale covers both ends: max(-min / 2, max)."""
     n = values.shape[0]
-    if layout.dtype == "float16":
-        return values.astype("<f2").view(np.uint8).reshape(n, layout.row_bytes)
-    levels = 127 if layout.dtype == "int8" else 7
+    if layout.dtype in ("float32", "float16"):
+        return values.astype("<f4" if layout.dtype == "float32" else "<f2").view(np.uint8).reshape(n, layout.row_bytes)
     grouped = values.reshape(n, layout.scale_count, layout.group_size)
-    scales = (np.abs(grouped).max(axis=-1) / levels).astype("<f2")
+    if layout.dtype == "int2":
+        low, high = -2, 1
+        scales = np.maximum(-grouped.min(axis=-1) / 2, grouped.max(axis=-1)).astype("<f2")
+    else:
+        high = 127 if layout.dtype == "int8" else 7
+        low = -high
+        scales = (np.abs(grouped).max(axis=-1) / high).astype("<f2")
     safe = np.where(scales == 0, 1, scales).astype(np.float32)[..., None]
-    q = np.clip(np.rint(grouped / safe), -levels - (layout.dtype == "int4"), levels).reshape(n, layout.columns)
+    q = np.clip(np.rint(grouped / safe), low, high).reshape(n, layout.columns)
     if layout.dtype == "int8":
         packed = q.astype(np.int8).view(np.uint8)
     else:
-        nibbles = (q + 8).astype(np.uint8)
-        packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+        per_byte = VALUES_PER_BYTE[layout.dtype]
+        bits = 8 // per_byte
+        stored = (q + (1 << (bits - 1))).astype(np.uint8)
+        packed = np.zeros((n, layout.columns // per_byte), np.uint8)
+        for j in range(per_byte):
+            packed |= stored[:, j::per_byte] << (bits * j)
     return np.concatenate([packed, scales.view(np.uint8).reshape(n, -1)], axis=1)
 
 
