@@ -33,9 +33,6 @@ class Backend:
     name: str
     execution_providers: tuple[str, ...] = ()
     recipes: tuple[str, ...] = ()  # the format's recipes this backend takes (empty: all of them)
-    # Equal weights of different methods are stored once: the plan then leaves out the tied
-    # lm_head's own copy where it is stored exactly as the token table is.
-    shares_weights_across_methods: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

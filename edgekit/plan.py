@@ -20,8 +20,8 @@ from typing import Any, Mapping
 from edgekit.checkpoint import read_config
 from edgekit.compute_shapes import prefill_chunk
 from edgekit.errors import CheckpointError, DoesNotFitError, InputError
-from edgekit.formats import FORMATS, Backend, Format, get_format
-from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER
+from edgekit.formats import FORMATS, Format, get_format
+from edgekit.manifest import METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_VISION_ENCODER
 from edgekit.models import family_for_config
 from edgekit.models.family import MODALITIES, PER_LAYER_EMBEDDING, ComponentParams, ModelFamily, TextLayer
 from edgekit.profiles import DeviceProfile
@@ -179,7 +179,7 @@ def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | No
     counts = family.count_parameters(config)
     wanted = {c for m, c in _MODALITY_COMPONENT.items() if m in mods}
     included = [p for name, p in counts.items() if name not in _MODALITY_COMPONENT.values() or name in wanted]
-    tied_lm_head = _tied_lm_head_copy(text, counts, fmt.backend(backend), recipe)
+    tied_lm_head = _tied_lm_head_copy(text, counts)
     components = tuple(_component_plan(p, recipe, tied_lm_head=tied_lm_head) for p in included)
     ring_extra = prefill_chunk(text, context_length) - 1 if fmt.ring_takes_a_chunk else 0
     kv = kv_cache(family.text_layers(text), sliding_window=int(text.get("sliding_window", 512)),
@@ -209,7 +209,7 @@ def _resolve_format(profile: DeviceProfile, format_name: str | None) -> tuple[Fo
     fmt = get_format(format_name or profile.format)
     if fmt.name == profile.format:
         return fmt, profile.backend, profile.execution_providers
-    if profile.backend in fmt.backend_names:  # an iPhone's coreml through ExecuTorch's Core ML delegate
+    if profile.backend in fmt.backend_names:  # a backend the profile's format shares with this one
         backend = fmt.backend(profile.backend)
     else:
         backend = fmt.backends[0]  # another format than the profile's: its first (portable) backend
@@ -267,15 +267,10 @@ def _resolve_modalities(profile: DeviceProfile, family: ModelFamily, config: Map
     return tuple(m for m in MODALITIES if m in names)
 
 
-def _tied_lm_head_copy(text: Mapping[str, Any], counts: Mapping[str, ComponentParams], backend: Backend,
-                       recipe: Recipe) -> int:
-    """Parameters of the tied lm_head's own stored copy: none for an untied head (a parameter
-    of its own, counted already), none where the backend keeps one copy of equal weights and the
-    recipe stores the head exactly as the token table."""
+def _tied_lm_head_copy(text: Mapping[str, Any], counts: Mapping[str, ComponentParams]) -> int:
+    """Parameters of the tied lm_head's own stored copy (every format stores the head apart from
+    the token table); none for an untied head, a parameter of its own counted already."""
     if counts[METHOD_TEXT_DECODER].lm_head:
-        return 0
-    table = recipe.scheme_for(METHOD_TOKEN_EMBEDDING, "embedding")
-    if backend.shares_weights_across_methods and table == recipe.scheme_for(METHOD_TEXT_DECODER, "lm_head"):
         return 0
     return text["vocab_size"] * text["hidden_size"]
 

@@ -30,9 +30,8 @@ import torch
 
 from edgekit.export.components.static_kv_decoder import StaticKVDecoder
 from edgekit.export.executorch.methods import Widths
-
-PREFILL, DECODE = "prefill", "decode"
-INPUT_NAMES = ("inputs_embeds", "per_layer_inputs", "cache_position", "last_index")
+# The names the runtime calls the functions and their inputs by.
+from edgekit.runtimes.backends.coreml_backend import DECODE, DECODER_INPUTS, PREFILL
 
 
 class StatefulTextDecoder(StaticKVDecoder):
@@ -72,7 +71,7 @@ def convert_text_decoder(lm, *, max_context: int, chunk: int, precision: str, ou
                 traced, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                 compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
                 inputs=[ct.TensorType(n, shape=tuple(x.shape), dtype=np.int32 if x.dtype == torch.int32 else np.float32)
-                        for n, x in zip(INPUT_NAMES, example)],
+                        for n, x in zip(DECODER_INPUTS, example)],
                 outputs=[ct.TensorType("logits", dtype=np.float32)], states=states)
             del traced
             model = compress(model)

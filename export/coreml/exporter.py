@@ -32,7 +32,7 @@ from edgekit.compute_shapes import prefill_chunk
 from edgekit.export import bundle_metadata
 from edgekit.export.coreml import decoder as D
 from edgekit.export.coreml import encoders as E
-from edgekit.export.coreml.embedding_tables import layout_for, write_table
+from edgekit.export.coreml.embedding_tables import ROWS_PER_BLOCK, layout_for, write_table
 from edgekit.export.coreml.quantize import compress_linears, stored_schemes
 from edgekit.export.coreml.torch_ops import coremltools_quiet
 from edgekit.export.executorch.methods import Widths
@@ -100,7 +100,7 @@ def _write_tables(lm, plan: ExportPlan, writer: BundleWriter, widths: Widths) ->
     for name, (module, columns) in modules.items():
         scheme = plan.recipe.scheme_for(name, "embedding")
         layout = layout_for(scheme, rows=widths.vocab, columns=columns)
-        blocks = -(-layout.rows // 4096)
+        blocks = -(-layout.rows // ROWS_PER_BLOCK)
         with progress_bar(f"Writing the {name.replace('_', ' ')} table", total=blocks) as advance:
             write_table(module, layout, writer.path_for(TABLE_FILES[name]), on_block=advance)
         # A group that does not divide the row fell back to one scale per row: say so.
@@ -113,10 +113,9 @@ def _write_tables(lm, plan: ExportPlan, writer: BundleWriter, widths: Widths) ->
 def _decoder_method(info: dict, widths: Widths, *, chunk: int, context: int) -> MethodSpec:
     return MethodSpec(
         name=METHOD_TEXT_DECODER, file=DECODER_FILE,
-        inputs=(TensorSpec("inputs_embeds", "float32", (1, "chunk", widths.hidden)),
-                TensorSpec("per_layer_inputs", "float32", (1, "chunk", widths.ple)),
-                TensorSpec("cache_position", "int32", ("chunk",)),
-                TensorSpec("last_index", "int32", (1,))),
+        inputs=tuple(TensorSpec(name, dtype, shape) for name, (dtype, shape) in zip(D.DECODER_INPUTS, (
+            ("float32", (1, "chunk", widths.hidden)), ("float32", (1, "chunk", widths.ple)),
+            ("int32", ("chunk",)), ("int32", (1,))))),
         outputs=(TensorSpec("logits", "float32", (1, widths.vocab)),),
         extra={"functions": info["functions"], "states": info["states"], "kv_cache_slots": info["kv_cache_slots"],
                "max_context": context, "max_seq_len": chunk, "logits": "position last_index of the chunk",

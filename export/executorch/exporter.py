@@ -117,7 +117,7 @@ def export_executorch(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path,
                     builds[METHOD_AUDIO_PREPROCESSOR] = M.audio_preprocessor(checkpoint)
                     reports[METHOD_AUDIO_PREPROCESSOR] = QuantReport(schemes={"transform": "fp32"})
             advance(1, description="Tracing methods")
-            programs = {name: export_method(build, xnnpack_swaps=True) for name, build in builds.items()}
+            programs = {name: export_method(build) for name, build in builds.items()}
             # The programs hold every weight now; what the eager modules kept (E2B's quantized
             # decoder and tables: ~3 GB) would otherwise sit beside lowering's own copies.
             for build in builds.values():

@@ -26,11 +26,10 @@ from edgekit.export.executorch.xnnpack_modules import swap_for_xnnpack
 from edgekit.runtimes.native_logs import native_logs_hidden
 
 
-def export_method(build: MethodBuild, *, xnnpack_swaps: bool = True) -> "torch.export.ExportedProgram":
-    """strict torch.export of one method (for XNNPACK: norms and tanh-GELU swapped for
-    friendlier ones; Core ML takes the modules as they are and fails on the swaps)."""
+def export_method(build: MethodBuild) -> "torch.export.ExportedProgram":
+    """strict torch.export of one method, norms and tanh-GELU swapped for ones XNNPACK takes whole."""
     with native_logs_hidden():  # the swaps run a sample forward: eager LLM custom ops log each call
-        module = swap_for_xnnpack(build.module, build.example_inputs) if xnnpack_swaps else build.module
+        module = swap_for_xnnpack(build.module, build.example_inputs)
     reset = getattr(getattr(build.module, "decoder", None), "reset_cache", None)
     if reset is not None:
         reset()  # the width-recording forward wrote sample K/V into the caches

@@ -25,6 +25,7 @@ from edgekit.models.family import PER_LAYER_EMBEDDING
 from edgekit.runtimes.embedding_tables import EmbeddingTable, TableLayout
 
 PREFILL, DECODE = "prefill", "decode"  # the decoder's functions (export/coreml/decoder.py)
+DECODER_INPUTS = ("inputs_embeds", "per_layer_inputs", "cache_position", "last_index")
 APPLE_ONLY = ("running a Core ML bundle needs Apple's Core ML (macOS 15 / iOS 18 or later); on this machine "
               "`edgekit verify BUNDLE --reference CHECKPOINT` checks its programs")
 
@@ -145,9 +146,9 @@ class CoreMLBackend:
         padded_embeds = np.zeros((1, size, embeds.shape[1]), np.float32)
         padded_ple = np.zeros((1, size, per_layer.shape[1]), np.float32)
         padded_embeds[0, :n], padded_ple[0, :n] = embeds, per_layer
-        inputs = {"inputs_embeds": padded_embeds, "per_layer_inputs": padded_ple,
-                  "cache_position": np.arange(self._position, self._position + size, dtype=np.int32),
-                  "last_index": np.asarray([n - 1], np.int32)}
+        inputs = dict(zip(DECODER_INPUTS, (padded_embeds, padded_ple,
+                                           np.arange(self._position, self._position + size, dtype=np.int32),
+                                           np.asarray([n - 1], np.int32))))
         logits = self._decoder.run(function, inputs, self._state)["logits"]
         self._position += n
         return np.asarray(logits, np.float32).reshape(1, -1)
