@@ -101,8 +101,8 @@ def tiny_e2b_4layers(tmp_path_factory) -> Path:
 
 
 # ExecuTorch bundles are exported in background processes, all started with the test session
-# (lowering is single-threaded and slow: ~3 min for fp32, ~4.5 for e4b, ~45 s for the Core ML
-# one; a failed torch.export can poison its process), and the tests that wait for them run last.
+# (lowering is single-threaded and slow: ~3 min for fp32, ~4.5 for e4b; a failed torch.export
+# can poison its process), and the tests that wait for them run last.
 EXECUTORCH_CONTEXT = 256  # room for verify's image + audio + text prompt and 64 steps
 EXECUTORCH_VISION_BUDGET = 70
 _EXPORT_FP32 = """
@@ -206,7 +206,7 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _start_executorch_exports_early(request) -> None:
+def _start_background_exports_early(request) -> None:
     """Start the background exports with the session, so they overlap every other test."""
     used = _waited_for(request)
     if "executorch_bundles" in used and importlib.util.find_spec("executorch.runtime") is not None:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.bundle import Bundle
+from edgekit.errors import BundleError
 from edgekit.export.coreml.mil_eval import SavedProgram
 from edgekit.runtimes.backends.coreml_backend import CoreMLBackend
 
@@ -26,7 +27,7 @@ class EvaluatedPrograms:
         self._program = SavedProgram(path)
         missing = set(functions) - set(self._program.function_names)
         if missing:
-            raise ValueError(f"{path.name} has no function {', '.join(sorted(missing))}")
+            raise BundleError(f"{path.name} has no function {', '.join(sorted(missing))} (the manifest names it)")
 
     def run(self, function: str, inputs: dict[str, np.ndarray], state: Any = None) -> dict[str, np.ndarray]:
         return self._program.run(function, inputs, state)
