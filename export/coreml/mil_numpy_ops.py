@@ -205,10 +205,15 @@ def _layer_norm(a: Args) -> np.ndarray:
     var = np.mean(centered * centered, axis=axes, keepdims=True)
     out = centered / np.sqrt(var + np.float32(a.get("epsilon", 1e-5)))
     param_shape = tuple(x.shape[i] if i in axes else 1 for i in range(x.ndim))
+    return _scale_shift(out, a, param_shape)
+
+
+def _scale_shift(out: np.ndarray, a: Args, shape: tuple[int, ...]) -> np.ndarray:
+    """A norm's optional gamma / beta, reshaped to broadcast over `out`."""
     if a.get("gamma") is not None:
-        out = out * _f32(a["gamma"]).reshape(param_shape)
+        out = out * _f32(a["gamma"]).reshape(shape)
     if a.get("beta") is not None:
-        out = out + _f32(a["beta"]).reshape(param_shape)
+        out = out + _f32(a["beta"]).reshape(shape)
     return out
 
 
@@ -217,11 +222,7 @@ def _batch_norm(a: Args) -> np.ndarray:
     shape = (1, -1) + (1,) * (x.ndim - 2)  # per channel, axis 1
     out = (x - _f32(a["mean"]).reshape(shape)) / np.sqrt(_f32(a["variance"]).reshape(shape)
                                                         + np.float32(a.get("epsilon", 1e-5)))
-    if a.get("gamma") is not None:
-        out = out * _f32(a["gamma"]).reshape(shape)
-    if a.get("beta") is not None:
-        out = out + _f32(a["beta"]).reshape(shape)
-    return out
+    return _scale_shift(out, a, shape)
 
 
 def _instance_norm(a: Args) -> np.ndarray:
@@ -231,11 +232,7 @@ def _instance_norm(a: Args) -> np.ndarray:
     var = np.var(x, axis=axes, keepdims=True)
     out = (x - mean) / np.sqrt(var + np.float32(a.get("epsilon", 1e-5)))
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    if a.get("gamma") is not None:
-        out = out * _f32(a["gamma"]).reshape(shape)
-    if a.get("beta") is not None:
-        out = out + _f32(a["beta"]).reshape(shape)
-    return out
+    return _scale_shift(out, a, shape)
 
 
 def _reduce(fn: Callable[[np.ndarray, tuple[int, ...] | None, bool], np.ndarray]) -> Handler:
