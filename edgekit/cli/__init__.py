@@ -64,6 +64,31 @@ from edgekit.apps import register_commands  # noqa: E402
 register_commands()
 
 
+# What a value is called in help, in the user's words; typer >= 0.28 would print the
+# Python type ("<int>", "<str>") for any option that names none.
+_METAVARS: dict[str, str] = {"int": "N", "float": "X", "str": "TEXT", "Path": "PATH"}
+
+
+def _name_metavars() -> None:
+    import inspect
+
+    from typer.models import ArgumentInfo, OptionInfo
+
+    for command in app.registered_commands:
+        for param in inspect.signature(command.callback, eval_str=True).parameters.values():
+            info = param.default
+            if not isinstance(info, (OptionInfo, ArgumentInfo)) or info.metavar is not None:
+                continue
+            if isinstance(info, ArgumentInfo):
+                info.metavar = param.name.upper()
+            elif param.annotation is not bool:
+                kind = getattr(param.annotation, "__args__", (param.annotation,))[0]  # list[Path] -> Path
+                info.metavar = _METAVARS.get(getattr(kind, "__name__", ""), "VALUE")
+
+
+_name_metavars()
+
+
 def _quiet_third_party() -> None:
     """Keep stderr for our own messages: libraries' import chatter hides the one error line."""
     import logging
