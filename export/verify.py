@@ -58,6 +58,7 @@ BOUNDS: dict[str, Bounds] = {
     "int8": Bounds(0.9, None, 0.998, 0.998),
     "quantized": Bounds(0.75, None, 0.90, 0.995),  # int4 / 8da4w families
     **dict.fromkeys(("int4-ple2", "8da4w-ple2"), Bounds(0.75, None, 0.85, 0.93)),  # size first
+    "int4-ple2-t8": Bounds(0.75, None, 0.85, 0.995),  # size first, the towers at int8 as in int4
 }
 
 

@@ -43,9 +43,9 @@ class Case:
 
 
 # Each Core ML case costs two decoder conversions (~40 s of CPU). The recipes differ in the
-# bits coremltools and the row files are given: fp32 (float32 programs and rows) and int4
-# (4-bit blocks, fp16 scales) bound the others, int8 and the int4 variants.
-COREML_RECIPES = ("fp32", "int4")
+# bits coremltools and the row files are given: fp32 (float32 programs and rows) and the
+# iPhone's int4-ple2-t8 (4- and 8-bit blocks, 2-bit rows, fp16 scales) bound the others.
+COREML_RECIPES = ("fp32", "int4-ple2-t8")
 
 
 def cases() -> list[Case]:

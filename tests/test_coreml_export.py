@@ -71,24 +71,73 @@ def test_a_table_reads_only_whole_rows_of_its_own_file(tmp_path):
         TableLayout.from_dict({**layout.to_dict(), "row_bytes": 99})
 
 
+# --- the decoder's head, in blocks a conversion handles whole --------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_head_in_row_blocks_computes_the_tied_head(dtype):
+    import torch
+
+    from edgekit.export.coreml.decoder import HEAD_ROWS_PER_PART, SplitHead
+
+    torch.manual_seed(0)
+    weight = torch.randn(2 * HEAD_ROWS_PER_PART + 5, 24, dtype=torch.bfloat16)  # as released: bf16
+    x = torch.randn(1, 3, 24)
+    head = SplitHead(weight, dtype=getattr(torch, dtype))
+    assert [p.shape[0] for p in head.parts] == [HEAD_ROWS_PER_PART, HEAD_ROWS_PER_PART, 5]
+    assert all(p.dtype == getattr(torch, dtype) for p in head.parts)
+    got = head(x)
+    assert got.dtype == torch.float32 and got.shape == (1, 3, weight.shape[0])
+    if dtype == "float32":
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, weight.float()), rtol=0, atol=1e-5)
+    else:  # what an fp16 program computes: fp16 operands
+        expected = torch.nn.functional.linear(x.half(), weight.half()).float()
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_rotary_angles_are_looked_up_not_computed_in_fp16(tiny_e2b):
+    """An fp16 program computing position x frequency is off by up to p * 2^-11 radians; the
+    decoder looks cos/sin up in fp32-computed tables instead, equal to transformers' at any
+    position, 2048 and past included (where fp16 stops holding every integer)."""
+    import torch
+
+    from edgekit.checkpoint import load
+    from edgekit.export.coreml.decoder import StatefulTextDecoder
+
+    model = load(tiny_e2b).reference_model()
+    context = 4096
+    decoder = StatefulTextDecoder(model, max_context=context, max_seq_len=8, precision="float16")
+    positions = torch.tensor([[0, 1, 700, 2047, 2049, 3001, context - 1]])
+    probe = torch.zeros(1, 1)
+    for kind in set(decoder.layout.layer_types):
+        got = decoder._rope(probe, positions, kind)
+        expected = model.model.language_model.rotary_emb(probe, positions, kind)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # --- exported bundles, verified against transformers ---------------------------------------
 
 def test_iphone_export_with_the_profiles_defaults_verifies(coreml_bundles, tiny_e2b):
     from edgekit.checkpoint import load
+    from edgekit.export.coreml.mil_eval import SavedProgram
     from edgekit.export.verify import bounds_for, verify_bundle
 
     bundle, summary = coreml_bundles["e2b"]
     manifest = bundle.manifest
-    assert (manifest.format, manifest.recipe, summary["modalities"]) == ("coreml", "int4", ["text", "audio", "vision"])
+    assert (manifest.format, manifest.recipe, summary["modalities"]) == ("coreml", "int4-ple2-t8",
+                                                                         ["text", "audio", "vision"])
     assert {m.name: m.file for m in manifest.methods} == {
         "text_decoder": "text_decoder.mlpackage", "vision_encoder": "vision_encoder.mlpackage",
         "audio_encoder": "audio_encoder.mlpackage"}
     decoder = manifest.method("text_decoder").extra
     assert decoder["functions"] == {"prefill": manifest.prefill_chunk, "decode": 1}
     assert set(manifest.extra["embedding_tables"]) == {"token_embedding", "per_layer_embedding"}
+    program = SavedProgram(bundle.file("text_decoder.mlpackage"))
+    for function in ("prefill", "decode"):  # rotary cos/sin are looked up, never computed in fp16
+        assert {"gather", "linear"} <= program.op_types(function) and not {"sin", "cos"} & program.op_types(function)
     report = verify_bundle(bundle.path, load(tiny_e2b), steps=64)
     assert report["passed"], report["failures"]
-    assert report["bounds"] == dataclasses.asdict(bounds_for("int4"))
+    assert report["bounds"] == dataclasses.asdict(bounds_for("int4-ple2-t8"))
     assert report["methods"]["text_decoder"]["token_agreement"] == 1.0  # measured: 64 of 64 steps
     for method in ("vision_encoder", "audio_encoder"):
         assert report["methods"][method]["cosine"] > 0.99, report["methods"][method]

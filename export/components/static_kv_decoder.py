@@ -219,6 +219,10 @@ class StaticKVDecoder(TextDecoder):
                                           start, None, 0.0, True, 1.0)
         return out.reshape(1, -1, self.num_heads * head_dim)
 
+    def _rope(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [1,S,D] of a layer kind's rotary embedding at `position_ids` [1,S]."""
+        return self.text.rotary_emb(inputs_embeds, position_ids, kind)
+
     def forward(self, inputs_embeds: torch.Tensor, per_layer_inputs: torch.Tensor,
                 cache_position: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
         """inputs_embeds [1,S,H]; per_layer_inputs [1,S,L*P] (token-identity PLE rows, pad id's
@@ -239,7 +243,7 @@ class StaticKVDecoder(TextDecoder):
         position_ids = cache_position.unsqueeze(0)
         rope = {}
         for kind in set(layout.layer_types):
-            cos, sin = self.text.rotary_emb(inputs_embeds, position_ids, kind)
+            cos, sin = self._rope(inputs_embeds, position_ids, kind)
             rope[kind] = (cos.unsqueeze(2), sin.unsqueeze(2))  # [1,S,1,D]: broadcast over heads
         h = inputs_embeds
         for i, kind in enumerate(layout.layer_types):

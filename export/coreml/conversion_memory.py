@@ -1,10 +1,12 @@
 """What a Core ML export needs in host memory, so `edgekit plan` / `export` refuse what will not fit.
 
-Measured (bench/RESULTS.md, Core ML section): e2b-shape cut to 2 layers, text, fp16, peaked at
-17.2 GB resident: the float model (4 bytes per parameter, the per-layer table excepted: it is
-written to its row file a block at a time and dropped) plus about 28 bytes per parameter of the
-text decoder program while coremltools converts it (its MIL constants in fp32, their fp16
-copies, the serialized weights), the tied lm_head included.
+The model is loaded as stored (bf16: 2 bytes per parameter), the per-layer table is written
+to its row file a block at a time and dropped, and only the text decoder is upcast to fp32
+for tracing (its head as a copy in the program's precision). While coremltools converts and
+compresses the decoder, its MIL constants and their fp16 / int4 copies add about
+CONVERSION_BYTES_PER_PARAMETER per decoder parameter; no constant is handled whole at more
+than a few hundred MB (decoder.SplitHead). The encoders convert after the decoder is gone.
+Measured: bench/RESULTS.md, Core ML section.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from edgekit.models.family import PER_LAYER_EMBEDDING
 if TYPE_CHECKING:
     from edgekit.plan import ExportPlan
 
-FLOAT_MODEL_BYTES_PER_PARAMETER = 4
-CONVERSION_BYTES_PER_PARAMETER = 28
+STORED_BYTES_PER_PARAMETER = 2  # bf16, as released
+TRACED_BYTES_PER_PARAMETER = 4  # fp32
+CONVERSION_BYTES_PER_PARAMETER = 4
 
 
 def conversion_peak_bytes(plan: ExportPlan) -> int:
-    stored = {c.name: c.stored_parameters for c in plan.components}
-    tables = next((c.parameters for c in plan.components if c.name == PER_LAYER_EMBEDDING), 0)
-    return (FLOAT_MODEL_BYTES_PER_PARAMETER * (plan.checkpoint_parameters - tables)
-            + CONVERSION_BYTES_PER_PARAMETER * stored.get(METHOD_TEXT_DECODER, 0))
+    parameters = {c.name: c.parameters for c in plan.components}
+    decoder = {c.name: c.stored_parameters for c in plan.components}.get(METHOD_TEXT_DECODER, 0)
+    rest = plan.checkpoint_parameters - parameters.get(PER_LAYER_EMBEDDING, 0) - decoder
+    return (STORED_BYTES_PER_PARAMETER * max(rest, 0)
+            + (TRACED_BYTES_PER_PARAMETER + CONVERSION_BYTES_PER_PARAMETER) * decoder)

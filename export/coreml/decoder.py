@@ -27,6 +27,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from edgekit.export.components.static_kv_decoder import StaticKVDecoder
 from edgekit.export.executorch.methods import Widths
@@ -34,8 +36,51 @@ from edgekit.export.executorch.methods import Widths
 from edgekit.runtimes.backends.coreml_backend import DECODE, DECODER_INPUTS, PREFILL
 
 
+HEAD_ROWS_PER_PART = 16384
+
+
+class SplitHead(nn.Module):
+    """The tied lm_head as its own copy in the program's precision, in blocks of at most
+    HEAD_ROWS_PER_PART vocabulary rows whose logits are concatenated.
+
+    coremltools handles each weight constant whole: its fp16 pass checks an fp32 constant for
+    overflow through np.where (about 33 bytes per element at once) and its int4 quantizer
+    makes several float copies. E2B's 262144 x 1536 head as one constant took 13 GB to
+    convert, its blocks a few hundred MB each. (The Neural Engine also prefers narrow outputs.)"""
+
+    def __init__(self, weight: torch.Tensor, *, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.parts = nn.ParameterList(nn.Parameter(rows.detach().to(dtype).clone(), requires_grad=False)
+                                      for rows in weight.split(HEAD_ROWS_PER_PART))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        return torch.cat([F.linear(x, rows) for rows in self.parts], dim=-1).to(torch.float32)
+
+
 class StatefulTextDecoder(StaticKVDecoder):
-    """StaticKVDecoder with Core ML's input types: positions arrive as int32."""
+    """StaticKVDecoder with Core ML's input types (positions arrive as int32) and its lm_head
+    split into row blocks in the program's precision (SplitHead)."""
+
+    def __init__(self, lm, *, max_context: int, max_seq_len: int, precision: str) -> None:
+        super().__init__(lm, max_context=max_context, max_seq_len=max_seq_len)
+        self.lm_head = SplitHead(self.lm_head.weight,
+                                 dtype=torch.float16 if precision == "float16" else torch.float32)
+        # Rotary cos/sin as tables over every position, looked up by position: an fp16 program
+        # that computes position x frequency is off by up to p * 2^-11 radians (0.3 at
+        # position 700, 1.5 at 3000), while a table of fp16 cos/sin values is off by 2^-11.
+        positions = torch.arange(max_context).unsqueeze(0)
+        probe = torch.zeros(1, 1, dtype=torch.float32)
+        for kind in set(self.layout.layer_types):
+            cos, sin = self.text.rotary_emb(probe, positions, kind)
+            self.register_buffer(f"rope_cos_{kind}", cos[0].float(), persistent=False)  # [positions, D]
+            self.register_buffer(f"rope_sin_{kind}", sin[0].float(), persistent=False)
+
+    def _rope(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = position_ids.reshape(-1)
+        return (getattr(self, f"rope_cos_{kind}").index_select(0, positions).unsqueeze(0),
+                getattr(self, f"rope_sin_{kind}").index_select(0, positions).unsqueeze(0))
 
     def forward(self, inputs_embeds: torch.Tensor, per_layer_inputs: torch.Tensor, cache_position: torch.Tensor,
                 last_index: torch.Tensor) -> torch.Tensor:
@@ -57,7 +102,7 @@ def convert_text_decoder(lm, *, max_context: int, chunk: int, precision: str, ou
 
     register_index_copy()
     widths = Widths.of(lm)
-    decoder = StatefulTextDecoder(lm, max_context=max_context, max_seq_len=chunk).eval()
+    decoder = StatefulTextDecoder(lm, max_context=max_context, max_seq_len=chunk, precision=precision).eval()
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=tuple(getattr(decoder, n).shape), dtype=np.float16),
                            name=n) for n in state_names(decoder)]
     functions = {DECODE: 1} if chunk == 1 else {PREFILL: chunk, DECODE: 1}

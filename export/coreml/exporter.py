@@ -36,7 +36,7 @@ from edgekit.export.coreml.embedding_tables import ROWS_PER_BLOCK, layout_for, w
 from edgekit.export.coreml.quantize import compress_linears, stored_schemes
 from edgekit.export.coreml.torch_ops import coremltools_quiet
 from edgekit.export.executorch.methods import Widths
-from edgekit.export.lazy_upcast import load_in_checkpoint_dtype
+from edgekit.export.lazy_upcast import load_in_checkpoint_dtype, upcast_
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER,
                               Manifest, MethodSpec, TensorSpec)
 from edgekit.models.family import PER_LAYER_EMBEDDING
@@ -72,12 +72,15 @@ def export_coreml(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path, ove
         lm.model.language_model.embed_tokens_per_layer = None  # the decoder never reads the tables
         gc.collect()
         with progress_bar("Converting the text decoder", total=None), torch.no_grad():
-            lm.float()
+            _upcast_text_model(lm)
             decoder = D.convert_text_decoder(
                 lm, max_context=plan.context_length, chunk=chunk, precision=precision_for(plan),
                 out=writer.path_for(DECODER_FILE), scratch=writer.scratch_dir(),
                 compress=_compress(METHOD_TEXT_DECODER, plan, schemes))
         methods = [_decoder_method(decoder, widths, chunk=chunk, context=plan.context_length)]
+        lm.model.language_model = None  # the encoders never read it: its float copy goes before theirs is made
+        gc.collect()
+        lm.float()
         if "vision" in plan.modalities:
             methods.append(_vision_encoder(lm, plan, writer, widths, schemes))
         if "audio" in plan.modalities:
@@ -88,6 +91,15 @@ def export_coreml(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path, ove
         manifest = _manifest(checkpoint, plan, methods, tables, schemes, tokens=tokens,
                              seconds=time.monotonic() - started)
         return writer.finalize(manifest)
+
+
+def _upcast_text_model(lm) -> None:
+    """The text model in fp32 for tracing, the encoders left as stored until their turn: at
+    full depth an fp32 copy of everything is 11 GB. The head is a copy of the tied embedding
+    in the program's precision (decoder.SplitHead), so that table is not upcast."""
+    for name, module in lm.model.language_model.named_children():
+        if name != "embed_tokens":
+            upcast_(module)
 
 
 def _write_tables(lm, plan: ExportPlan, writer: BundleWriter, widths: Widths) -> dict[str, dict]:

@@ -92,6 +92,10 @@ class SavedProgram:
     def output_names(self, function: str = "main") -> tuple[str, ...]:
         return self._function(function).outputs
 
+    def op_types(self, function: str = "main") -> set[str]:
+        """The MIL op types a function evaluates (consts folded away)."""
+        return {step.op_type for step in self._function(function).steps}
+
     def state_specs(self, function: str = "main") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """State name -> (shape, dtype)."""
         return dict(self._function(function).states)
