@@ -51,12 +51,12 @@ def export(
         check_memory(f"the {plan.context_length}-token KV cache this export builds", plan.kv_cache.total_bytes)
     if plan.export_memory_bytes:
         check_memory(f"this {plan.format.name} export (the plan's estimate of its peak)", plan.export_memory_bytes)
+    target = output or Path(f"{checkpoint.resolve().name}-{device}.edgekit")
+    check_target(target, overwrite=overwrite)  # before seconds of imports and minutes of loading, not after
     require("torch", extra="export")
     from edgekit.export import exporter_for
 
     exporter = exporter_for(plan.format.name)
-    target = output or Path(f"{checkpoint.resolve().name}-{device}.edgekit")
-    check_target(target, overwrite=overwrite)  # before minutes of loading, not after
     started = time.perf_counter()
     bundle = exporter(load(checkpoint), plan=plan, output=target, overwrite=overwrite)
     seconds = time.perf_counter() - started
