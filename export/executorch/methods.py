@@ -178,7 +178,9 @@ class StockImageInput(nn.Module):
         y = torch.where(real, (n // cols) * p + j // (3 * p), 0)
         x = torch.where(real, (n % cols) * p + (j // 3) % p, 0)
         channel = j % 3
-        levels = image[0][channel, y, x].long()  # [max_patches, p * p * 3]
+        # Indexed whole: image[0] would be a select, which ExecuTorch runs as a copy of the
+        # image planned at H and W's bounds (2.2 GB).
+        levels = image[torch.zeros_like(channel), channel, y, x].long()  # [max_patches, p * p * 3]
         pixels = torch.where(real, self.pixel_table[channel, levels], 0.0)[None]
         positions = torch.where(real, torch.cat([n % cols, n // cols], dim=-1), -1)[None]  # (column, row)
         tokens, _ = self.packed(pixels, positions)  # real soft tokens are a prefix
