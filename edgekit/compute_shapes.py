@@ -18,12 +18,15 @@ PREFILL_CHUNK = 128
 ACTIVATION_BYTES = 4  # CPU kernels compute in fp32 whatever the weight storage
 
 
-def prefill_chunk(text: Mapping[str, Any], context_length: int, *, ring_buffer: bool = True) -> int:
+def prefill_chunk(text: Mapping[str, Any], context_length: int, *, ring_buffer: bool = True,
+                  whole_input_tokens: int = 0) -> int:
     """Most tokens one decoder call takes: PREFILL_CHUNK, never more than the context, and
     where sliding layers keep a ring buffer (ExecuTorch's max_seq_len) never more than the
-    sliding window, which keeps a ring under two windows."""
+    sliding window, which keeps a ring under two windows. `whole_input_tokens`: where a
+    runner feeds each input whole (ExecuTorch's stock runner: an image's soft tokens in one
+    call, Format.feeds_inputs_whole), at least that many, within the context."""
     window = int(text.get("sliding_window", PREFILL_CHUNK)) if ring_buffer else PREFILL_CHUNK
-    return max(1, min(context_length, PREFILL_CHUNK, window))
+    return max(1, min(context_length, PREFILL_CHUNK, window), min(context_length, whole_input_tokens))
 
 
 # Bytes of one block of vision attention scores (fp32) where the format chunks queries.

@@ -73,6 +73,10 @@ class Format:
     external_weights: bool = False
     # The vision encoder's attention runs a block of queries at a time (edgekit.compute_shapes.vision_query_chunk).
     vision_query_chunked: bool = False
+    # The format's stock runner feeds each input (a text piece, an image's soft tokens, a clip's)
+    # to the decoder in one call (ExecuTorch's MultimodalRunner), so the decoder takes at least
+    # an image's worth of tokens per call (edgekit.compute_shapes.prefill_chunk).
+    feeds_inputs_whole: bool = False
 
     def __post_init__(self) -> None:
         if (self.exporter is None or self.runtime is None) and not self.unavailable:
@@ -179,6 +183,7 @@ FORMATS: Registry[Format] = Registry("format", (
         kv_cache_built_at_export=True,
         external_weights=True,
         vision_query_chunked=True,
+        feeds_inputs_whole=True,
     ),
     Format(
         name="coreml",

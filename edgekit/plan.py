@@ -99,6 +99,11 @@ class ExportPlan:
         return self.profile.name
 
     @property
+    def whole_input_tokens(self) -> int:
+        """The most tokens one input fed whole takes (compute_shapes.prefill_chunk)."""
+        return whole_input_tokens(self.format, self.modalities, self.vision_token_budget)
+
+    @property
     def fits(self) -> bool:
         return self.memory.fits
 
@@ -152,6 +157,14 @@ class ExportPlan:
 # --- building a plan ---------------------------------------------------------------------
 
 
+def whole_input_tokens(fmt: Format, modalities: tuple[str, ...], vision_token_budget: int) -> int:
+    """Tokens of the largest input a format's stock runner feeds the decoder whole: an image's
+    soft tokens (audio clips and text pieces are as long as the user makes them; the manifest's
+    prefill_chunk tells an app where they stop fitting)."""
+    return vision_token_budget if fmt.feeds_inputs_whole and "vision" in modalities else 0
+
+
+
 def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | None = None,
               recipe_name: str | None = None, modalities: str | None = None,
               context: int | None = None, external_weights: bool = False) -> ExportPlan:
@@ -181,11 +194,13 @@ def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | No
     included = [p for name, p in counts.items() if name not in _MODALITY_COMPONENT.values() or name in wanted]
     tied_lm_head = _tied_lm_head_copy(text, counts)
     components = tuple(_component_plan(p, recipe, tied_lm_head=tied_lm_head) for p in included)
-    ring_extra = prefill_chunk(text, context_length) - 1 if fmt.ring_takes_a_chunk else 0
+    chunk = prefill_chunk(text, context_length, ring_buffer=fmt.ring_takes_a_chunk,
+                          whole_input_tokens=whole_input_tokens(fmt, mods, profile.vision_token_budget))
+    ring_extra = chunk - 1 if fmt.ring_takes_a_chunk else 0
     kv = kv_cache(family.text_layers(text), sliding_window=int(text.get("sliding_window", 512)),
                   context_length=context_length, dtype_bits=fmt.kv_cache_bits, ring_extra_slots=ring_extra)
     activations = family.activation_bytes(config, mods, context_length, profile.vision_token_budget,
-                                          fmt.vision_query_chunked)
+                                          fmt.vision_query_chunked, chunk)
     memory = MemoryEstimate(
         resident_weights_bytes=sum(c.size_bytes for c in components if not c.memory_mapped),
         mapped_weights_bytes=sum(c.size_bytes for c in components if c.memory_mapped),

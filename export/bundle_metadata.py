@@ -39,7 +39,8 @@ def manifest_for(checkpoint: Checkpoint, plan: ExportPlan, *, methods: tuple[Met
         recipe=plan.recipe.name, quant_schemes=quant_schemes, methods=methods,
         max_context=plan.context_length,
         prefill_chunk=prefill_chunk(checkpoint.text_config, plan.context_length,
-                                    ring_buffer=plan.format.ring_takes_a_chunk),
+                                    ring_buffer=plan.format.ring_takes_a_chunk,
+                                    whole_input_tokens=plan.whole_input_tokens),
         special_tokens=tokens or special_tokens(checkpoint),
         audio_preprocessing=audio_preprocessing(checkpoint) if METHOD_AUDIO_ENCODER in names else None,
         image_preprocessing=(image_preprocessing(checkpoint, max_soft_tokens=plan.vision_token_budget)

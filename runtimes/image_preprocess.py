@@ -156,14 +156,23 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 # --- patches ------------------------------------------------------------------------------
 
 
-def preprocess_image(image: Image.Image | str | os.PathLike[str], *,
-                     params: ImageParams) -> tuple[np.ndarray, np.ndarray, int]:
-    """Gemma4ImageProcessorPil()(image) for one image.
+def pixel_value_table(params: ImageParams) -> np.ndarray:
+    """[3, 256] float32: the value each uint8 level of each RGB channel becomes (rescale, then
+    normalize). The math is per value, so looking levels up equals computing them; the .pte's
+    vision_encoder carries this table to take uint8 images (export/executorch/methods.py)."""
+    levels = np.arange(256, dtype=np.float64)
+    if params.do_rescale:
+        levels = levels * params.rescale_factor  # upcast first, as image_transforms.rescale
+    table = np.repeat(levels.astype(np.float32)[None], 3, axis=0)
+    if params.do_normalize:
+        table = ((table - np.array(params.image_mean, np.float32)[:, None])
+                 / np.array(params.image_std, np.float32)[:, None])
+    return table.astype(np.float32)
 
-    Returns (pixel_values [1, max_patches, 3 * patch^2] float32,
-    position_ids [1, max_patches, 2] int64 as (column, row), -1 for padding,
-    num_soft_tokens).
-    """
+
+def resized_rgb(image: Image.Image | str | os.PathLike[str], *, params: ImageParams) -> np.ndarray:
+    """[h, w, 3] uint8: the image decoded, made RGB and resized to target_size, as the processor
+    does before rescaling; what the .pte's vision_encoder (and ExecuTorch's stock runner) take."""
     if not isinstance(image, Image.Image):
         image = load_image(image)
     try:
@@ -174,18 +183,44 @@ def preprocess_image(image: Image.Image | str | os.PathLike[str], *,
     height, width = rgb.shape[:2]
     if height == 0 or width == 0:
         raise InputError(f"image is empty ({width}x{height} pixels)")
-
     target_h, target_w = target_size(height, width, params=params)
     if (target_h, target_w) != (height, width):
         # image_transforms.resize: uint8 array -> PIL -> resize((w, h), resample) -> array.
         rgb = np.array(Image.fromarray(rgb).resize((target_w, target_h), resample=params.resample))
+    return rgb
 
-    pixels = rgb.astype(np.float64)
-    if params.do_rescale:
-        pixels = pixels * params.rescale_factor  # upcast first, as image_transforms.rescale
-    pixels = pixels.astype(np.float32)
-    if params.do_normalize:
-        pixels = (pixels - np.array(params.image_mean, np.float32)) / np.array(params.image_std, np.float32)
+
+def image_from_patches(pixel_values: np.ndarray, position_ids: np.ndarray, *, params: ImageParams) -> np.ndarray:
+    """preprocess_image's patches -> the [3, h, w] uint8 image they were cut from (channels
+    first, as ExecuTorch's stock runner passes images). Lossless: each pixel value is an
+    entry of pixel_value_table, so its level is found again; padding rows (-1) are dropped."""
+    p = params.patch_size
+    positions = np.asarray(position_ids).reshape(-1, 2)
+    real = (positions >= 0).all(axis=-1)
+    positions, patches = positions[real], np.asarray(pixel_values, np.float32).reshape(-1, 3 * p * p)[real]
+    if len(patches) == 0:
+        raise InputError("the image has no patches")
+    cols, rows = int(positions[:, 0].max()) + 1, int(positions[:, 1].max()) + 1
+    image = np.zeros((rows * p, cols * p, 3), np.float32)
+    for (col, row), patch in zip(positions, patches):
+        image[row * p:(row + 1) * p, col * p:(col + 1) * p] = patch.reshape(p, p, 3)
+    table = pixel_value_table(params)
+    # Each channel's table rises with the level (a positive scale and std): the exact entry's index.
+    levels = np.stack([np.searchsorted(table[c], image[..., c]).clip(0, 255) for c in range(3)])
+    return levels.astype(np.uint8)
+
+
+def preprocess_image(image: Image.Image | str | os.PathLike[str], *,
+                     params: ImageParams) -> tuple[np.ndarray, np.ndarray, int]:
+    """Gemma4ImageProcessorPil()(image) for one image.
+
+    Returns (pixel_values [1, max_patches, 3 * patch^2] float32,
+    position_ids [1, max_patches, 2] int64 as (column, row), -1 for padding,
+    num_soft_tokens).
+    """
+    rgb = resized_rgb(image, params=params)
+    target_h, target_w = rgb.shape[:2]
+    pixels = pixel_value_table(params)[np.arange(3), rgb]  # [H, W, 3]: channel c's table at each level
 
     # convert_image_to_patches: [H, W, C] -> [rows, cols, p, p, C] -> [rows * cols, p * p * C].
     p = params.patch_size
@@ -201,5 +236,5 @@ def preprocess_image(image: Image.Image | str | os.PathLike[str], *,
     return pixel_values, position_ids, rows * cols // params.pooling_kernel_size**2
 
 
-__all__ = ["ImageParams", "SUPPORTED_SOFT_TOKENS", "load_image", "num_soft_tokens", "preprocess_image",
-           "target_size", "to_rgb"]
+__all__ = ["ImageParams", "SUPPORTED_SOFT_TOKENS", "load_image", "num_soft_tokens", "pixel_value_table",
+           "image_from_patches", "preprocess_image", "resized_rgb", "target_size", "to_rgb"]

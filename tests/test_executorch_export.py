@@ -234,9 +234,11 @@ def test_manifest_describes_the_program(fp32, tiny_e2b):
     decoder = m.method(METHOD_TEXT_DECODER)
     assert [t.shape for t in decoder.inputs] == [(1, "seq_len", 64 + 10 * 16), ("seq_len",)]
     assert decoder.outputs[0].shape == (1, 4096)
-    assert decoder.extra["max_seq_len"] == m.extra["max_seq_len"] == 16
-    assert decoder.extra["kv_cache_slots"] == {"full_attention": CONTEXT, "sliding_attention": 16 + 16 - 1}
-    assert m.method(METHOD_AUDIO_ENCODER).inputs[0].shape == (1, "num_frames", 128)
+    # The stock runner feeds an image's soft tokens in one call: at least the budget a call.
+    assert decoder.extra["max_seq_len"] == m.extra["max_seq_len"] == m.prefill_chunk == VISION_BUDGET
+    assert decoder.extra["kv_cache_slots"] == {"full_attention": CONTEXT, "sliding_attention": 16 + VISION_BUDGET - 1}
+    assert m.method(METHOD_AUDIO_ENCODER).inputs[0].shape == (1, 128, "num_frames")
+    assert m.method(METHOD_VISION_ENCODER).inputs[0].shape == (1, 3, "image_height", "image_width")
     assert m.recipe == "fp32" and m.quant_schemes[METHOD_TEXT_DECODER] == "fp32"
     assert m.extra["packed_ple"]["per_layer_inputs"] == [64, 64 + 160]
     assert m.audio_preprocessing is not None and m.image_preprocessing.max_soft_tokens == VISION_BUDGET
@@ -297,28 +299,39 @@ def test_vision_encoder_matches_eager_and_carries_the_pad_row(fp32, e2b):
 
     _, program = fp32
     encoder = VisionEncoder(e2b, max_soft_tokens=VISION_BUDGET).eval()
-    pixels, positions = encoder.example_inputs()
-    keep = positions.shape[1] * 2 // 3  # a smaller image: the rest padding
-    pixels[:, keep:] = 0
-    positions[:, keep:] = -1
     method = program.load_method(METHOD_VISION_ENCODER)
     hidden = e2b.config.text_config.hidden_size
     pad_row = TokenEmbedding(e2b)(torch.tensor([[e2b.config.text_config.pad_token_id]]))[1][0, 0]
-    for p, q in ((pixels, positions), encoder.example_inputs()):
-        tokens, valid = method.execute([p, q])
+    for size in ((100, 150), (300, 40), (48, 48)):  # what the stock runner passes: the resized uint8 image
+        image, pixels, positions, n = _stock_image(size)
+        tokens = method.execute([image])[0]
         with torch.no_grad():
-            want, want_valid = encoder(p, q)
-        assert torch.equal(valid, want_valid)
-        torch.testing.assert_close(tokens[..., :hidden], want, atol=1e-4, rtol=1e-4)
-        assert torch.equal(tokens[0, :, hidden:], pad_row.expand(VISION_BUDGET, -1))
+            want, want_valid = encoder(pixels, positions)
+        assert tokens.shape == (1, n, hidden + 160) and int(want_valid.sum()) == n
+        torch.testing.assert_close(tokens[..., :hidden], want[:, :n], atol=1e-4, rtol=1e-4)
+        assert torch.equal(tokens[0, :, hidden:], pad_row.expand(n, -1))
 
+
+
+def _stock_image(size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A random (height, width) image as the stock runner passes it (resized uint8 [1, 3, H, W])
+    and as the processor's patches and positions, with its soft-token count."""
+    from PIL import Image
+
+    from edgekit.runtimes.image_preprocess import ImageParams, preprocess_image, resized_rgb
+
+    params = ImageParams(max_soft_tokens=VISION_BUDGET)
+    picture = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (*size, 3), dtype=np.uint8))
+    rgb = resized_rgb(picture, params=params)
+    pixels, positions, n = preprocess_image(picture, params=params)
+    return (torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None], torch.from_numpy(pixels),
+            torch.from_numpy(positions), n)
 
 @slow
 def test_encoder_calls_between_decoder_calls_leave_the_kv_cache_alone(executorch_bundles, e2b):
     """Sharing one program instance, vision_encoder's activations would land on text_decoder's
     cache (the bindings' shared arenas): an image in the middle of a conversation broke it."""
     from edgekit.export.components.audio_encoder import AudioEncoder
-    from edgekit.export.components.vision_encoder import VisionEncoder
     from edgekit.runtimes.backends.executorch_backend import ExecutorchBackend
 
     backend = ExecutorchBackend(executorch_bundles["fp32"])
@@ -327,7 +340,7 @@ def test_encoder_calls_between_decoder_calls_leave_the_kv_cache_alone(executorch
     want = backend.forward(np.array([7]))
     backend.reset()
     backend.forward(prompt)
-    pixels, positions = VisionEncoder(e2b, max_soft_tokens=VISION_BUDGET).example_inputs()
+    _, pixels, positions, _ = _stock_image((100, 150))
     backend.encode_image(pixels.numpy(), positions.numpy())
     backend.encode_audio(*(t[0].numpy() for t in AudioEncoder(e2b).example_inputs(200)))
     assert np.array_equal(backend.forward(np.array([7])), want)
@@ -373,11 +386,11 @@ def test_audio_encoder_is_dynamic_and_matches_eager(fp32, e2b):
     hidden = e2b.config.text_config.hidden_size
     for frames in (encoder.min_frames, 200, 412):
         features, mask = encoder.example_inputs(frames)
-        tokens, token_mask = method.execute([features, mask])
+        tokens = method.execute([features[:, mask[0]].transpose(1, 2).contiguous()])[0]  # the real frames, bins first
         with torch.no_grad():
             want, want_mask = encoder(features, mask)
-        assert tokens.shape == (1, frames // 4, hidden + 160) and torch.equal(token_mask, want_mask)
-        torch.testing.assert_close(tokens[..., :hidden], want, atol=1e-4, rtol=1e-4)
+        assert tokens.shape == (1, int(want_mask.sum()), hidden + 160)
+        torch.testing.assert_close(tokens[..., :hidden], want[want_mask][None], atol=1e-4, rtol=1e-4)
 
 
 @slow
@@ -387,8 +400,6 @@ def test_waveform_to_soft_tokens_inside_the_program(fp32, e2b, tiny_e2b):
     from transformers import AutoFeatureExtractor
 
     from edgekit.export.verify import test_audio
-    from edgekit.runtimes.backends.base import pad_audio_frames
-
     bundle, program = fp32
     clip = test_audio(1.7)
     padded = torch.zeros(-(-len(clip) // 128) * 128)
@@ -397,14 +408,11 @@ def test_waveform_to_soft_tokens_inside_the_program(fp32, e2b, tiny_e2b):
     reference = AutoFeatureExtractor.from_pretrained(str(tiny_e2b))([clip], return_tensors="pt")
     assert torch.equal(mask, reference["input_features_mask"])
     assert float((features - reference["input_features"]).abs().max()) < 5e-4  # fp32 DFT as a matmul
-    frames, frames_mask = pad_audio_frames(features[0].numpy(), mask[0].numpy(),
-                                           extra=bundle.manifest.method(METHOD_AUDIO_ENCODER).extra)
-    tokens, valid = program.load_method(METHOD_AUDIO_ENCODER).execute(
-        [torch.from_numpy(frames), torch.from_numpy(frames_mask)])
+    tokens = program.load_method(METHOD_AUDIO_ENCODER).execute([features[:, mask[0]].transpose(1, 2).contiguous()])[0]
     with torch.no_grad():
         out = e2b.model.get_audio_features(reference["input_features"], reference["input_features_mask"])
         want = out.pooler_output[out.attention_mask]
-    got = tokens[0][valid[0]][:, : e2b.config.text_config.hidden_size]
+    got = tokens[0][:, : e2b.config.text_config.hidden_size]
     assert got.shape == want.shape
     assert float(torch.nn.functional.cosine_similarity(got, want, dim=-1).min()) > 0.9999
 
@@ -414,13 +422,10 @@ def test_image_prompt_through_packed_embeddings_matches_transformers(fp32, e2b):
     """vision_encoder rows replace the placeholders in token_embedding's output; PLE rows included."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    from edgekit.export.components.vision_encoder import VisionEncoder
-
     _, program = fp32
     cfg = e2b.config
-    pixels, positions = VisionEncoder(e2b, max_soft_tokens=VISION_BUDGET).example_inputs()
-    soft, valid = program.load_method(METHOD_VISION_ENCODER).execute([pixels, positions])
-    rows = soft[0, valid[0]]
+    image, _, _, _ = _stock_image((100, 150))
+    rows = program.load_method(METHOD_VISION_ENCODER).execute([image])[0][0]
     ids = [2, 11, cfg.boi_token_id, *[cfg.image_token_id] * rows.shape[0], cfg.eoi_token_id, 12, 13]
     session = Session(program)
     embeds = session.embeds(ids)

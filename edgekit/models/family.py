@@ -83,7 +83,7 @@ class ModelFamily:
     towers: Callable[[Mapping[str, Any]], Towers]
     # Peak working memory (bytes) of the stages a bundle runs: (config, modalities, context,
     # vision soft tokens, vision queries chunked) -> bytes.
-    activation_bytes: Callable[[Mapping[str, Any], tuple[str, ...], int, int, bool], int]
+    activation_bytes: Callable[[Mapping[str, Any], tuple[str, ...], int, int, bool, int], int]  # ..., prefill chunk
     audio: AudioLimits
     vision_token_budgets: tuple[int, ...]  # the soft-token budgets its image processor takes
     presets: Mapping[str, Any]  # name -> random-weight shape for `edgekit make-checkpoint` (edgekit.testing)

@@ -32,6 +32,7 @@ from edgekit.checkpoint import Checkpoint
 from edgekit.compute_shapes import prefill_chunk
 from edgekit.plan import ExportPlan
 from edgekit.progress import progress_bar
+from edgekit.runtimes.image_preprocess import ImageParams
 
 PTE_FILE = "model.pte"
 # --external-weights: ExecuTorch's named data, loaded beside the program; lower_to_pte writes
@@ -39,16 +40,18 @@ PTE_FILE = "model.pte"
 PTD_FILE = str(Path(PTE_FILE).with_suffix(".ptd"))
 
 
-def max_seq_len(text_config, context_length: int) -> int:
+def max_seq_len(text_config, plan: ExportPlan) -> int:
     """Most tokens one text_decoder call takes: edgekit.compute_shapes.prefill_chunk (PREFILL_CHUNK,
     never more than the sliding window, which keeps a sliding layer's ring under two windows:
-    window + chunk - 1 slots; for the released models both are 512)."""
-    return prefill_chunk(text_config.to_dict(), context_length)
+    window + chunk - 1 slots; for the released models both are 512), but at least the vision
+    budget: ExecuTorch's stock runner feeds an image's soft tokens in one call."""
+    return prefill_chunk(text_config.to_dict(), plan.context_length, whole_input_tokens=plan.whole_input_tokens)
 
 
 # --- methods -------------------------------------------------------------------------------
 
-def build_methods(lm, plan, *, seq_len: int) -> tuple[dict[str, M.MethodBuild], dict[str, QuantReport]]:
+def build_methods(lm, plan, *, seq_len: int, image: ImageParams | None = None
+                  ) -> tuple[dict[str, M.MethodBuild], dict[str, QuantReport]]:
     """The methods `plan` asks for, quantized by its recipe, every float weight in fp32.
 
     `lm` is consumed: its modules are quantized in place and its embedding tables dropped
@@ -57,13 +60,14 @@ def build_methods(lm, plan, *, seq_len: int) -> tuple[dict[str, M.MethodBuild], 
     fp32 copies never pile up.
     """
     recipe = plan.recipe
+    image = image or ImageParams(max_soft_tokens=plan.vision_token_budget)  # the processor's defaults
     reports = {name: QuantReport() for name in (METHOD_TOKEN_EMBEDDING, METHOD_TEXT_DECODER,
                                                  METHOD_VISION_ENCODER, METHOD_AUDIO_ENCODER)}
     builds = {METHOD_TOKEN_EMBEDDING: M.token_embedding(lm, max_seq_len=seq_len),
               METHOD_TEXT_DECODER: M.text_decoder(lm, max_context=plan.context_length, max_seq_len=seq_len,
                                                   llm_ops=True)}
     if "vision" in plan.modalities:
-        builds[METHOD_VISION_ENCODER] = M.vision_encoder(lm, budget=plan.vision_token_budget)
+        builds[METHOD_VISION_ENCODER] = M.vision_encoder(lm, budget=plan.vision_token_budget, image=image)
     if "audio" in plan.modalities:
         builds[METHOD_AUDIO_ENCODER] = M.audio_encoder(lm)
 
@@ -104,7 +108,7 @@ def export_executorch(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path,
     started = time.monotonic()
     with progress_bar("Loading the checkpoint", total=None):
         lm = load_in_checkpoint_dtype(checkpoint)  # bf16 weights, upcast one module at a time
-    seq_len = max_seq_len(lm.config.text_config, plan.context_length)
+    seq_len = max_seq_len(lm.config.text_config, plan)
     vocab_size = lm.config.text_config.vocab_size
     tokens = bundle_metadata.special_tokens(checkpoint)
     output = Path(output)
@@ -112,7 +116,9 @@ def export_executorch(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path,
         with progress_bar("Exporting ExecuTorch program", total=3) as advance:
             advance(0, description="Quantizing")
             with torch.no_grad():
-                builds, reports = build_methods(lm, plan, seq_len=seq_len)
+                image = ImageParams.from_dict(bundle_metadata.image_preprocessing(
+                    checkpoint, max_soft_tokens=plan.vision_token_budget).model_dump())
+                builds, reports = build_methods(lm, plan, seq_len=seq_len, image=image)
                 if "audio" in plan.modalities:  # waveform -> log-mel; no weights, nothing to quantize
                     builds[METHOD_AUDIO_PREPROCESSOR] = M.audio_preprocessor(checkpoint)
                     reports[METHOD_AUDIO_PREPROCESSOR] = QuantReport(schemes={"transform": "fp32"})

@@ -5,8 +5,10 @@ MultimodalDecoderRunner) drives a program through two calls:
 
     token_embedding(tokens Long[1,S]) -> embeds          text_decoder(embeds, cache_position Long[S]) -> logits
 
-and for media it feeds an encoder's first output straight into text_decoder. Gemma 4 also
-needs, per token, the per-layer embedding (PLE) row of its token id (the pad id's row at
+and for media it feeds an encoder's FIRST output straight into text_decoder, all of its rows
+in one call (multimodal_prefiller.cpp): it passes an image as one tensor [1,C,H,W] (uint8 or
+float, per the method's input dtype) and audio as one tensor [batch, bins, frames]. Gemma 4
+also needs, per token, the per-layer embedding (PLE) row of its token id (the pad id's row at
 image/audio positions), which the runner never passes. edgekit keeps the runner's two-input
 text_decoder by PACKING the PLE rows into the embeddings: every method that produces rows
 for the decoder returns them H + L*P wide,
@@ -22,24 +24,29 @@ knowing about PLE. Signatures (S dynamic, 1 <= S <= get_max_seq_len):
     token_embedding(tokens Long[1,S])                        -> embeds Float[1,S,H+L*P]
     text_decoder(embeds Float[1,S,H+L*P], cache_position Long[S]) -> logits Float[1,V]
                                                                  (last position, softcapped)
-    vision_encoder(pixel_values Float[1,P,3*p*p], pixel_position_ids Long[1,P,2])
-                                                      -> soft_tokens Float[1,N,H+L*P], valid_mask Bool[1,N]
-    audio_encoder(input_features Float[1,T,128], input_features_mask Bool[1,T])
-                                                      -> soft_tokens Float[1,T/4,H+L*P], token_mask Bool[1,T/4]
+    vision_encoder(image Byte[1,3,H,W])                      -> soft_tokens Float[1,N,H+L*P]
+                      (RGB, already resized to Gemma 4's size for the image: H and W multiples
+                       of patch * pooling (48), (H/48) * (W/48) = N <= the vision budget;
+                       rescaling and patching happen inside)
+    audio_encoder(features Float[1,bins,T])                  -> soft_tokens Float[1,ceil(T/4),H+L*P]
+                      (log-mel frames of one clip, every frame real: what audio_preprocessor
+                       returns, its mask's True prefix, bins first; padding happens inside)
     audio_preprocessor(waveform Float[N], num_samples Long[1])
                                                       -> input_features Float[1,T,128], input_features_mask Bool[1,T]
                       (16 kHz mono zero-padded to a multiple of 128 samples, 384 <= N <= 480000;
                        Gemma 4's log-mel transform, so a device needs only the .pte and the tokenizer)
 
-The encoders' input contracts are those of export/components/vision_encoder.py and
-audio_encoder.py (P = budget * k^2 static; T dynamic, a multiple of 4, >= min_frames);
-valid rows are a prefix. The stock runner's own image/audio inputs (raw uint8 image,
-[1,bins,frames] features) do not fit these encoders; its text path does.
+The encoders return only real soft tokens and no mask (the stock runner feeds every row of
+the first output). Inside, they run export/components/vision_encoder.py and audio_encoder.py
+(P = budget * k^2 static patches; T' a multiple of 4, >= min_frames) on padded inputs and
+cut the padding off: StockImageInput, StockAudioInput. As the runner feeds one input per
+text_decoder call, get_max_seq_len is at least the vision budget (compute_shapes.prefill_chunk).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -53,6 +60,7 @@ from edgekit.export.components.vision_encoder import VisionEncoder
 from edgekit.manifest import (METHOD_AUDIO_ENCODER, METHOD_AUDIO_PREPROCESSOR, METHOD_TEXT_DECODER,
                               METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER, TensorSpec)
 from edgekit.compute_shapes import vision_query_chunk
+from edgekit.runtimes.image_preprocess import ImageParams, pixel_value_table
 from edgekit.runtimes.mel_features import MAX_SAMPLES, PAD_TO_MULTIPLE_OF, MelParams
 
 # Dim names in the manifest (TensorSpec shapes) for the dynamic dimensions.
@@ -74,6 +82,9 @@ class MethodBuild:
     outputs: tuple[TensorSpec, ...]
     component: str  # recipe component of its linears (edgekit.recipes weight keys)
     hints: dict = field(default_factory=dict)  # runner constraints for the manifest
+    # An encoder's wrapper taking the stock runner's input (StockImageInput, StockAudioInput),
+    # applied by pack_encoder around the packed (quantized) encoder.
+    stock_input: Callable[["PackedEncoder"], nn.Module] | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,67 @@ class PackedEncoder(nn.Module):
         return torch.cat([tokens, rows], dim=-1), mask
 
 
+class StockImageInput(nn.Module):
+    """image Byte[1,3,H,W] -> soft tokens [1,N,D]: ExecuTorch's stock runner's image input for a
+    packed VisionEncoder. Levels become pixel values through the processor's own table
+    (runtimes/image_preprocess.pixel_value_table), the image becomes Gemma 4's row-major
+    patches and (column, row) positions, padded to the encoder's static patch count, and
+    only the image's own N = patches / k^2 soft tokens come back."""
+
+    def __init__(self, packed: "PackedEncoder", *, pixel_table: torch.Tensor, patch_size: int) -> None:
+        super().__init__()
+        self.packed = packed
+        encoder = packed.encoder
+        self.patch, self.kernel, self.max_patches = patch_size, encoder.kernel, encoder.max_patches
+        self.register_buffer("pixel_table", pixel_table.reshape(3, 256).float().clone(), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        p = self.patch
+        height, width = image.shape[2], image.shape[3]
+        rows, cols = height // p, width // p
+        patches = rows * cols
+        torch._check(patches <= self.max_patches)  # the runner's size error instead of a bad slice
+        # Each patch value's (channel, y, x) for all max_patches slots, gathered straight from
+        # the image: a reshape of the [H, W] grid has two dynamic dims (XNNPACK's reshape takes
+        # one), and static-size intermediates keep the planned memory at the budget's (sized by
+        # H and W's bounds, an arange(rows * cols) would plan for a 26880 x 26880 image).
+        n = torch.arange(self.max_patches)[:, None]
+        real = n < patches
+        j = torch.arange(p * p * 3)[None]  # (row, col, channel) within a patch, row-major
+        y = torch.where(real, (n // cols) * p + j // (3 * p), 0)
+        x = torch.where(real, (n % cols) * p + (j // 3) % p, 0)
+        channel = j % 3
+        # Indexed whole: image[0] would be a select, which ExecuTorch runs as a copy of the
+        # image planned at H and W's bounds (2.2 GB).
+        levels = image[torch.zeros_like(channel), channel, y, x].long()  # [max_patches, p * p * 3]
+        pixels = torch.where(real, self.pixel_table[channel, levels], 0.0)[None]
+        positions = torch.where(real, torch.cat([n % cols, n // cols], dim=-1), -1)[None]  # (column, row)
+        tokens, _ = self.packed(pixels, positions)  # real soft tokens are a prefix
+        return tokens[:, : patches // self.kernel**2]
+
+
+class StockAudioInput(nn.Module):
+    """features Float[1,bins,T] -> soft tokens [1,ceil(T/4),D]: ExecuTorch's stock runner's audio
+    input (every frame real) for a packed AudioEncoder, which takes [1,T',bins] with a mask:
+    zero frames, masked, pad T to T' = a multiple of frame_multiple plus min_frames (so any T
+    passes the encoder's minimum), and only the clip's own tokens come back."""
+
+    def __init__(self, packed: "PackedEncoder") -> None:
+        super().__init__()
+        self.packed = packed
+        encoder = packed.encoder
+        self.multiple, self.min_frames = encoder.frame_multiple, encoder.min_frames
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        frames = features.shape[2]
+        tokens = (frames + self.multiple - 1) // self.multiple  # the mask's True count after two stride-2 convs
+        pad = tokens * self.multiple - frames + self.min_frames
+        x = torch.cat([features.transpose(1, 2), features.new_zeros(1, pad, features.shape[1])], dim=1)
+        mask = (torch.arange(frames + pad) < frames)[None]
+        out, _ = self.packed(x, mask)
+        return out[:, :tokens]
+
+
 def pad_row(embedding: PackedTokenEmbedding, pad_id: int, hidden: int) -> torch.Tensor:
     """The PLE values of the pad id, as the (possibly quantized) embedding method returns them."""
     with torch.no_grad():
@@ -177,40 +249,59 @@ def text_decoder(lm, *, max_context: int, max_seq_len: int, llm_ops: bool = Fals
     )
 
 
-def vision_encoder(lm, *, budget: int) -> MethodBuild:
+IMAGE_HEIGHT, IMAGE_WIDTH = "image_height", "image_width"  # manifest dim names (pixels)
+NUM_IMAGE_TOKENS = "num_image_tokens"
+
+
+def vision_encoder(lm, *, budget: int, image: ImageParams) -> MethodBuild:
+    """image Byte[1,3,H,W] (resized as `image` says) -> soft tokens [1,N,packed]."""
     w = Widths.of(lm)
     tower = lm.config.vision_config
     chunk = vision_query_chunk(tower.num_attention_heads, budget * tower.pooling_kernel_size**2)
     encoder = VisionEncoder(lm, max_soft_tokens=budget, query_chunk=chunk).eval()
-    pixels, positions = encoder.example_inputs()
+    block = image.patch_size * image.pooling_kernel_size  # H and W are multiples of one pooled cell
+    rows = torch.export.Dim("image_block_rows", min=1, max=budget)
+    cols = torch.export.Dim("image_block_cols", min=1, max=budget)
+    side = max(1, int(budget**0.5))
+    sample = torch.randint(0, 256, (1, 3, block * side, block * (budget // side)), dtype=torch.uint8)
+    table = torch.from_numpy(pixel_value_table(image))
     return MethodBuild(
-        METHOD_VISION_ENCODER, encoder, (pixels, positions), None,
-        inputs=(TensorSpec("pixel_values", "float32", tuple(pixels.shape)),
-                TensorSpec("pixel_position_ids", "int64", tuple(positions.shape))),
-        outputs=(TensorSpec("soft_tokens", "float32", (1, budget, w.packed)),
-                 TensorSpec("valid_mask", "bool", (1, budget))),
+        METHOD_VISION_ENCODER, encoder, (sample,), ({2: block * rows, 3: block * cols},),
+        inputs=(TensorSpec("image", "uint8", (1, 3, IMAGE_HEIGHT, IMAGE_WIDTH)),),
+        outputs=(TensorSpec("soft_tokens", "float32", (1, NUM_IMAGE_TOKENS, w.packed)),),
         component=METHOD_VISION_ENCODER,
-        hints={"max_soft_tokens": budget, "max_patches": encoder.max_patches, "attention_query_chunk": chunk},
+        hints={"max_soft_tokens": budget, "max_patches": encoder.max_patches, "attention_query_chunk": chunk,
+               "image": "RGB, channels first, uint8, resized to the processor's target size: height and width "
+                        "multiples of size_multiple, (height / size_multiple) * (width / size_multiple) soft tokens",
+               "size_multiple": block},
+        stock_input=lambda packed: StockImageInput(packed, pixel_table=table, patch_size=image.patch_size),
     )
 
 
 def audio_encoder(lm) -> MethodBuild:
+    """log-mel features Float[1,bins,T] (every frame real) -> soft tokens [1,ceil(T/4),packed]."""
     w = Widths.of(lm)
     encoder = AudioEncoder(lm).eval()
+    # DYNAMIC, not a named Dim: the padding's ceil-division makes guards sympy cannot prove
+    # (e.g. (24 + 12*q) % (2 + q) == 0); export keeps them as runtime checks, which always hold.
+    frames = torch.export.Dim.DYNAMIC(min=1, max=MAX_FRAMES)
+    features, mask = encoder.example_inputs(200)
     return MethodBuild(
-        METHOD_AUDIO_ENCODER, encoder, encoder.example_inputs(200), encoder.dynamic_shapes(),
-        inputs=(TensorSpec("input_features", "float32", (1, NUM_FRAMES, encoder.mel_bins)),
-                TensorSpec("input_features_mask", "bool", (1, NUM_FRAMES))),
-        outputs=(TensorSpec("soft_tokens", "float32", (1, NUM_AUDIO_TOKENS, w.packed)),
-                 TensorSpec("token_mask", "bool", (1, NUM_AUDIO_TOKENS))),
+        METHOD_AUDIO_ENCODER, encoder, (features[:, mask[0]].transpose(1, 2).contiguous(),), ({2: frames},),
+        inputs=(TensorSpec("features", "float32", (1, encoder.mel_bins, NUM_FRAMES)),),
+        outputs=(TensorSpec("soft_tokens", "float32", (1, NUM_AUDIO_TOKENS, w.packed)),),
         component=METHOD_AUDIO_ENCODER,
-        hints={"frame_multiple": encoder.frame_multiple, "min_frames": encoder.min_frames, "max_frames": MAX_FRAMES},
+        hints={"frame_multiple": encoder.frame_multiple, "min_frames": encoder.min_frames, "max_frames": MAX_FRAMES,
+               "features": "audio_preprocessor's features of the frames its mask marks real, bins first"},
+        stock_input=StockAudioInput,
     )
 
 
 def pack_encoder(build: MethodBuild, row: torch.Tensor) -> MethodBuild:
-    """`build` with the pad id's PLE row appended to its soft tokens (call after quantizing)."""
-    build.module = PackedEncoder(build.module, row).eval()
+    """`build` with the pad id's PLE row appended to its soft tokens, taking the stock runner's
+    input (call after quantizing)."""
+    packed = PackedEncoder(build.module, row).eval()
+    build.module = (build.stock_input(packed) if build.stock_input else packed).eval()
     return build
 
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, InputError, NotAvailableError, require
-from edgekit.runtimes.backends.base import pad_audio_frames
 from edgekit.runtimes.free_heap import release_free_heap
+from edgekit.runtimes.image_preprocess import ImageParams, image_from_patches
 from edgekit.runtimes.mapped_pages import advise_random_access
 from edgekit.runtimes.native_logs import native_logs_hidden
 from edgekit.runtimes.no_mlock import mlock_disabled
@@ -119,24 +119,23 @@ class ExecutorchBackend:
             release_free_heap()  # the prefill's freed buffers (runtimes/free_heap.py)
         return logits.reshape(-1, logits.shape[-1]).float().numpy()
 
+    # The encoders take what ExecuTorch's stock runner passes (export/executorch/methods.py):
+    # the resized uint8 image and the clip's real log-mel frames, bins first.
     def encode_image(self, pixel_values: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        budget_patches = int(self.manifest.method(METHOD_VISION_ENCODER).inputs[0].shape[1])
-        pixels = np.zeros((1, budget_patches, pixel_values.shape[-1]), np.float32)
-        positions = np.full((1, budget_patches, 2), -1, np.int64)
-        n = min(pixel_values.shape[1], budget_patches)
-        pixels[:, :n], positions[:, :n] = pixel_values[:, :n], position_ids[:, :n]
-        tokens, valid = self._method(METHOD_VISION_ENCODER).execute(
-            [self._torch.from_numpy(pixels), self._torch.from_numpy(positions)])
+        params = ImageParams.from_dict(self.manifest.image_preprocessing.model_dump())
+        image = image_from_patches(pixel_values, position_ids, params=params)
+        tokens = self._method(METHOD_VISION_ENCODER).execute([self._torch.from_numpy(image[None])])[0]
         release_free_heap()  # the encoder's freed buffers
-        return tokens[0][valid[0].bool()].float().numpy()
+        return tokens[0].float().numpy()
 
     def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        padded, padded_mask = pad_audio_frames(features, mask,
-                                               extra=self.manifest.method(METHOD_AUDIO_ENCODER).extra)
-        tokens, valid = self._method(METHOD_AUDIO_ENCODER).execute(
-            [self._torch.from_numpy(padded), self._torch.from_numpy(padded_mask)])
+        real = np.asarray(features, np.float32).reshape(-1, features.shape[-1])[np.asarray(mask, bool).reshape(-1)]
+        if len(real) == 0:
+            raise InputError("the audio clip has no log-mel frames (too short)")
+        tokens = self._method(METHOD_AUDIO_ENCODER).execute(
+            [self._torch.from_numpy(np.ascontiguousarray(real.T[None]))])[0]
         release_free_heap()
-        return tokens[0][valid[0].bool()].float().numpy()
+        return tokens[0].float().numpy()
 
 
 class _Method:

@@ -48,7 +48,7 @@ FAMILY = ModelFamily(
     count_parameters=_count_parameters,
     text_layers=_text_layers,
     towers=lambda config: Towers(available=("text",), unsupported={}),
-    activation_bytes=lambda config, modalities, context, vision_tokens, chunked: 4 * context * config["text_config"]["hidden_size"],
+    activation_bytes=lambda config, modalities, context, vision_tokens, chunked, chunk: 4 * context * config["text_config"]["hidden_size"],
     audio=AudioLimits(ms_per_token=40, max_tokens=0),
     vision_token_budgets=(),
     presets={},

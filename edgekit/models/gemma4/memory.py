@@ -14,18 +14,19 @@ from edgekit.models.gemma4.param_count import text_layers
 
 
 def activation_bytes(config: Mapping[str, Any], modalities: tuple[str, ...], context: int, vision_tokens: int,
-                     chunked_vision: bool) -> int:
-    """Peak working memory: the stages (audio, vision, decoder) run one after another."""
-    stages = [_decoder_activations(config["text_config"], context)]
+                     chunked_vision: bool, chunk: int = PREFILL_CHUNK) -> int:
+    """Peak working memory: the stages (audio, vision, decoder) run one after another; the
+    decoder takes `chunk` tokens a call (compute_shapes.prefill_chunk)."""
+    stages = [_decoder_activations(config["text_config"], context, chunk)]
     if "vision" in modalities:
         stages.append(_vision_activations(config["vision_config"], vision_tokens, chunked=chunked_vision))
     if "audio" in modalities:
         stages.append(_audio_activations(config["audio_config"]))
     return max(stages)
 
-def _decoder_activations(text: Mapping[str, Any], context: int) -> int:
+def _decoder_activations(text: Mapping[str, Any], context: int, chunk: int = PREFILL_CHUNK) -> int:
     layers = text_layers(text)
-    chunk, hidden, heads = min(context, PREFILL_CHUNK), text["hidden_size"], text["num_attention_heads"]
+    chunk, hidden, heads = min(context, chunk), text["hidden_size"], text["num_attention_heads"]
     widest_mlp = max(layer.intermediate_size for layer in layers)
     widest_q = heads * max(layer.head_dim for layer in layers)
     ple = len(layers) * text.get("hidden_size_per_layer_input", 256)
