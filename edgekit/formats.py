@@ -191,9 +191,9 @@ FORMATS: Registry[Format] = Registry("format", (
                     "embedding tables as memory-mapped row files",
         extension=".mlpackage",
         backends=(Backend("coreml"),),
-        # linear_quantize_weights int8 and int4 per block (export/coreml/quantize.py); the
-        # tables are edgekit's row files, which take int2 rows too (int4-ple2, int4-ple2-t8).
-        recipes=("fp32", "fp16", "int8", *_INT4, "int4-ple2", "int4-ple2-t8"),
+        # linear_quantize_weights: int8 per block or channel, int4 per block (export/coreml/
+        # quantize.py); the tables are edgekit's row files, which take int2 rows too (*-ple2*).
+        recipes=("fp32", "fp16", "int8", "int8-channel", *_INT4, "int4-ple2", "int4-ple2-t8"),
         default_recipe="int4",
         exporter="edgekit.export.coreml.exporter:export_coreml",
         runtime="edgekit.runtimes.backends.coreml_backend:CoreMLBackend",

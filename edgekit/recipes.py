@@ -249,6 +249,14 @@ RECIPES: Registry[Recipe] = Registry("quantization recipe", (
         (Rule("*.embedding", _int8_table(128)), Rule("*.linear", _int8_blockwise(128)),
          Rule("*.lm_head", _int8_blockwise(128))),
     ),
+    # Core ML's per-channel int8 (coremltools' linear_quantize_weights per_channel): one scale
+    # per output row. ONNX's MatMulNBits quantizes along K in blocks, so ONNX keeps int8.
+    Recipe(
+        "int8-channel",
+        "int8 per-channel weights (one scale per output row) for every linear and the lm_head; "
+        "embedding tables int8 per row; activations stay float",
+        (Rule("*.embedding", INT8_WEIGHT_ONLY), Rule("*.linear", INT8_WEIGHT_ONLY), Rule("*.lm_head", INT8_WEIGHT_ONLY)),
+    ),
     _int4_recipe(32),
     _int4_recipe(64),
     _int4_recipe(128),
@@ -256,9 +264,9 @@ RECIPES: Registry[Recipe] = Registry("quantization recipe", (
     # ONNX's size-first recipe, as 8da4w-ple2 is ExecuTorch's: 2-bit per-layer rows
     # (GatherBlockQuantized bits=2) and every linear int4, the encoders too.
     _int4_ple2_recipe("int4-ple2", towers_bits=4),
-    # The iPhone's default (Core ML): the towers at 8 bits as in int4 (4-bit towers save
-    # 0.2 GB of E2B and cost them accuracy: audio cosine 0.93 against 0.9999 on tiny-e2b).
-    # Full E2B with every tower in about 2.4 GB.
+    # int4-ple2 with the towers at 8 bits as in int4: 4-bit towers save 0.2 GB of E2B and
+    # cost them accuracy on random weights (Core ML, tiny-e2b: audio cosine 0.934 against
+    # 0.9999). Full E2B with every tower in 2.58 GB on Core ML (bench/RESULTS.md section 17).
     _int4_ple2_recipe("int4-ple2-t8", towers_bits=8),
 ))
 

@@ -124,7 +124,7 @@ def test_iphone_export_with_the_profiles_defaults_verifies(coreml_bundles, tiny_
 
     bundle, summary = coreml_bundles["e2b"]
     manifest = bundle.manifest
-    assert (manifest.format, manifest.recipe, summary["modalities"]) == ("coreml", "int4-ple2-t8",
+    assert (manifest.format, manifest.recipe, summary["modalities"]) == ("coreml", "int4-ple2",
                                                                          ["text", "audio", "vision"])
     assert {m.name: m.file for m in manifest.methods} == {
         "text_decoder": "text_decoder.mlpackage", "vision_encoder": "vision_encoder.mlpackage",
@@ -137,10 +137,10 @@ def test_iphone_export_with_the_profiles_defaults_verifies(coreml_bundles, tiny_
         assert {"gather", "linear"} <= program.op_types(function) and not {"sin", "cos"} & program.op_types(function)
     report = verify_bundle(bundle.path, load(tiny_e2b), steps=64)
     assert report["passed"], report["failures"]
-    assert report["bounds"] == dataclasses.asdict(bounds_for("int4-ple2-t8"))
+    assert report["bounds"] == dataclasses.asdict(bounds_for("int4-ple2"))
     assert report["methods"]["text_decoder"]["token_agreement"] == 1.0  # measured: 64 of 64 steps
-    for method in ("vision_encoder", "audio_encoder"):
-        assert report["methods"][method]["cosine"] > 0.99, report["methods"][method]
+    for method in ("vision_encoder", "audio_encoder"):  # 4-bit towers: measured 0.953 and 0.934
+        assert report["methods"][method]["cosine"] > 0.92, report["methods"][method]
 
 
 def test_fp16_e4b_bundle_matches_transformers_to_fp16(coreml_bundles, tiny_e4b):
@@ -154,6 +154,30 @@ def test_fp16_e4b_bundle_matches_transformers_to_fp16(coreml_bundles, tiny_e4b):
     assert decoder["token_agreement"] == 1.0 and decoder["min_cosine"] > 0.9995, decoder  # fp16 compute
     for method in ("vision_encoder", "audio_encoder"):
         assert report["methods"][method]["cosine"] > 0.9999, report["methods"][method]
+
+
+def test_int8_per_channel_keeps_one_scale_per_output_row_and_verifies(plan_size_bundle, plan_size_checkpoint):
+    """The int8-channel recipe, on the plan-size checkpoint's export (tests/plan_sizes.py, real
+    widths, 1 layer): every linear's int8 weight has one scale per output row, the tables one
+    per row, and the program matches transformers within int8's bounds."""
+    from edgekit.checkpoint import load
+    from edgekit.export.coreml.mil_eval import _load_program
+    from edgekit.export.verify import verify_bundle
+    from tests.plan_sizes import Case
+
+    bundle = plan_size_bundle(Case("coreml", "coreml", "int8-channel"))
+    manifest = bundle.manifest
+    assert set(manifest.quant_schemes.values()) == {"int8"}
+    for table in manifest.extra["embedding_tables"].values():
+        assert (table["dtype"], table["group_size"]) == ("int8", table["columns"])
+    program = _load_program(bundle.file("text_decoder.mlpackage"))
+    scales = [op.scale.val for op in program.functions["decode"].operations
+              if op.op_type == "constexpr_blockwise_shift_scale"]
+    weights = [op.data.val for op in program.functions["decode"].operations
+               if op.op_type == "constexpr_blockwise_shift_scale"]
+    assert scales and all(s.shape == (w.shape[0], 1) for s, w in zip(scales, weights))
+    report = verify_bundle(bundle.path, load(plan_size_checkpoint), steps=16, save=False)
+    assert report["passed"], report["failures"]
 
 
 def test_a_short_chunk_padded_to_the_prefill_size_equals_feeding_it_token_by_token(coreml_bundles):

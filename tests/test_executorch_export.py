@@ -258,7 +258,9 @@ def test_metadata_methods(fp32):
     def value(name):
         return [int(v) for v in program.load_method(name).execute([])]
 
-    assert value(meta.GET_MAX_SEQ_LEN) == [16]  # min(context, 512, sliding window 16)
+    # The vision budget (70): the stock runner feeds an image's soft tokens in one call, more
+    # than min(context, 128, sliding window 16) would give.
+    assert value(meta.GET_MAX_SEQ_LEN) == [70] == [bundle.manifest.prefill_chunk]
     assert value(meta.GET_MAX_CONTEXT_LEN) == [CONTEXT]
     assert value(meta.GET_BOS_ID) == [tokens.bos_id]
     assert value(meta.GET_EOS_IDS) == list(tokens.eos_ids)

@@ -22,10 +22,10 @@ if TYPE_CHECKING:
 BASE_BYTES = 10**9  # Python, torch and coremltools themselves
 STORED_BYTES_PER_PARAMETER = 2  # bf16, as released
 TRACED_BYTES_PER_PARAMETER = 4  # fp32
-# Measured (bench/RESULTS.md section 16): full E2B, every tower, int4, 21.56 GB peak RSS;
-# e2b-shape cut to 2 layers, text, int4, 4.96 GB. This constant puts the estimates at 22.5
-# and 5.3 GB.
-CONVERSION_BYTES_PER_PARAMETER = 5
+# Measured (bench/RESULTS.md section 17): full E2B, every tower, 22.66 GB peak RSS at
+# int4-ple2-t8 and 21.56 GB at int4; e2b-shape cut to 2 layers, text, int4, 4.96 GB. This
+# constant puts the estimates at 22.9 and 5.5 GB.
+CONVERSION_BYTES_PER_PARAMETER = 5.2
 
 
 def conversion_peak_bytes(plan: ExportPlan) -> int:
@@ -36,5 +36,5 @@ def conversion_peak_bytes(plan: ExportPlan) -> int:
     program = {c.name: c.stored_parameters for c in plan.components}.get(METHOD_TEXT_DECODER, 0)
     head_bytes = 4 if plan.recipe.float_dtype == "fp32" else 2
     rest = plan.checkpoint_parameters - parameters.get(PER_LAYER_EMBEDDING, 0) - decoder
-    return (BASE_BYTES + STORED_BYTES_PER_PARAMETER * max(rest, 0) + TRACED_BYTES_PER_PARAMETER * decoder
-            + head_bytes * (program - decoder) + CONVERSION_BYTES_PER_PARAMETER * program)
+    return int(BASE_BYTES + STORED_BYTES_PER_PARAMETER * max(rest, 0) + TRACED_BYTES_PER_PARAMETER * decoder
+               + head_bytes * (program - decoder) + CONVERSION_BYTES_PER_PARAMETER * program)
