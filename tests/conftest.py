@@ -243,7 +243,7 @@ COREML_CONTEXT = 768  # mac-m-series' 560 image tokens + audio + text + 64 steps
 @pytest.fixture(scope="session")
 def coreml_exports(tiny_e2b, tiny_e4b, tmp_path_factory) -> ExportJobs:
     """e2b: tiny-e2b through `edgekit export --device iphone-15-pro`, the profile's defaults
-    (int4, every modality); e4b: tiny-e4b for mac-m-series at fp16, every modality."""
+    (int4-ple2, every modality); e4b: tiny-e4b for mac-m-series at fp16, every modality."""
     pytest.importorskip("coremltools")
     out = tmp_path_factory.mktemp("coreml")
     cli = [sys.executable, "-m", "edgekit", "export"]
