@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 BASE_BYTES = 10**9  # Python, torch and coremltools themselves
 STORED_BYTES_PER_PARAMETER = 2  # bf16, as released
 TRACED_BYTES_PER_PARAMETER = 4  # fp32
-# Measured (bench/RESULTS.md section 17): full E2B, every tower, 22.66 GB peak RSS at
-# int4-ple2-t8 and 21.56 GB at int4; e2b-shape cut to 2 layers, text, int4, 4.96 GB. This
-# constant puts the estimates at 22.9 and 5.5 GB.
+# Measured (bench/RESULTS.md section 17): full E2B, every tower, 22.84 GB peak RSS at
+# int4-ple2, 22.66 at int4-ple2-t8, 21.56 at int4; e2b-shape cut to 2 layers, text, int4,
+# 4.96 GB. This constant puts the estimates at 22.9 and 5.4 GB.
 CONVERSION_BYTES_PER_PARAMETER = 5.2
 
 

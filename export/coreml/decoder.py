@@ -45,7 +45,7 @@ class SplitHead(nn.Module):
 
     coremltools handles each weight constant whole: its fp16 pass checks an fp32 constant for
     overflow through np.where (about 33 bytes per element at once) and its int4 quantizer
-    makes several float copies. E2B's 262144 x 1536 head as one constant took 13 GB to
+    makes several float copies. E2B's 262144 x 1536 head as one constant took about 12 GB to
     convert, its blocks a few hundred MB each. (The Neural Engine also prefers narrow outputs.)"""
 
     def __init__(self, weight: torch.Tensor, *, dtype: torch.dtype) -> None:
