@@ -78,8 +78,8 @@ def main() -> None:
     print(f"linear {args.rows} x {args.columns}, {args.weights} weights, 64 inputs\n")
     print(f"| compression | bits per weight | output relative RMS error | coremltools seconds |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, way in WAYS.items():
-            path = Path(tmp) / f"{len(name)}-{hash(name) & 0xffff}.mlpackage"
+        for index, (name, way) in enumerate(WAYS.items()):
+            path = Path(tmp) / f"{index}.mlpackage"
             seconds = _program(weight, way, path)
             weight_bytes = sum(f.stat().st_size for f in path.rglob("weight.bin"))
             program = SavedProgram(path)

@@ -164,7 +164,6 @@ def whole_input_tokens(fmt: Format, modalities: tuple[str, ...], vision_token_bu
     return vision_token_budget if fmt.feeds_inputs_whole and "vision" in modalities else 0
 
 
-
 def make_plan(checkpoint: Path, *, profile: DeviceProfile, format_name: str | None = None,
               recipe_name: str | None = None, modalities: str | None = None,
               context: int | None = None, external_weights: bool = False) -> ExportPlan:
