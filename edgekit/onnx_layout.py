@@ -30,6 +30,8 @@ PER_LAYER_INPUTS = "per_layer_inputs"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+# optional: logits of the last K positions only (0, the default: all; onnxruntime-genai feeds none)
+LOGITS_TO_KEEP = "logits_to_keep"
 PAST_KEY = "past_key_values.%d.key"
 PAST_VALUE = "past_key_values.%d.value"
 PRESENT_KEY = "present.%d.key"

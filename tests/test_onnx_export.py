@@ -105,8 +105,26 @@ def test_runner_keeps_only_the_sliding_window_of_past(onnx_fp32_bundle, tiny_e2b
     assert not trimmed.truncate(back - 1) and trimmed.position == len(ids)
     assert trimmed.truncate(back) and trimmed.position == back
     fresh = backend()
-    np.testing.assert_allclose(trimmed.forward(ids[back:back + 3]), fresh.forward(ids[:back + 3])[back:],
+    np.testing.assert_allclose(trimmed.forward(ids[back:back + 3]), fresh.forward(ids[:back + 3]),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_computes_the_logits_of_the_positions_asked_for(onnx_fp32_bundle):
+    """The runner asks for the last position's logits only (logits_to_keep=1); a caller that
+    feeds nothing, as onnxruntime-genai does, gets every position's, the same numbers."""
+    import numpy as np
+
+    from edgekit.runtimes.backends.onnx_backend import OnnxBackend
+
+    ids = np.arange(40, 52)
+    last_only = OnnxBackend(load_bundle(onnx_fp32_bundle))
+    assert last_only._keeps_last_logits
+    every = OnnxBackend(load_bundle(onnx_fp32_bundle))
+    every.__dict__["_keeps_last_logits"] = False  # feed nothing: the graph's default
+    got, want = last_only.forward(ids), every.forward(ids)
+    assert got.shape == (1, want.shape[1]) and want.shape[0] == len(ids)
+    np.testing.assert_allclose(got, want[-1:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(last_only.forward(ids[:1]), every.forward(ids[:1]), rtol=1e-5, atol=1e-5)
 
 
 def test_runner_keeps_the_sliding_rows_back_to_the_turn_start(onnx_fp32_bundle, tiny_e2b):
@@ -131,7 +149,7 @@ def test_runner_keeps_the_sliding_rows_back_to_the_turn_start(onnx_fp32_bundle, 
     back = len(prompt) - 4
     assert not runner.truncate(back - 1) and runner.truncate(back)
     fresh = OnnxBackend(load_bundle(onnx_fp32_bundle))
-    np.testing.assert_allclose(runner.forward(ids[back:back + 3]), fresh.forward(ids[:back + 3])[back:],
+    np.testing.assert_allclose(runner.forward(ids[back:back + 3]), fresh.forward(ids[:back + 3]),
                                rtol=1e-4, atol=1e-4)
     for token in ids[back + 3:]:  # no turn open: cut back to window - 1 + slack again
         runner.forward(token[None])

@@ -35,6 +35,7 @@ from edgekit.export.components.vision_encoder import VisionEncoder
 from edgekit.export.onnx import genai_config
 from edgekit.export.onnx.fusable_norms import use_fusable_norms_
 from edgekit.export.onnx.graph_export import OPSET, GraphSpec, export_graph
+from edgekit.export.onnx.logits_to_keep import add_logits_to_keep
 from edgekit.export.lazy_upcast import load_in_checkpoint_dtype, upcast_
 from edgekit.export.onnx.quantize import to_fp16
 from edgekit.export.onnx.stream_quantize import TableSource, quantize_graph_weights
@@ -326,6 +327,8 @@ def export_onnx(checkpoint: Checkpoint, *, plan: ExportPlan, output: Path, overw
                 with _placeholder_tables(spec, schemes[method], plan.recipe) as tables:
                     upcast_(spec.module)
                     raw = export_graph(spec, scratch / f"{method}.onnx")
+                if method == METHOD_TEXT_DECODER:
+                    add_logits_to_keep(raw)
                 del spec
                 _release_exported_modules(lm, method)
                 if method == methods[-1]:

@@ -26,7 +26,7 @@ class Backend(Protocol):
                 audio_features: np.ndarray | None = None) -> np.ndarray:
         """Feed `input_ids` [S] (image/audio soft-token positions carry their placeholder ids and
         take the next rows of the features, in order). Returns logits [n, V] float32 for the
-        last n >= 1 positions (ONNX returns all S; an ExecuTorch .pte only the last)."""
+        last n >= 1 positions (the last only; an ONNX bundle without logits_to_keep returns all S)."""
 
     def encode_image(self, pixel_values: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Preprocessed image -> soft-token rows [n, >= hidden] (padding removed) that this

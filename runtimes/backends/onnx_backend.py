@@ -114,6 +114,11 @@ class OnnxBackend:
         return shapes
 
     @cached_property
+    def _keeps_last_logits(self) -> bool:
+        """Whether the decoder takes logits_to_keep (bundles exported before it do not)."""
+        return any(i.name == L.LOGITS_TO_KEEP for i in self._session(METHOD_TEXT_DECODER).get_overridable_initializers())
+
+    @cached_property
     def hidden_size(self) -> int:
         return int(self.manifest.model.hidden_size)
 
@@ -191,6 +196,8 @@ class OnnxBackend:
             for name in (L.PAST_KEY % layer, L.PAST_VALUE % layer):
                 feed[name] = self._past.get(name, np.zeros((1, heads, 0, dim), np.float32))
         decoder = self._session(METHOD_TEXT_DECODER)
+        if self._keeps_last_logits:
+            feed[L.LOGITS_TO_KEEP] = np.array(1, np.int64)  # only the last position's are read
         outputs = decoder.run(None, feed, self._shrink_after if seq > 1 else None)
         names = [o.name for o in decoder.get_outputs()]
         for name, value in zip(names[1:], outputs[1:]):
