@@ -217,6 +217,30 @@ class ImagePreprocessing(_Spec):
     extra: dict[str, Any] = {}
 
 
+class PromptPieces(_Spec):
+    """The text around each turn and media input, rendered from the bundle's own chat template at
+    export (edgekit.runtimes.prompt.prompt_pieces), so an app with no template engine (android_demo)
+    feeds the stock runner the text the runner's template renders. With thinking off, no system
+    message, each earlier answer as the model wrote it:
+
+        begin + user_start + USER + user_end + model_start + ANSWER + model_end + user_start + USER
+              + user_end + generation_prompt
+
+    USER is the message's parts in order, the turn's leading and trailing whitespace dropped,
+    each image as image_start + the image + image_end, each clip as audio_start + clip + audio_end."""
+
+    begin: Str
+    user_start: Str
+    user_end: Str
+    model_start: Str
+    model_end: Str
+    generation_prompt: Str
+    image_start: Str
+    image_end: Str
+    audio_start: Str
+    audio_end: Str
+
+
 def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
@@ -243,6 +267,7 @@ class Manifest(_Spec):
     chat_template: BundlePath | None = CHAT_TEMPLATE_FILE  # a file name inside the bundle
     audio_preprocessing: AudioPreprocessing | None = None
     image_preprocessing: ImagePreprocessing | None = None
+    prompt: PromptPieces | None = None  # None: the chat template is not one these pieces describe
     files: Annotated[tuple[FileEntry, ...], _unique("file", lambda f: f.path)] = ()  # BundleWriter.finalize
     verification: dict[str, Any] | None = None  # report saved by `edgekit verify`
     extra: dict[str, Any] = {}  # format-specific: opset, ir_version, ...

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from edgekit.errors import BundleError
 from edgekit.formats import get_format
@@ -59,6 +59,26 @@ def check_manifest_values(manifest: Manifest) -> None:
         if token is not None and not 0 <= token < vocab:
             raise BundleError(f"bundle manifest key 'special_tokens.{key}' is {token}, outside the model's "
                               f"vocabulary of {vocab}")
+
+
+def check_app_target(manifest: Manifest, *, format: str, devices: Collection[str], data_files: bool) -> None:
+    """What an app built for one format and some device profiles refuses before it loads anything
+    (android_demo's BundleManifest.kt checks the same, in this order): a bundle for another format
+    or device, a program whose weights are in a data file its runtime cannot pass (`data_files`
+    False: the Android library's multimodal LlmModule), a manifest without prompt pieces."""
+    if manifest.format != format:
+        raise BundleError(f"this is a {manifest.format} bundle; this app runs {format} bundles "
+                          f"(export with --device {sorted(devices)[0]})")
+    if manifest.device not in devices:
+        raise BundleError(f"this bundle was exported for {manifest.device}; this app takes bundles for "
+                          f"{', '.join(sorted(devices))} (export again with --device {sorted(devices)[0]})")
+    data = manifest.extra.get("program_data")
+    if data and not data_files:
+        raise BundleError(f"this bundle keeps its weights in {data} (--external-weights), which this app's runtime "
+                          f"cannot load; export again without --external-weights")
+    if manifest.prompt is None:
+        raise BundleError("this bundle's manifest has no prompt pieces (an older edgekit, or a chat template they "
+                          "cannot describe); export it again")
 
 
 def _check_extras(extra: dict[str, Any], wanted: dict[str, tuple[type, int | None]], where: str) -> None:

@@ -16,7 +16,7 @@ from edgekit.checkpoint import Checkpoint
 from edgekit.compute_shapes import prefill_chunk
 from edgekit.manifest import (CHAT_TEMPLATE_FILE, METHOD_AUDIO_ENCODER, METHOD_VISION_ENCODER, TOKENIZER_CONFIG_FILE,
                               TOKENIZER_FILE, AudioPreprocessing, ImagePreprocessing, Manifest, MethodSpec, ModelInfo,
-                              SpecialTokens)
+                              PromptPieces, SpecialTokens)
 from edgekit.models.gemma4.special_tokens import TOKEN_STRINGS
 
 if TYPE_CHECKING:
@@ -45,8 +45,28 @@ def manifest_for(checkpoint: Checkpoint, plan: ExportPlan, *, methods: tuple[Met
         audio_preprocessing=audio_preprocessing(checkpoint) if METHOD_AUDIO_ENCODER in names else None,
         image_preprocessing=(image_preprocessing(checkpoint, max_soft_tokens=plan.vision_token_budget)
                              if METHOD_VISION_ENCODER in names else None),
+        prompt=prompt_pieces(checkpoint, tokens or special_tokens(checkpoint)),
         extra={"modalities": list(plan.modalities), **extra},
     )
+
+
+def prompt_pieces(checkpoint: Checkpoint, tokens: SpecialTokens) -> PromptPieces | None:
+    """The manifest's `prompt`, from the chat template and tokenizer the bundle carries."""
+    from edgekit.runtimes.prompt import ChatTemplate, PromptBuilder, special_tokens_map
+    from edgekit.runtimes.prompt import prompt_pieces as pieces_of
+
+    path = checkpoint.path
+    if (path / CHAT_TEMPLATE_FILE).is_file():
+        builder = PromptBuilder.from_dir(path, special_tokens=tokens)
+    else:  # older checkpoints keep the template inside tokenizer_config.json (copy_tokenizer_files)
+        config = json.loads((path / TOKENIZER_CONFIG_FILE).read_text())
+        if not isinstance(config.get("chat_template"), str):
+            return None
+        from tokenizers import Tokenizer
+
+        builder = PromptBuilder(template=ChatTemplate(config["chat_template"], special_tokens=special_tokens_map(config)),
+                                tokenizer=Tokenizer.from_file(str(path / TOKENIZER_FILE)), special_tokens=tokens)
+    return pieces_of(builder)
 
 
 def model_info(checkpoint: Checkpoint, *, size: str) -> ModelInfo:

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import jinja2
 import jinja2.exceptions
@@ -46,7 +46,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from edgekit.errors import BundleError, InputError
-from edgekit.manifest import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, SpecialTokens
+from edgekit.manifest import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, PromptPieces, SpecialTokens
 from edgekit.models.gemma4.special_tokens import TOKEN_STRINGS
 
 Message = Mapping[str, Any]  # {"role": ..., "content": str | [{"type": "text"|"image"|"audio", ...}]}
@@ -385,5 +385,92 @@ class PromptBuilder:
                             enable_thinking=enable_thinking)
 
 
-__all__ = ["ChatTemplate", "Message", "Prompt", "PromptBuilder", "build_prompt", "check_special_tokens",
-           "special_tokens_from_tokenizer", "special_tokens_map"]
+# --- pieces for apps without a template engine ----------------------------------------------
+
+# Stand-ins for message text while the template is rendered into its pieces: plain words that
+# survive `trim` and cannot be in any template.
+_SENTINELS = ("EdgekitPieceUserOne", "EdgekitPieceAnswer", "EdgekitPieceUserTwo")
+
+
+def prompt_pieces(builder: PromptBuilder) -> PromptPieces | None:
+    """The manifest's `prompt`: the template rendered around stand-in messages and cut at them,
+    the media markers as the tokenizer spells the manifest's ids. None when the template does not
+    render as PromptPieces describes (then an app cannot build its prompts without it)."""
+    user, answer, again = _SENTINELS
+    render, st, tokenizer = builder.template.render, builder.special_tokens, builder.tokenizer
+    turn = [{"role": "user", "content": user}]
+    answered = [*turn, {"role": "assistant", "content": answer}]
+    one = render(turn, add_generation_prompt=False)
+    head, _, user_end = one.partition(user)
+    generation_prompt = render(turn).removeprefix(one)
+    model_start, _, model_end = render(answered, add_generation_prompt=False).removeprefix(one).partition(answer)
+    user_start = render([*answered, {"role": "user", "content": again}], add_generation_prompt=False)
+    user_start = user_start.removeprefix(one + model_start + answer + model_end).partition(again)[0]
+    markers = [None if i is None else tokenizer.id_to_token(i)
+               for i in (st.boi_id, st.eoi_id, st.boa_id, st.eoa_id, st.image_token_id, st.audio_token_id)]
+    if not user_start or not head.endswith(user_start) or None in markers:
+        return None
+    pieces = PromptPieces(begin=head.removesuffix(user_start), user_start=user_start, user_end=user_end,
+                          model_start=model_start, model_end=model_end, generation_prompt=generation_prompt,
+                          image_start=markers[0], image_end=markers[1], audio_start=markers[2],
+                          audio_end=markers[3])
+    # The pieces must give back what the template renders, media placeholders included.
+    media = [{"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": user}]},
+             {"role": "assistant", "content": answer}, {"role": "user", "content": again}]
+    placeholders = {"image": markers[4], "audio": markers[5]}
+    rebuilt = "".join(p if isinstance(p, str) else placeholders[p[0]] for p in prompt_segments(pieces, media))
+    rebuilt = rebuilt.replace(markers[0] + markers[4] + markers[1], markers[4])
+    rebuilt = rebuilt.replace(markers[2] + markers[5] + markers[3], markers[5])
+    return pieces if rebuilt == render(media) else None
+
+
+Segment = Union[str, tuple[str, Any]]  # text, or ("image" | "audio", the part's media)
+
+
+def prompt_segments(pieces: PromptPieces, messages: Sequence[Message]) -> list[Segment]:
+    """A conversation (user and assistant messages, no system message, thinking off) as the
+    stock runner's inputs, in order: text, and each image or clip between its markers. What
+    android_demo's Prompt.kt does with the same pieces; adjacent text is joined."""
+    out: list[Segment] = [pieces.begin]
+    for i, message in enumerate(messages):
+        if message["role"] not in ("user", "assistant"):
+            raise InputError(f"message {i}: an app's prompt takes user and assistant messages, "
+                             f"not {message['role']!r}")
+        user = message["role"] == "user"
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+        turn: list[Segment] = []
+        for part in parts:
+            if part["type"] == "text":
+                turn.append(turn.pop() + part["text"] if turn and isinstance(turn[-1], str) else part["text"])
+            elif part["type"] in ("image", "audio"):
+                turn.append((part["type"], part.get(part["type"])))
+            else:
+                raise InputError(f"message {i}: an app's prompt takes text, image and audio parts, "
+                                 f"not {part['type']!r}")
+        # The template trims the turn's rendered content, in which media are placeholders.
+        if turn and isinstance(turn[0], str):
+            turn[0] = turn[0].lstrip()
+        if turn and isinstance(turn[-1], str):
+            turn[-1] = turn[-1].rstrip()
+        out.append(pieces.user_start if user else pieces.model_start)
+        for segment in turn:
+            if isinstance(segment, str):
+                out.append(segment)
+            else:
+                start, end = ((pieces.image_start, pieces.image_end) if segment[0] == "image"
+                              else (pieces.audio_start, pieces.audio_end))
+                out += [start, segment, end]
+        out.append(pieces.user_end if user else pieces.model_end)
+    out.append(pieces.generation_prompt)
+    joined: list[Segment] = []
+    for segment in out:
+        if isinstance(segment, str) and joined and isinstance(joined[-1], str):
+            joined[-1] += segment
+        elif segment != "":
+            joined.append(segment)
+    return joined
+
+
+__all__ = ["ChatTemplate", "Message", "Prompt", "PromptBuilder", "Segment", "build_prompt", "check_special_tokens",
+           "prompt_pieces", "prompt_segments", "special_tokens_from_tokenizer", "special_tokens_map"]

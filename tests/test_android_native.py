@@ -12,7 +12,9 @@ budget 70), whose random answers vary more.
 
 from __future__ import annotations
 
-import resource
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from PIL import Image
 
 from edgekit.runtimes.image_preprocess import ImageParams, resized_rgb
 from edgekit.runtimes.mel_features import MelParams, log_mel_features
+from edgekit.runtimes.prompt import prompt_segments
 from edgekit.runtimes.sampling import SamplingParams
 
 pytest.importorskip("executorch.runtime")
@@ -55,33 +58,34 @@ def _messages(kind: str) -> list[dict]:
     return messages
 
 
-def _native_inputs(engine, messages: list[dict]):
-    """The stock runner's inputs for `messages`, built as an app builds them: the bundle's
-    chat template rendered, each media placeholder replaced by its begin marker, the media
-    (resized uint8 image channels first; real log-mel frames, bins first) and its end marker."""
+def _native_inputs(bundle, messages: list[dict]):
+    """The stock runner's inputs for `messages`, built as android_demo builds them, from the
+    manifest alone: its prompt pieces around the text (prompt_segments, Prompt.kt's twin), each
+    image resized to the manifest's target size (uint8, channels first), each clip as real
+    log-mel frames (bins first)."""
     import torch
     from executorch.extension.llm.runner import make_audio_input, make_image_input, make_text_input
 
-    manifest = engine.bundle.manifest
-    tokens = engine.prompts.template.special_tokens
-    text = engine.prompts.template.render(messages)
+    manifest = bundle.manifest
     inputs = []
-    for part in messages[0]["content"] if not isinstance(messages[0]["content"], str) else ():
-        if part["type"] == "image":
-            before, text = text.split(tokens["image_token"], 1)
-            rgb = resized_rgb(part["image"], params=ImageParams.from_dict(manifest.image_preprocessing.model_dump()))
-            inputs += [make_text_input(before + tokens["boi_token"]),
-                       make_image_input(torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))))]
-            text = tokens["eoi_token"] + text
-        elif part["type"] == "audio":
-            before, text = text.split(tokens["audio_token"], 1)
+    for segment in prompt_segments(manifest.prompt, messages):
+        if isinstance(segment, str):
+            inputs.append(make_text_input(segment))
+        elif segment[0] == "image":
+            rgb = resized_rgb(segment[1], params=ImageParams.from_dict(manifest.image_preprocessing.model_dump()))
+            inputs.append(make_image_input(torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))))
+        else:
             audio = manifest.audio_preprocessing
-            features, mask = log_mel_features(part["audio"], params=MelParams.from_dict({**audio.model_dump(),
-                                                                                          **audio.extra}))
-            real = np.ascontiguousarray(features[mask].T[None])  # [1, bins, frames]
-            inputs += [make_text_input(before + tokens["boa_token"]), make_audio_input(torch.from_numpy(real))]
-            text = tokens["eoa_token"] + text
-    return [*inputs, make_text_input(text)]
+            features, mask = log_mel_features(segment[1], params=MelParams.from_dict({**audio.model_dump(),
+                                                                                     **audio.extra}))
+            inputs.append(make_audio_input(torch.from_numpy(np.ascontiguousarray(features[mask].T[None]))))
+    return inputs
+
+
+def _memory() -> dict[str, int]:
+    """VmRSS and VmHWM of this process in KiB (/proc/self/status), what the app shows."""
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in lines) if k in ("VmRSS", "VmHWM")}
 
 
 _RUNNERS: dict = {}
@@ -116,15 +120,15 @@ def test_stock_runner_gives_the_python_runners_greedy_tokens(kind, bundle_name, 
 
     pieces: list[str] = []
     stats = []
-    rss_during_decode: list[int] = []
+    memory_during_decode: list[dict[str, int]] = []
 
     def on_piece(piece: str) -> None:
         pieces.append(piece)
-        rss_during_decode.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        memory_during_decode.append(_memory())
 
     runner = _native_runner(bundle)
     runner.reset()
-    runner.generate(_native_inputs(engine, messages),
+    runner.generate(_native_inputs(bundle, messages),
                     GenerationConfig(echo=False, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0), on_piece, stats.append)
     # Same prompt length: the native tokenizer's text pieces plus the encoders' soft tokens
     # fill the positions the Python prompt builder counts.
@@ -134,5 +138,102 @@ def test_stock_runner_gives_the_python_runners_greedy_tokens(kind, bundle_name, 
     tokenizer = Tokenizer.from_file(str(bundle.file("tokenizer.json")))
     assert len(pieces) == len(expected_ids), (pieces, expected_ids)
     assert "".join(pieces) == tokenizer.decode(expected_ids, skip_special_tokens=False), (pieces, expected_ids)
-    print(f"\n{bundle_name} {kind}: {len(pieces)} tokens {expected_ids}; "
-          f"peak RSS by the last decode step {rss_during_decode[-1] / 1024:.0f} MiB (process, both runners)")
+    rss = max(m["VmRSS"] for m in memory_during_decode) / 1024
+    print(f"\n{bundle_name} {kind}: {len(pieces)} tokens {expected_ids}; during decode VmRSS up to {rss:.0f} MiB, "
+          f"VmHWM {memory_during_decode[-1]['VmHWM'] / 1024:.0f} MiB (the process: pytest, both runners)")
+
+
+# --- bad input: what the app refuses before the runner, and what the runner says itself ---------
+
+ANDROID_DEMO = Path(__file__).resolve().parent.parent / "android_demo"
+
+
+def _app_contract() -> tuple[str, list[str]]:
+    """The bundles android_demo takes (gradle.properties -> BuildConfig), checked against edgekit."""
+    props = dict(line.split("=", 1) for line in (ANDROID_DEMO / "gradle.properties").read_text().splitlines()
+                 if "=" in line and not line.startswith("#"))
+    return props["edgekit.format"], props["edgekit.devices"].split(",")
+
+
+def test_app_contract_is_edgekits_android_profiles():
+    from edgekit.profiles import load_profiles
+
+    fmt, devices = _app_contract()
+    android = sorted(p.name for p in load_profiles() if p.name.startswith("android"))
+    assert sorted(devices) == android
+    assert {load_profiles().get(d).format for d in devices} == {fmt}
+
+
+def test_app_refuses_a_bundle_for_another_format_device_or_with_a_data_file(executorch_bundles):
+    from edgekit.errors import BundleError
+    from edgekit.manifest_checks import check_app_target
+
+    fmt, devices = _app_contract()
+    manifest = executorch_bundles["fp32"].manifest
+    check_app_target(manifest, format=fmt, devices=devices, data_files=False)  # what the app loads
+    cases = {
+        "this is a onnx bundle; this app runs executorch bundles": manifest.model_copy(update={"format": "onnx"}),
+        "exported for pi5-8gb; this app takes bundles for android-flagship, android-midrange":
+            manifest.model_copy(update={"device": "pi5-8gb"}),
+        "no prompt pieces": manifest.model_copy(update={"prompt": None}),
+        "model.ptd (--external-weights)": executorch_bundles["e4b"].manifest,
+    }
+    for message, bad in cases.items():
+        with pytest.raises(BundleError, match=re.escape(message)) as caught:
+            check_app_target(bad, format=fmt, devices=devices, data_files=False)
+        assert "\n" not in str(caught.value)
+
+
+def _copy(bundle, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(bundle.path, tmp_path / bundle.path.name))
+
+
+def test_a_file_that_disagrees_with_the_manifest_is_refused(executorch_bundles, tmp_path):
+    from edgekit.bundle import load_bundle
+    from edgekit.errors import BundleError
+
+    copy = _copy(executorch_bundles["fp32"], tmp_path)
+    pte = copy / executorch_bundles["fp32"].manifest.extra["program"]
+    data = bytearray(pte.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the sha256 sees it
+    pte.write_bytes(bytes(data))
+    load_bundle(copy, verify="sizes")
+    with pytest.raises(BundleError, match="corrupt: sha256"):
+        load_bundle(copy, verify="full")
+    pte.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(BundleError, match="truncated or changed"):
+        load_bundle(copy, verify="sizes")
+    # The stock runner itself on the truncated program, in a child process in case it crashes.
+    probe = ("import sys\nfrom executorch.extension.llm.runner import MultimodalRunner\n"
+             "try:\n    MultimodalRunner(sys.argv[1], sys.argv[2], None)\n"
+             "except Exception as e:\n    print('refused:', str(e).splitlines()[0]); sys.exit(3)\n")
+    result = subprocess.run([sys.executable, "-c", probe, str(pte), str(copy / "tokenizer.json")],
+                            capture_output=True, text=True, timeout=300)
+    print(f"\nstock runner on a truncated model.pte: exit {result.returncode}, {result.stdout.strip()!r}")
+    assert result.returncode >= 0, f"the stock runner crashed (signal {-result.returncode}) on a truncated .pte"
+
+
+def test_a_prompt_past_the_context_is_refused_by_the_runner(executorch_bundles):
+    from executorch.extension.llm.runner import GenerationConfig, make_text_input
+
+    bundle = executorch_bundles["fp32"]
+    runner = _native_runner(bundle)
+    runner.reset()
+    words = " ".join(["station"] * (bundle.manifest.max_context + 8))
+    with pytest.raises(Exception) as caught:  # the bindings raise RuntimeError with the runner's error
+        runner.generate([make_text_input(bundle.manifest.prompt.begin + words)],
+                        GenerationConfig(echo=False, max_new_tokens=4, temperature=0.0), lambda piece: None, None)
+    print(f"\nstock runner, prompt past the context: {type(caught.value).__name__}: {str(caught.value).splitlines()[0]}")
+    runner.reset()
+
+
+def test_an_undecodable_image_is_a_message(tmp_path):
+    from edgekit.errors import InputError
+
+    bad = tmp_path / "photo.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(InputError) as caught:
+        resized_rgb(bad, params=ImageParams(patch_size=16, pooling_kernel_size=3, max_soft_tokens=70))
+    assert "\n" not in str(caught.value)

@@ -26,7 +26,7 @@ from edgekit.errors import BundleError, InputError
 from edgekit.manifest import SpecialTokens
 from edgekit.runtimes.image_preprocess import ImageParams, num_soft_tokens
 from edgekit.runtimes.mel_features import MelParams, num_audio_tokens
-from edgekit.runtimes.prompt import ChatTemplate, PromptBuilder, special_tokens_map
+from edgekit.runtimes.prompt import ChatTemplate, PromptBuilder, prompt_pieces, prompt_segments, special_tokens_map
 from edgekit.runtimes.sampling import Sampler, SamplingParams, filter_candidates
 from edgekit.runtimes.text_stream import ChannelStreamer, TextStreamer
 
@@ -184,6 +184,35 @@ def test_manifest_tokens_must_match_tokenizer(tiny_e2b, builder):
     wrong = SpecialTokens(bos_id=st.bos_id, eos_ids=st.eos_ids, pad_id=st.pad_id, image_token_id=st.image_token_id + 1)
     with pytest.raises(BundleError, match="<\\|image\\|>"):
         PromptBuilder.from_dir(tiny_e2b, special_tokens=wrong)
+
+
+def test_prompt_pieces_give_the_runners_ids(builder):
+    """An app's prompt from the manifest's pieces (android_demo) is the ids the runner builds:
+    text tokenized piece by piece, each image or clip its soft tokens, across turns."""
+    pieces = prompt_pieces(builder)
+    assert pieces is not None and pieces.begin == "<bos>" and pieces.image_start == "<|image>"
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " Compare this "},
+                                     {"type": "audio"}, {"type": "text", "text": "with this.\n"}]},
+        {"role": "assistant", "content": "A cat and a bell."},
+        {"role": "user", "content": "  And now? "},
+    ]
+    st, ids = builder.special_tokens, []
+    for segment in prompt_segments(pieces, messages):
+        if isinstance(segment, str):
+            ids += builder.tokenizer.encode(segment, add_special_tokens=False).ids
+        else:
+            ids += [st.image_token_id] * 3 if segment[0] == "image" else [st.audio_token_id] * 2
+    expected = builder.build(messages, image_soft_tokens=[3], audio_soft_tokens=[2]).input_ids
+    assert ids == expected.tolist()
+    with pytest.raises(InputError, match="'system'"):
+        prompt_segments(pieces, [{"role": "system", "content": "Be brief."}])
+
+
+def test_prompt_pieces_refuse_a_template_they_cannot_describe(builder):
+    other = PromptBuilder(template=ChatTemplate("{{ messages | length }}"), tokenizer=builder.tokenizer,
+                          special_tokens=builder.special_tokens)
+    assert prompt_pieces(other) is None
 
 
 _ENV_TEMPLATE = """{{ bos_token }}{% set ns = namespace(n=0) %}
