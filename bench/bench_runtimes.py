@@ -198,7 +198,7 @@ def child_bundle(args: argparse.Namespace) -> None:
     import numpy as np
 
     from edgekit.manifest import METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING
-    from edgekit.plan import PREFILL_CHUNK
+    from edgekit.compute_shapes import PREFILL_CHUNK
     from edgekit.runtimes.engine import Engine
 
     before = proc_status()
