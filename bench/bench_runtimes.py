@@ -198,7 +198,7 @@ def child_bundle(args: argparse.Namespace) -> None:
     import numpy as np
 
     from edgekit.manifest import METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING
-    from edgekit.plan import PREFILL_CHUNK
+    from edgekit.compute_shapes import PREFILL_CHUNK
     from edgekit.runtimes.engine import Engine
 
     before = proc_status()
@@ -293,8 +293,9 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def _spread(xs: list[float]) -> str:
-    return f"{_median(xs):.2f}" + (f" ({min(xs):.2f}-{max(xs):.2f})" if len(xs) > 1 else "")
+def spread(xs: list[float], fmt: str = "{:.2f}") -> str:
+    """Median, then (min-max) when there is more than one value."""
+    return fmt.format(_median(xs)) + (f" ({fmt.format(min(xs))}-{fmt.format(max(xs))})" if len(xs) > 1 else "")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -429,7 +430,7 @@ def _runtime_table(results, bundles) -> str:
         size = _bundle_bytes(name, bundles)
         hwm = r["decode_peak_rss_bytes"]
         share = f"{hwm / size:.0%}" if size and hwm else "n/a"
-        rows.append([name, f"{r['load_s']:.2f} s", _spread(r["prefill_tok_s"]), _spread(r["decode_tok_s"]),
+        rows.append([name, f"{r['load_s']:.2f} s", spread(r["prefill_tok_s"]), spread(r["decode_tok_s"]),
                      mib(hwm), mib(r["life_peak_rss_bytes"]), gb(size) if size else "-", share,
                      f"{r['load_average_1min_at_end']:.1f}"])
     return "Runtimes (each in its own child process)\n\n" + table(

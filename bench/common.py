@@ -359,17 +359,18 @@ def run_child(cmd: Sequence[str], **kwargs: Any) -> tuple[dict[str, Any], Measur
 
 # --- artefacts: checkpoints and bundles, reused when present -------------------------------
 
-def checkpoint_dir(workdir: Path, layers: int | None) -> Path:
-    return workdir / (f"e2b-shape-L{layers}" if layers else "e2b-shape-full")
+def checkpoint_dir(workdir: Path, layers: int | None, preset: str = "e2b-shape") -> Path:
+    return workdir / (f"{preset}-L{layers}" if layers else f"{preset}-full")
 
 
-def ensure_checkpoint(workdir: Path, *, layers: int | None, log: Path | None = None) -> tuple[Path, str]:
-    """The `e2b-shape` checkpoint (cut to `layers`), written once; returns (dir, how)."""
-    path = checkpoint_dir(workdir, layers)
+def ensure_checkpoint(workdir: Path, *, layers: int | None, log: Path | None = None,
+                      preset: str = "e2b-shape") -> tuple[Path, str]:
+    """The `preset` checkpoint (cut to `layers`), written once; returns (dir, how)."""
+    path = checkpoint_dir(workdir, layers, preset)
     if (path / "config.json").is_file():
         return path, "reused"
     workdir.mkdir(parents=True, exist_ok=True)
-    cmd = [*EDGEKIT, "make-checkpoint", "e2b-shape", path]
+    cmd = [*EDGEKIT, "make-checkpoint", preset, path]
     if layers:
         cmd += ["--layers", str(layers)]
     measured = run_measured(cmd, log=log)
@@ -433,13 +434,14 @@ def dir_bytes(path: Path) -> int:
 
 
 def drop_from_page_cache(path: Path) -> None:
-    """Evict a bundle's clean pages (POSIX_FADV_DONTNEED), so every measured run maps it cold.
+    """Evict a bundle's (or a file's) clean pages (POSIX_FADV_DONTNEED), so every measured run maps it cold.
 
     A bundle the export has just written sits in the page cache in 2 MiB folios, and each
     looked-up table row then makes ~2 MiB resident instead of ~0.2 (RESULTS.md section 1):
     without this a run's RSS depends on what ran before it.
     """
-    for file in Path(path).rglob("*"):
+    files = [Path(path)] if Path(path).is_file() else Path(path).rglob("*")  # a bundle, or one file (a GGUF)
+    for file in files:
         if not file.is_file():
             continue
         # Pages an earlier process locked (ExecuTorch's Python runtime mlocks a program as root)
