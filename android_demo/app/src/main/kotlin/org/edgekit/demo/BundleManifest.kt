@@ -21,8 +21,14 @@ class PromptPieces(
 /** image_preprocessing: an image becomes (h / patch) * (w / patch) / pooling^2 soft tokens. */
 class ImageSettings(val patchSize: Int, val poolingKernelSize: Int, val maxSoftTokens: Int)
 
-/** audio_preprocessing: what the .pte's audio_preprocessor takes and gives. */
-class AudioSettings(val samplingRate: Int, val featureSize: Int, val frameLength: Int, val hopLength: Int)
+/**
+ * audio_preprocessing, and the clip lengths the .pte's audio_preprocessor method takes (its
+ * manifest entry's extra: min_samples, max_samples, pad_to_multiple_of).
+ */
+class AudioSettings(
+    val samplingRate: Int, val featureSize: Int, val frameLength: Int, val hopLength: Int,
+    val minSamples: Int, val maxSamples: Int, val padToMultipleOf: Int
+)
 
 /**
  * The fields of a bundle's manifest.json this app reads (schema: edgekit/manifest.schema.json).
@@ -110,6 +116,9 @@ class BundleManifest(
             val prompt = json.optJSONObject("prompt")
             val image = json.optJSONObject("image_preprocessing")
             val audio = json.optJSONObject("audio_preprocessing")
+            val methods = json.getJSONArray("methods")
+            val preprocessor = (0 until methods.length()).map { methods.getJSONObject(it) }
+                .firstOrNull { it.getString("name") == "audio_preprocessor" }?.optJSONObject("extra")
             return BundleManifest(
                 schemaVersion = version,
                 device = json.getString("device"),
@@ -132,10 +141,10 @@ class BundleManifest(
                 image = image?.let {
                     ImageSettings(it.getInt("patch_size"), it.getInt("pooling_kernel_size"), it.getInt("max_soft_tokens"))
                 },
-                audio = audio?.let {
-                    AudioSettings(it.getInt("sampling_rate"), it.getInt("feature_size"), it.getInt("frame_length"),
-                        it.getInt("hop_length"))
-                }
+                audio = if (audio == null || preprocessor == null) null else
+                    AudioSettings(audio.getInt("sampling_rate"), audio.getInt("feature_size"),
+                        audio.getInt("frame_length"), audio.getInt("hop_length"), preprocessor.getInt("min_samples"),
+                        preprocessor.getInt("max_samples"), preprocessor.getInt("pad_to_multiple_of"))
             )
         }
 

@@ -27,10 +27,12 @@ class Engine private constructor(val dir: File, val manifest: BundleManifest) : 
     fun audioPart(samples: FloatArray): Part.Audio {
         val audio = manifest.audio ?: throw BundleException("this bundle has no audio encoder")
         val module = preprocessor ?: throw BundleException("this bundle has no audio preprocessor")
-        // The method takes 384..480000 samples, zero-padded to a multiple of 128 (export/executorch/methods.py).
-        if (samples.size < 384) throw IllegalArgumentException("the recording is too short to hear anything")
-        if (samples.size > 480_000) throw IllegalArgumentException("the recording is longer than 30 s; record less")
-        val padded = samples.copyOf((samples.size + 127) / 128 * 128)
+        if (samples.size < audio.minSamples) throw IllegalArgumentException("the recording is too short to hear anything")
+        if (samples.size > audio.maxSamples) {
+            throw IllegalArgumentException("the recording is longer than ${audio.maxSamples / audio.samplingRate} s; record less")
+        }
+        val multiple = audio.padToMultipleOf
+        val padded = samples.copyOf((samples.size + multiple - 1) / multiple * multiple)
         val out = module.execute("audio_preprocessor",
             EValue.from(Tensor.fromBlob(padded, longArrayOf(padded.size.toLong()))),
             EValue.from(Tensor.fromBlob(longArrayOf(samples.size.toLong()), longArrayOf(1))))
