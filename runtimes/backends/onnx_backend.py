@@ -116,7 +116,8 @@ class OnnxBackend:
     @cached_property
     def _keeps_last_logits(self) -> bool:
         """Whether the decoder takes logits_to_keep (bundles exported before it do not)."""
-        return any(i.name == L.LOGITS_TO_KEEP for i in self._session(METHOD_TEXT_DECODER).get_overridable_initializers())
+        decoder = self._session(METHOD_TEXT_DECODER)
+        return any(i.name == L.LOGITS_TO_KEEP for i in decoder.get_overridable_initializers())
 
     @cached_property
     def hidden_size(self) -> int:
