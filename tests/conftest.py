@@ -83,7 +83,7 @@ def onnx_fp32_bundle(tiny_e2b, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def onnx_int4_bundle(tiny_e4b, tmp_path_factory) -> Path:
-    """tiny-e4b through the CLI with the pi5 profile's own recipe (int4)."""
+    """tiny-e4b through the CLI with the pi5 profile's own recipe (int4-b128)."""
     out = tmp_path_factory.mktemp("bundles") / "tiny-e4b-int4.edgekit"
     result = run_cli("export", str(tiny_e4b), "--device", "pi5-8gb", "-o", str(out), "--json")
     assert result.returncode == 0, result.stderr

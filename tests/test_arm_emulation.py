@@ -161,7 +161,7 @@ def wheelhouse(target_python, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundles(arm_root, wheelhouse, tmp_path_factory) -> dict[str, Path]:
     """Tiny pi4 (text, audio) and pi5 (text, audio, vision) bundles exported on x86 with
-    each profile's own recipe and modalities (int4; the audio encoder int8: the kernels
+    each profile's own recipe and modalities (int4-b128; the audio encoder int8: the kernels
     where dotprod and i8mm code lives), while the venv installs in the root; and a picture."""
     from edgekit.export.verify import test_image
     from edgekit.models.gemma4.presets import PRESETS

@@ -181,8 +181,11 @@ def _pow_budget(bundle: Path) -> int:
 
 
 def test_int4_bundle_is_quantized_smaller_and_within_bounds(onnx_int4_bundle, onnx_fp32_bundle, tiny_e4b):
+    """The pi5-8gb profile's own recipe (int4-b128: int4, one scale per 128 weights)."""
+    from edgekit.profiles import load_profiles
+
     manifest = load_bundle(onnx_int4_bundle).manifest
-    assert manifest.recipe == "int4"
+    assert manifest.recipe == load_profiles().get("pi5-8gb").recipe == "int4-b128"
     assert "MatMulNBits" in _ops(onnx_int4_bundle / "decoder.onnx")
     assert "GatherBlockQuantized" in _ops(onnx_int4_bundle / "embedding.onnx")
     # the towers' linears int8 weight-only, as the recipe says (not dynamic int8 MatMulInteger)
