@@ -103,10 +103,6 @@ def tiny_e2b_4layers(tmp_path_factory) -> Path:
 # ExecuTorch bundles are exported in background processes, all started with the test session
 # (lowering is single-threaded and slow: ~3 min for fp32, ~4.5 for e4b; a failed torch.export
 # can poison its process), and the tests that wait for them run last.
-# Every background export runs niced: the foreground tests are one serial chain, which would
-# otherwise get a fifth of a core while seven exports start; the exports take what it leaves
-# and both cores once it is done.
-BACKGROUND_NICE = 10
 EXECUTORCH_CONTEXT = 256  # room for verify's image + audio + text prompt and 64 steps
 EXECUTORCH_VISION_BUDGET = 70
 _EXPORT_FP32 = """
@@ -173,11 +169,10 @@ def executorch_exports(request, tiny_e2b, tiny_e4b, tmp_path_factory) -> ExportJ
     cli = [sys.executable, "-m", "edgekit", "export"]
     jobs = ExportJobs({
         "fp32": lambda: ExportJob([sys.executable, "-c", _EXPORT_FP32, str(tiny_e2b), str(out / "fp32.edgekit"),
-                                   str(EXECUTORCH_CONTEXT), str(EXECUTORCH_VISION_BUDGET)], out / "fp32.edgekit",
-                                  nice=BACKGROUND_NICE),
+                                   str(EXECUTORCH_CONTEXT), str(EXECUTORCH_VISION_BUDGET)], out / "fp32.edgekit"),
         "e4b": lambda: ExportJob([*cli, str(tiny_e4b), "--device", "android-flagship", "--context",
                                   str(EXECUTORCH_CONTEXT * 4), "-o", str(out / "e4b.edgekit"), "--json",
-                                  "--external-weights"], out / "e4b.edgekit", nice=BACKGROUND_NICE),
+                                  "--external-weights"], out / "e4b.edgekit"),
     })
     used = _waited_for(request)
     if "executorch_bundles" in used:
@@ -254,10 +249,9 @@ def coreml_exports(tiny_e2b, tiny_e4b, tmp_path_factory) -> ExportJobs:
     cli = [sys.executable, "-m", "edgekit", "export"]
     jobs = ExportJobs({
         "e2b": lambda: ExportJob([*cli, str(tiny_e2b), "--device", "iphone-15-pro", "--context", str(COREML_CONTEXT),
-                                  "-o", str(out / "e2b.edgekit"), "--json"], out / "e2b.edgekit", nice=BACKGROUND_NICE),
+                                  "-o", str(out / "e2b.edgekit"), "--json"], out / "e2b.edgekit"),
         "e4b": lambda: ExportJob([*cli, str(tiny_e4b), "--device", "mac-m-series", "--quant", "fp16", "--context",
-                                  str(COREML_CONTEXT), "-o", str(out / "e4b.edgekit"), "--json"], out / "e4b.edgekit",
-                                 nice=BACKGROUND_NICE),
+                                  str(COREML_CONTEXT), "-o", str(out / "e4b.edgekit"), "--json"], out / "e4b.edgekit"),
     })
     jobs.get("e2b"), jobs.get("e4b")
     yield jobs
@@ -301,7 +295,7 @@ def plan_size_exports(plan_size_checkpoint, tmp_path_factory) -> ExportJobs:
     def job(fmt: str) -> ExportJob:
         ids = [c.id for c in cases() if c.format == fmt]
         return ExportJob([sys.executable, "-m", "tests.plan_sizes", str(plan_size_checkpoint), str(out / fmt), *ids],
-                         out / fmt, nice=BACKGROUND_NICE)
+                         out / fmt, nice=10)
 
     jobs = ExportJobs({fmt: (lambda fmt=fmt: job(fmt)) for fmt in formats})
     for fmt in formats:

@@ -175,7 +175,7 @@ def test_plan_memory_breakdown(tmp_path):
     ple = by_name[PER_LAYER_EMBEDDING]
     assert ple.memory_mapped and plan.memory.mapped_weights_bytes == ple.size_bytes
     assert plan.memory.resident_weights_bytes == plan.bundle_size_bytes - ple.size_bytes
-    assert ple.bits_per_weight == pytest.approx(4.5)  # int4 + one fp16 scale per 32
+    assert ple.bits_per_weight == pytest.approx(4.125)  # int4-b128: int4 + one fp16 scale per 128
     # The tied lm_head is stored again in the decoder: 262144 x 1536 more weights.
     dec = by_name["text_decoder"]
     assert dec.stored_parameters - dec.parameters == 262_144 * 1536
