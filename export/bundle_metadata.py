@@ -52,21 +52,19 @@ def manifest_for(checkpoint: Checkpoint, plan: ExportPlan, *, methods: tuple[Met
 
 def prompt_pieces(checkpoint: Checkpoint, tokens: SpecialTokens) -> PromptPieces | None:
     """The manifest's `prompt`, from the chat template and tokenizer the bundle carries."""
+    from tokenizers import Tokenizer
+
     from edgekit.runtimes.prompt import ChatTemplate, PromptBuilder, special_tokens_map
     from edgekit.runtimes.prompt import prompt_pieces as pieces_of
 
-    path = checkpoint.path
-    if (path / CHAT_TEMPLATE_FILE).is_file():
-        builder = PromptBuilder.from_dir(path, special_tokens=tokens)
-    else:  # older checkpoints keep the template inside tokenizer_config.json (copy_tokenizer_files)
-        config = json.loads((path / TOKENIZER_CONFIG_FILE).read_text())
-        if not isinstance(config.get("chat_template"), str):
-            return None
-        from tokenizers import Tokenizer
-
-        builder = PromptBuilder(template=ChatTemplate(config["chat_template"], special_tokens=special_tokens_map(config)),
-                                tokenizer=Tokenizer.from_file(str(path / TOKENIZER_FILE)), special_tokens=tokens)
-    return pieces_of(builder)
+    source = chat_template_source(checkpoint)
+    if source is None:
+        return None
+    config_path = checkpoint.path / TOKENIZER_CONFIG_FILE
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    template = ChatTemplate(source, special_tokens=special_tokens_map(config if isinstance(config, dict) else {}))
+    tokenizer = Tokenizer.from_file(str(checkpoint.path / TOKENIZER_FILE))
+    return pieces_of(PromptBuilder(template=template, tokenizer=tokenizer, special_tokens=tokens))
 
 
 def model_info(checkpoint: Checkpoint, *, size: str) -> ModelInfo:
@@ -169,7 +167,17 @@ def copy_tokenizer_files(checkpoint: Checkpoint, writer: BundleWriter) -> None:
         if src.is_file():
             writer.add_file(src, name)
     if not (checkpoint.path / CHAT_TEMPLATE_FILE).is_file():
-        # Older checkpoints keep the template inside tokenizer_config.json.
-        template = json.loads((checkpoint.path / TOKENIZER_CONFIG_FILE).read_text()).get("chat_template")
-        if isinstance(template, str):
+        template = chat_template_source(checkpoint)
+        if template is not None:
             writer.write_text(CHAT_TEMPLATE_FILE, template)
+
+
+def chat_template_source(checkpoint: Checkpoint) -> str | None:
+    """The checkpoint's chat template: chat_template.jinja, or, in older checkpoints, the
+    `chat_template` string inside tokenizer_config.json; None when it has neither."""
+    path = checkpoint.path / CHAT_TEMPLATE_FILE
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    config_path = checkpoint.path / TOKENIZER_CONFIG_FILE
+    template = json.loads(config_path.read_text()).get("chat_template") if config_path.is_file() else None
+    return template if isinstance(template, str) else None
