@@ -42,6 +42,7 @@ def build(build_dir: Path) -> Path:
         if shutil.which(tool) is None:
             raise BuildError(f"building et_decode needs {tool} on PATH")
     build_dir.mkdir(parents=True, exist_ok=True)
+    _forget_other_source(build_dir)
     steps = (["cmake", "-S", str(SOURCE), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
               f"-Dexecutorch_DIR={cmake_package_dir()}"],
              ["cmake", "--build", str(build_dir), "--parallel", "2"])
@@ -50,6 +51,19 @@ def build(build_dir: Path) -> Path:
         if done.returncode != 0:
             raise BuildError(f"{' '.join(cmd[:2])} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     return build_dir / "et_decode"
+
+
+def _forget_other_source(build_dir: Path) -> None:
+    """CMake refuses a build folder configured from another copy of the sources (a git worktree,
+    a moved checkout): drop that configuration, the cache and its CMakeFiles, and keep the rest."""
+    cache = build_dir / "CMakeCache.txt"
+    if not cache.is_file():
+        return
+    home = next((line.partition("=")[2] for line in cache.read_text().splitlines()
+                 if line.startswith("CMAKE_HOME_DIRECTORY:")), None)
+    if home is not None and Path(home).resolve() != SOURCE.resolve():
+        cache.unlink()
+        shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
 
 
 def run_bundle(binary: Path, path: Path, prompt: list[int], **kwargs: Any) -> dict[str, Any]:
